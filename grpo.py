@@ -1,0 +1,253 @@
+"""Flow-GRPO for the flow-matching generator, as Resonate runs it.
+
+Flow-GRPO (Liu et al. 2025, "Flow-GRPO: Training Flow Matching Models via Online RL", arXiv 2505.05470) turns
+the deterministic Euler sampler into an SDE with the same marginals, so every sampling step is a Gaussian
+policy with a log-prob. Resonate (arXiv 2603.11661) samples a group of clips per caption, scores them with a
+reward (reward.py), and updates the transformer with a PPO-style clipped loss plus a KL penalty to a frozen
+copy of the starting weights. The loop is four named pieces:
+
+    rollout           sample with the SDE, keep (latent, next latent, log-prob, t) per step
+    compute_advantages per-caption group baseline, batch-wide scale, clipped
+    grpo_loss         clipped ratio loss + beta * KL between Gaussian step means
+    train_step        recompute log-probs of stored steps under the current weights and update
+
+Time convention as in flow.py: t = 1 is noise, t = 0 is data, the network predicts v = noise - data.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class GRPOConfig:
+    """Flow-GRPO hyper-parameters; defaults are the released Resonate run (config/GRPO_*.yaml)."""
+    num_steps: int = 10               # SDE sampling steps per rollout, on t = linspace(1, 0, num_steps + 1)
+    noise_level: float = 0.7          # a in sigma_t = a * sqrt(t / (1 - t))
+    cfg_strength: float = 4.5         # CFG also during rollouts and training
+    group_size: int = 24              # clips sampled per caption
+    sample_batch_size: int = 24       # clips per rollout batch (per device)
+    num_batches_per_epoch: int = 4    # rollout batches per epoch, also the number of training minibatches
+    grad_accum_steps: int = 2         # minibatches per optimizer step (each also accumulates over timesteps)
+    num_inner_epochs: int = 1         # passes over one epoch's rollouts
+    timestep_fraction: float = 0.99   # train on the first int(num_steps * fraction) sampling steps
+    advantage_std: str = "global"     # "global": batch-wide reward std (released); "per_prompt": group std
+    adv_clip_max: float = 5.0         # advantages clipped to +-adv_clip_max
+    clip_range: float = 1e-4          # PPO ratio clip
+    beta: float = 0.04                # weight of the KL penalty to the reference model
+    lr: float = 1e-4                  # AdamW
+    betas: tuple = (0.9, 0.999)
+    weight_decay: float = 1e-4
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0            # max global grad norm
+
+    @property
+    def num_train_steps(self) -> int:
+        """Number of sampling steps trained on per rollout (9 for the defaults)."""
+        return int(self.num_steps * self.timestep_fraction)
+
+
+def _time_per_sample(t, B: int, device, name: str) -> torch.Tensor:
+    """A float or (B,) time as a float32 (B,) tensor on `device`."""
+    t = torch.as_tensor(t, dtype=torch.float32, device=device)
+    if t.ndim == 0:
+        t = t.expand(B)
+    if t.shape != (B,):
+        raise ValueError(f"{name} must be a float or a ({B},) tensor, got shape {tuple(t.shape)}")
+    return t
+
+
+def sde_step_with_logprob(x, velocity, t, t_next, noise_level=0.7, noise=None, prev_sample=None, generator=None):
+    """One Flow-GRPO SDE step from time t to t_next < t, and the Gaussian log-prob of the result.
+
+    The reverse-time SDE with the flow's marginals (Flow-GRPO, arXiv 2505.05470, eq. 9), discretised with
+    Euler-Maruyama, dt = t_next - t < 0:
+        sigma_t = a * sqrt(t / (1 - t))        (infinite at t = 1, where 1 - t_next replaces 1 - t, as released)
+        mean    = x + [v + sigma_t^2 / (2 t) * (x + (1 - t) v)] * dt
+        x_next  = mean + sigma_t * sqrt(-dt) * eps,   eps ~ N(0, I)
+    Everything runs in float32 (bf16 overflows in the mean). The log-prob is the Gaussian log-density of
+    x_next averaged (not summed) over all latent elements, as released; its gradient flows through the mean.
+
+    Args:
+        x: (B, ...) latent at time t, e.g. (B, N, C).
+        velocity: (B, ...) guided velocity at (x, t).
+        t, t_next: float or (B,) times in [0, 1], 0 < t <= 1, t_next < t.
+        noise_level: a >= 0. At 0 the step is a plain Euler step and the log-prob is NaN.
+        noise: (B, ...) eps to use instead of drawing it (for reproducibility).
+        prev_sample: (B, ...) a stored x_next whose log-prob to compute instead of sampling one
+            (training recomputes stored transitions under the current weights).
+        generator: torch.Generator for eps when neither noise nor prev_sample is given.
+    Returns:
+        prev_sample (B, ...) float32 x_next, log_prob (B,), prev_sample_mean (B, ...), std_dev_t (B, 1, ..., 1)
+        (sigma_t, without the sqrt(-dt) factor).
+    Raises:
+        ValueError on mismatched shapes, times outside 0 < t <= 1 or t_next >= t, or both noise and prev_sample.
+    """
+    if velocity.shape != x.shape:
+        raise ValueError(f"velocity shape {tuple(velocity.shape)} must equal x shape {tuple(x.shape)}")
+    if noise is not None and prev_sample is not None:
+        raise ValueError("pass either noise (to sample) or prev_sample (to score), not both")
+    x, velocity = x.float(), velocity.float()
+    B = x.shape[0]
+    bcast = (B,) + (1,) * (x.ndim - 1)  # times broadcast over every latent dim
+    t = _time_per_sample(t, B, x.device, "t")
+    t_next = _time_per_sample(t_next, B, x.device, "t_next")
+    if not ((t > 0) & (t <= 1)).all() or not (t_next < t).all():
+        raise ValueError(f"need 0 < t <= 1 and t_next < t, got t={t.tolist()}, t_next={t_next.tolist()}")
+    t, t_next = t.view(bcast), t_next.view(bcast)
+    dt = t_next - t  # (B, 1, ..., 1), negative: we integrate from noise towards data
+
+    std_dev_t = noise_level * torch.sqrt(t / (1 - torch.where(t == 1, t_next, t)))
+    mean = x + (velocity + std_dev_t**2 / (2 * t) * (x + (1 - t) * velocity)) * dt
+    step_std = std_dev_t * torch.sqrt(-dt)  # std of x_next given x
+
+    if prev_sample is None:
+        if noise is None:
+            gen_device = generator.device if generator is not None else x.device
+            noise = torch.randn(x.shape, generator=generator, device=gen_device).to(x.device)
+        elif noise.shape != x.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} must equal x shape {tuple(x.shape)}")
+        prev_sample = mean + step_std * noise.float()
+    elif prev_sample.shape != x.shape:
+        raise ValueError(f"prev_sample shape {tuple(prev_sample.shape)} must equal x shape {tuple(x.shape)}")
+    prev_sample = prev_sample.float().detach()  # the action is fixed; only the policy mean carries gradient
+
+    log_density = (-(prev_sample - mean) ** 2 / (2 * step_std**2)
+                   - torch.log(step_std) - 0.5 * math.log(2 * math.pi))
+    log_prob = log_density.mean(dim=tuple(range(1, x.ndim)))  # (B,)
+    return prev_sample, log_prob, mean, std_dev_t
+
+
+def _groups(prompts) -> list[torch.Tensor]:
+    """Sample indices of each distinct prompt, in order of first appearance."""
+    index = {}
+    for i, p in enumerate(prompts):
+        index.setdefault(p, []).append(i)
+    return [torch.tensor(ix) for ix in index.values()]
+
+
+def _check_rewards(rewards, prompts):
+    if rewards.ndim != 1 or len(prompts) != rewards.shape[0]:
+        raise ValueError(f"rewards must be (B,) with one prompt each; got rewards {tuple(rewards.shape)} "
+                         f"and {len(prompts)} prompts")
+
+
+def compute_advantages(rewards, prompts, std="global", clip=5.0, eps=1e-4):
+    """GRPO advantages: each reward minus the mean reward of its prompt's group, over a std, clipped.
+
+    std="global" (released): A = (r - mean_group) / (std(all B rewards) + eps).
+    std="per_prompt":        A = (r - mean_group) / (std(group) + eps).
+    Both stds are population stds (ddof 0, numpy's default, as released); eps is added after the std.
+    Computed in float64 as released (numpy), returned in the rewards' float dtype. The group baseline comes
+    from the current batch only: the released tracker is cleared every epoch.
+
+    Args:
+        rewards: (B,) rewards.
+        prompts: B prompts; equal strings form one group.
+        std: "global" or "per_prompt".
+        clip: advantages are clamped to [-clip, clip]; None for no clip.
+    Returns:
+        (B,) advantages.
+    Raises:
+        ValueError on a bad std name or mismatched lengths.
+    """
+    if std not in ("global", "per_prompt"):
+        raise ValueError(f"std must be 'global' or 'per_prompt', got {std!r}")
+    _check_rewards(rewards, prompts)
+    r = rewards.detach().to(torch.float64)
+    global_scale = r.std(correction=0) + eps
+    advantages = torch.empty_like(r)
+    for idx in _groups(prompts):
+        idx = idx.to(r.device)
+        group = r[idx]
+        scale = global_scale if std == "global" else group.std(correction=0) + eps
+        advantages[idx] = (group - group.mean()) / scale
+    if clip is not None:
+        advantages = advantages.clamp(-clip, clip)
+    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
+    return advantages.to(out_dtype)
+
+
+def zero_std_fraction(rewards, prompts) -> float:
+    """Share of prompt groups whose rewards are all equal (zero std): their advantages are all zero,
+    so they carry no policy-gradient signal. The diagnostic to log each epoch (released: zero_std_ratio)."""
+    _check_rewards(rewards, prompts)
+    groups = _groups(prompts)
+    flat = sum(bool((rewards[idx.to(rewards.device)] == rewards[idx[0]]).all()) for idx in groups)
+    return flat / len(groups)
+
+
+def informative_mask(rewards, prompts, multiple_of=1, generator=None):
+    """(B,) bool mask keeping samples whose group has reward spread; zero-std groups are dropped.
+
+    The released loop drops samples whose advantage is exactly zero, which is the same set except for a sample
+    that happens to equal its group mean. If the kept count is not a multiple of `multiple_of` (the number of
+    training minibatches), randomly chosen dropped samples are put back to make it one, as released (when there
+    are enough of them; otherwise the mask is returned as is).
+    """
+    _check_rewards(rewards, prompts)
+    mask = torch.zeros(len(prompts), dtype=torch.bool)
+    for idx in _groups(prompts):
+        group = rewards[idx.to(rewards.device)]
+        mask[idx] = not bool((group == group[0]).all())
+    short = (-int(mask.sum())) % multiple_of
+    dropped = torch.nonzero(~mask).flatten()
+    if short and len(dropped) >= short:
+        mask[dropped[torch.randperm(len(dropped), generator=generator)[:short]]] = True
+    return mask.to(rewards.device)
+
+
+def grpo_loss(log_prob, old_log_prob, advantages, prev_sample_mean=None, prev_sample_mean_ref=None,
+              std_dev_t=None, clip_range=1e-4, beta=0.04):
+    """Flow-GRPO loss of one sampling step: PPO clipped surrogate plus beta * KL to the reference policy.
+
+        ratio  = exp(log_prob - old_log_prob)
+        policy = mean(max(-A * ratio, -A * clamp(ratio, 1 - clip_range, 1 + clip_range)))   (PPO, Schulman 2017)
+        KL     = mean_b[ mean_elements((mu_theta - mu_ref)^2) / (2 sigma_t^2) ]
+        loss   = policy + beta * KL
+    The KL is the closed form between the two Gaussian steps with equal covariance, divided by the step's
+    element count as the log-prob is; the released code divides by sigma_t^2, not (sigma_t^2 * -dt), and so do we.
+
+    Args:
+        log_prob: (B,) log-probs of the stored next latents under the current weights (with gradient).
+        old_log_prob: (B,) log-probs stored at rollout time.
+        advantages: (B,) advantages (already clipped).
+        prev_sample_mean, prev_sample_mean_ref: (B, ...) step means under the current and reference weights;
+            only needed when beta > 0.
+        std_dev_t: (B,) or (B, 1, ..., 1) sigma_t of the step; only needed when beta > 0.
+        clip_range: PPO clip epsilon.
+        beta: KL weight; 0 skips the KL term.
+    Returns:
+        loss (scalar), stats: dict of detached scalars policy_loss, kl_loss, approx_kl
+        (= 0.5 * mean((log_prob - old_log_prob)^2), as released) and clipfrac (share with |ratio - 1| > clip_range).
+    Raises:
+        ValueError on mismatched (B,) shapes or beta > 0 without the means and std.
+    """
+    B = log_prob.shape[0]
+    if log_prob.shape != (B,) or old_log_prob.shape != (B,) or advantages.shape != (B,):
+        raise ValueError(f"log_prob, old_log_prob, advantages must all be ({B},), got {tuple(log_prob.shape)}, "
+                         f"{tuple(old_log_prob.shape)}, {tuple(advantages.shape)}")
+    advantages = advantages.to(log_prob.dtype)
+    log_ratio = log_prob - old_log_prob
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    policy_loss = torch.maximum(unclipped, clipped).mean()
+
+    kl_loss = torch.zeros((), device=log_prob.device)
+    if beta > 0:
+        if prev_sample_mean is None or prev_sample_mean_ref is None or std_dev_t is None:
+            raise ValueError("beta > 0 needs prev_sample_mean, prev_sample_mean_ref and std_dev_t; pass beta=0 "
+                             "to train without the KL term")
+        sq = ((prev_sample_mean - prev_sample_mean_ref) ** 2).flatten(1).mean(1)  # (B,)
+        kl_loss = (sq / (2 * std_dev_t.reshape(B) ** 2)).mean()
+    loss = policy_loss + beta * kl_loss
+
+    stats = {
+        "policy_loss": policy_loss.detach(),
+        "kl_loss": kl_loss.detach(),
+        "approx_kl": 0.5 * (log_ratio.detach() ** 2).mean(),
+        "clipfrac": ((ratio.detach() - 1.0).abs() > clip_range).float().mean(),
+    }
+    return loss, stats

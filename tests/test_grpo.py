@@ -1,0 +1,187 @@
+"""Flow-GRPO pieces against the released implementation's numbers (tests/fixtures) and on a toy policy."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpo import (GRPOConfig, compute_advantages, grpo_loss, informative_mask, sde_step_with_logprob,
+                  zero_std_fraction)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TOL = 1e-5
+
+
+def load(name):
+    return torch.load(FIXTURES / name, weights_only=True)
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+# ---------------------------------------------------------------- SDE step
+
+@pytest.fixture(scope="module")
+def sde():
+    return load("sde_step_a.pt")
+
+
+def test_sde_step_matches_released(sde):
+    # step_index i is the position of t on the sampling grid; the step goes to the next grid point.
+    sigmas = sde["sigmas"]
+    for step in sde["steps"]:
+        i = step["step_index"]
+        out = sde_step_with_logprob(step["sample"], step["model_output"], sigmas[i], sigmas[i + 1],
+                                    noise_level=sde["noise_level"], noise=step["noise"])
+        for name, value in zip(("prev_sample", "log_prob", "prev_sample_mean", "std_dev_t"), out):
+            assert value.shape == step[name].shape, (i, name)
+            assert max_err(value, step[name]) < TOL, (i, name)
+
+
+def test_sde_step_scores_a_given_sample(sde):
+    sigmas = sde["sigmas"]
+    for step in sde["steps"]:
+        i = step["step_index"]
+        B = step["sample"].shape[0]
+        t = sigmas[i].expand(B)  # per-sample times, as training passes them
+        prev, log_prob, _, _ = sde_step_with_logprob(step["sample"], step["model_output"], t, sigmas[i + 1].expand(B),
+                                                     noise_level=sde["noise_level"], prev_sample=step["prev_sample"])
+        assert torch.equal(prev, step["prev_sample"])
+        assert max_err(log_prob, step["log_prob"]) < TOL
+
+
+def test_sde_log_prob_of_own_samples_has_gaussian_mean():
+    # E[log N(x; mu, s^2)] over x ~ N(mu, s^2) is -1/2 - log s - log(2 pi)/2, per element.
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(2, 4096, 8, generator=g), torch.randn(2, 4096, 8, generator=g)
+    t, t_next, a = 0.6, 0.5, 0.7
+    _, log_prob, _, std = sde_step_with_logprob(x, v, t, t_next, noise_level=a, generator=g)
+    s = a * math.sqrt(t / (1 - t)) * math.sqrt(t - t_next)
+    assert std.shape == (2, 1, 1)
+    expected = -0.5 - math.log(s) - 0.5 * math.log(2 * math.pi)
+    assert torch.allclose(log_prob, torch.full((2,), expected), atol=0.02)
+
+
+def test_sde_step_reproducible_with_generator():
+    x, v = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    a = sde_step_with_logprob(x, v, 1.0, 0.9, generator=torch.Generator().manual_seed(3))
+    b = sde_step_with_logprob(x, v, 1.0, 0.9, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0]) and torch.isfinite(a[1]).all()
+
+
+def test_sde_step_rejects_bad_input():
+    x = torch.randn(2, 5, 3)
+    with pytest.raises(ValueError, match="t_next < t"):
+        sde_step_with_logprob(x, x, 0.5, 0.6)
+    with pytest.raises(ValueError, match="not both"):
+        sde_step_with_logprob(x, x, 0.5, 0.4, noise=x, prev_sample=x)
+    with pytest.raises(ValueError, match="velocity shape"):
+        sde_step_with_logprob(x, x[:, :4], 0.5, 0.4)
+    with pytest.raises(ValueError, match="t must be"):
+        sde_step_with_logprob(x, x, torch.tensor([0.5, 0.5, 0.5]), 0.4)
+
+
+# ---------------------------------------------------------------- advantages and loss
+
+@pytest.fixture(scope="module")
+def loss_fx():
+    return load("grpo_loss_a.pt")
+
+
+@pytest.mark.parametrize("std", ["global", "per_prompt"])
+def test_advantages_match_released(loss_fx, std):
+    adv = compute_advantages(loss_fx["rewards"], loss_fx["prompts"], std=std, clip=loss_fx["adv_clip_max"])
+    assert max_err(adv, loss_fx[f"advantages_{std}_std"]) < TOL
+
+
+def test_advantages_are_clipped_and_zero_for_flat_groups():
+    rewards = torch.tensor([0.0, 0.0, 0.0, 1.0, 0.5, 0.5])
+    prompts = ["a", "a", "a", "a", "b", "b"]
+    adv = compute_advantages(rewards, prompts, std="per_prompt", clip=1.5)
+    assert adv[3] == 1.5 and adv[:3].min() >= -1.5  # group a: (1 - 0.25) / (0.433 + 1e-4) = 1.73 -> clipped
+    assert torch.equal(adv[4:], torch.zeros(2))
+    with pytest.raises(ValueError, match="std must be"):
+        compute_advantages(rewards, prompts, std="batch")
+    with pytest.raises(ValueError, match="one prompt each"):
+        compute_advantages(rewards, prompts[:5])
+
+
+def test_zero_std_groups_are_counted_and_masked():
+    rewards = torch.tensor([1.0, 1.0, 0.2, 0.7, 0.3, 0.3, 0.9, 0.1])
+    prompts = ["a", "a", "b", "b", "c", "c", "d", "d"]
+    assert zero_std_fraction(rewards, prompts) == 0.5
+    mask = informative_mask(rewards, prompts)
+    assert mask.tolist() == [False, False, True, True, False, False, True, True]
+    padded = informative_mask(rewards, prompts, multiple_of=3, generator=torch.Generator().manual_seed(0))
+    assert int(padded.sum()) == 6 and padded[mask].all()
+
+
+def test_grpo_loss_matches_released(loss_fx):
+    f = loss_fx
+    loss, stats = grpo_loss(f["log_prob"], f["old_log_prob"], f["advantages_global_std"], f["prev_sample_mean"],
+                            f["prev_sample_mean_ref"], f["std_dev_t"], clip_range=f["clip_range"], beta=f["beta"])
+    assert max_err(loss, f["loss"]) < TOL
+    for name in ("policy_loss", "kl_loss", "approx_kl", "clipfrac"):
+        assert max_err(stats[name], f[name]) < TOL, name
+
+
+def test_grpo_loss_needs_reference_for_kl(loss_fx):
+    f = loss_fx
+    with pytest.raises(ValueError, match="beta > 0"):
+        grpo_loss(f["log_prob"], f["old_log_prob"], f["advantages_global_std"])
+    loss, stats = grpo_loss(f["log_prob"], f["old_log_prob"], f["advantages_global_std"], beta=0.0)
+    assert stats["kl_loss"] == 0 and loss == stats["policy_loss"]
+
+
+def test_clip_stops_gradient_once_ratio_left_the_trust_region():
+    # Positive advantage and a ratio already above 1 + clip: PPO takes the clipped, constant branch.
+    log_prob = torch.tensor([0.01, 0.01], requires_grad=True)
+    old = torch.zeros(2)
+    loss, stats = grpo_loss(log_prob, old, torch.tensor([1.0, -1.0]), clip_range=1e-4, beta=0.0)
+    loss.backward()
+    assert log_prob.grad[0] == 0 and log_prob.grad[1] != 0  # the negative sample is still pushed down
+    assert stats["clipfrac"] == 1.0
+
+
+def test_released_defaults():
+    cfg = GRPOConfig()
+    assert (cfg.num_steps, cfg.noise_level, cfg.cfg_strength, cfg.group_size) == (10, 0.7, 4.5, 24)
+    assert cfg.num_train_steps == 9
+    assert (cfg.clip_range, cfg.beta, cfg.adv_clip_max, cfg.lr, cfg.betas) == (1e-4, 0.04, 5.0, 1e-4, (0.9, 0.999))
+
+
+# ---------------------------------------------------------------- toy policy
+
+def test_one_grpo_step_moves_log_probs_with_the_advantage():
+    """A linear velocity model; two stored transitions with advantages +1 and -1; one SGD step.
+
+    The two latents are orthogonal one-hot vectors, so each transition's log-prob depends on a different column
+    of the weight: the gradient of one does not interfere with the other and the signs are guaranteed to first
+    order. clip_range=1.0: the gradient is taken at ratio ~= 1 (same weights as the rollout), but the recomputed
+    log-prob may differ from the stored one by float noise; with the released 1e-4 a ratio just outside the
+    range on the advantage's side would select the clipped, constant branch and zero the gradient (see the
+    test above). beta=0: the reference equals the policy here, so the KL term would add nothing anyway.
+    """
+    torch.manual_seed(0)
+    C = 4
+    policy = torch.nn.Linear(C, C, bias=False)
+    x = torch.eye(C)[:2].unsqueeze(1)  # (2, 1, C): two orthogonal latents
+    t, t_next = 0.8, 0.7
+
+    def log_prob_of(next_x):
+        return sde_step_with_logprob(x, policy(x), t, t_next, prev_sample=next_x)[1]
+
+    with torch.no_grad():
+        next_x, old_log_prob, _, _ = sde_step_with_logprob(x, policy(x), t, t_next,
+                                                           generator=torch.Generator().manual_seed(1))
+    advantages = torch.tensor([1.0, -1.0])
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
+    loss, _ = grpo_loss(log_prob_of(next_x), old_log_prob, advantages, clip_range=1.0, beta=0.0)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        new_log_prob = log_prob_of(next_x)
+    assert new_log_prob[0] > old_log_prob[0]
+    assert new_log_prob[1] < old_log_prob[1]
