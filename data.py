@@ -1,0 +1,326 @@
+"""
+Data: caption manifests, audio loading and resampling, the training dataset, and the downloader for
+published weights.
+
+A manifest is JSONL, one clip a line, in the format of the released Resonate training manifests:
+    {"audio_id": "...", "audio_path": "audio/x.flac", "caption": "a dog barking", "duration": 4.2, ...}
+Relative `audio_path`s are resolved against the manifest's own folder; extra keys (`split`, `source`) are kept.
+"""
+
+import functools
+import json
+import math
+import os
+import warnings
+
+import numpy as np
+import soundfile
+import torch
+
+# -----------------------------------------------------------------------------
+# manifests
+
+
+def read_manifest(path, split=None):
+    """Read a JSONL caption manifest.
+
+    Args:
+        path: the .jsonl file. Blank lines are ignored.
+        split: keep only rows whose `split` equals this ("train", "val"); None keeps every row, including rows
+            that have no `split` key (a row without the key never matches a named split).
+    Returns:
+        list of dicts with at least `audio_id`, `audio_path` (absolute or resolved against the manifest's folder),
+        `caption`; every other key is passed through. A missing `audio_id` defaults to the file's stem.
+    Raises:
+        FileNotFoundError if the manifest does not exist.
+        ValueError naming the file and the 1-based line number for a line that is not a JSON object or lacks a
+        non-empty string `audio_path` or `caption`.
+    """
+    path = os.path.expanduser(os.fspath(path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"manifest {path} does not exist; pass the path of a .jsonl caption manifest")
+    root = os.path.dirname(os.path.abspath(path))
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            row = _parse_manifest_line(line, path, lineno)
+            row["audio_path"] = os.path.normpath(os.path.join(root, os.path.expanduser(row["audio_path"])))
+            row.setdefault("audio_id", os.path.splitext(os.path.basename(row["audio_path"]))[0])
+            if split is None or row.get("split") == split:
+                rows.append(row)
+    return rows
+
+
+def _parse_manifest_line(line, path, lineno):
+    where = f"{path}, line {lineno}"
+    fix = ('each line must be one JSON object such as {"audio_id": "x", "audio_path": "audio/x.flac", '
+           '"caption": "a dog barking", "duration": 4.2}')
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg}); {fix}") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}; {fix}")
+    for key in ("audio_path", "caption"):
+        value = row.get(key)
+        if not isinstance(value, str) or not value.strip():
+            problem = "is missing" if key not in row else f"must be a non-empty string, got {value!r}"
+            raise ValueError(f"{where}: key '{key}' {problem}; {fix}")
+    return row
+
+
+# -----------------------------------------------------------------------------
+# resampling: band-limited windowed-sinc interpolation, polyphase for rational rate ratios
+
+RESAMPLE_ZEROS = 40  # sinc zero crossings on each side of the kernel centre; more = a narrower transition band
+RESAMPLE_ROLLOFF = 0.95  # low-pass cutoff as a fraction of the lower Nyquist, so the transition band ends near it
+RESAMPLE_BETA = 8.0  # Kaiser window shape; about 80 dB of stop-band attenuation
+_MAX_KERNEL_TAPS = 1 << 25  # guards against near-coprime rates (44100 -> 44101) that need a huge polyphase bank
+
+
+def resample(wave, orig_sr, new_sr):
+    """Change the sample rate of `wave` with a band-limited (Kaiser-windowed sinc) interpolator.
+
+    The rate ratio is reduced to orig/new by their gcd, so the result is exact for rational ratios such as
+    44100 -> 16000 (441/160): output sample n sits at input time n * orig / new, and
+        y[n] = sum_k x[k] * 2 fc * sinc(2 fc (n orig/new - k)) * kaiser((n orig/new - k) / W),
+    with cutoff fc = RESAMPLE_ROLLOFF * min(orig, new) / (2 orig) cycles per input sample (anti-aliasing at the
+    lower Nyquist) and half-width W = RESAMPLE_ZEROS / (2 fc) input samples (J. O. Smith, "Digital Audio
+    Resampling", ccrma.stanford.edu/~jos/resample). The signal is zero outside its ends.
+
+    Args:
+        wave: (..., S) float tensor, any device.
+        orig_sr, new_sr: sample rates in Hz (positive integers).
+    Returns:
+        (..., ceil(S * new_sr / orig_sr)) tensor, same dtype and device; `wave` itself when the rates agree.
+    Raises:
+        ValueError for non-positive or non-integer rates, or rates whose reduced ratio needs an impractically
+        large filter bank (resample through a common rate such as 48000 instead).
+    """
+    for name, sr in (("orig_sr", orig_sr), ("new_sr", new_sr)):
+        if int(sr) != sr or sr <= 0:
+            raise ValueError(f"{name} must be a positive integer number of Hz, got {sr!r}")
+    g = math.gcd(int(orig_sr), int(new_sr))
+    orig, new = int(orig_sr) // g, int(new_sr) // g
+    if orig == new:
+        return wave
+    kernel, half = _resample_kernel(orig, new)  # (new, 1, K), K = orig + 2 * half
+    kernel = kernel.to(device=wave.device, dtype=wave.dtype)
+    *lead, S = wave.shape
+    n_out = -(-S * new // orig)  # ceil
+    Q = -(-n_out // new)  # conv frames: each produces `new` output samples from a stride of `orig` inputs
+    pad_right = (Q - 1) * orig + kernel.shape[-1] - S - half
+    x = torch.nn.functional.pad(wave.reshape(-1, 1, S), (half, pad_right))  # (B, 1, S')
+    y = torch.nn.functional.conv1d(x, kernel, stride=orig)  # (B, new, Q)
+    y = y.transpose(1, 2).reshape(-1, Q * new)[:, :n_out]  # interleave the polyphase outputs
+    return y.reshape(*lead, n_out)
+
+
+@functools.lru_cache(maxsize=8)
+def _resample_kernel(orig, new):
+    fc = 0.5 * RESAMPLE_ROLLOFF * min(orig, new) / orig  # cycles per input sample
+    width = RESAMPLE_ZEROS / (2 * fc)  # kernel half-width in input samples
+    half = math.ceil(width)
+    if new * (orig + 2 * half) > _MAX_KERNEL_TAPS:
+        raise ValueError(f"resampling ratio {orig}/{new} needs a {new}-phase filter bank that is too large; "
+                         "resample in two steps through a common rate such as 48000 Hz")
+    phase = torch.arange(new, dtype=torch.float64)[:, None] * orig / new  # (new, 1) output position in a block
+    offsets = torch.arange(-half, orig + half, dtype=torch.float64)[None, :]  # (1, K) input index in a block
+    tau = phase - offsets  # (new, K) distance from each output sample to each input sample
+    r = (tau / width).clamp(-1, 1)
+    window = torch.special.i0(RESAMPLE_BETA * torch.sqrt(1 - r * r)) / torch.special.i0(
+        torch.tensor(RESAMPLE_BETA, dtype=torch.float64))
+    window = torch.where(tau.abs() <= width, window, torch.zeros_like(window))
+    kernel = 2 * fc * torch.sinc(2 * fc * tau) * window
+    return kernel[:, None, :].float(), half
+
+
+# -----------------------------------------------------------------------------
+# audio loading
+
+SILENCE_PEAK = 1e-4  # a file whose peak |amplitude| is below this (-80 dBFS) is treated as silent, i.e. unusable
+
+
+class AudioError(ValueError):
+    """An audio file that cannot serve as training data: missing, unreadable, empty or silent."""
+
+
+def load_audio(path, sample_rate):
+    """Decode an audio file to a mono float32 waveform at `sample_rate`.
+
+    Channels are averaged (mono = mean of channels); the rate is changed with `resample`.
+    Args:
+        path: any format libsndfile reads (wav, flac, ogg, ...).
+        sample_rate: target rate in Hz.
+    Returns:
+        (S,) float32 CPU tensor, S = ceil(frames * sample_rate / file_rate).
+    Raises:
+        AudioError (a ValueError) naming the file when it is missing, cannot be decoded, has no samples, or is
+        silent (peak below SILENCE_PEAK, checked before resampling).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise AudioError(f"audio file {path} does not exist; fix its audio_path in the manifest or restore the file")
+    try:
+        data, sr = soundfile.read(path, dtype="float32", always_2d=True)  # (S, C)
+    except (soundfile.SoundFileError, RuntimeError, OSError) as e:
+        raise AudioError(f"audio file {path} could not be decoded ({e}); re-encode it as wav or flac") from None
+    if data.shape[0] == 0:
+        raise AudioError(f"audio file {path} holds no samples; drop it from the manifest")
+    wave = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))  # (S,) mono
+    peak = wave.abs().max().item()
+    if peak < SILENCE_PEAK:
+        raise AudioError(f"audio file {path} is silent (peak {peak:.1e} < {SILENCE_PEAK:.0e}); drop it from the manifest")
+    return resample(wave, sr, sample_rate)
+
+
+def crop_or_pad(wave, num_samples, generator=None, random_crop=True):
+    """Cut or zero-pad a waveform to exactly `num_samples`.
+
+    Longer clips are cropped: at a start drawn uniformly from the valid range with `generator` when
+    `random_crop`, else from the beginning. Shorter clips are zero-padded at the end. When `random_crop` is
+    True exactly one number is drawn from `generator` whatever the clip's length, so the random stream (and
+    hence every later crop) does not depend on which clips happen to be long.
+    Args:
+        wave: (S,) tensor.
+        num_samples: output length in samples (> 0).
+        generator: torch.Generator (CPU) for the crop position; None uses the global RNG.
+    Returns:
+        (num_samples,) tensor, same dtype and device.
+    Raises:
+        ValueError if `wave` is not 1-D or num_samples < 1.
+    """
+    if wave.dim() != 1:
+        raise ValueError(f"crop_or_pad expects a 1-D waveform (S,), got shape {tuple(wave.shape)}; downmix first")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    u = torch.rand((), generator=generator).item() if random_crop else 0.0
+    S = wave.shape[0]
+    if S >= num_samples:
+        start = min(int(u * (S - num_samples + 1)), S - num_samples)
+        return wave[start:start + num_samples]
+    return torch.nn.functional.pad(wave, (0, num_samples - S))
+
+
+# -----------------------------------------------------------------------------
+# dataset
+
+
+class AudioCaptionDataset(torch.utils.data.Dataset):
+    """Clips and captions from a manifest, as fixed-length mono waveforms.
+
+    Bad files (missing, undecodable, empty, silent) are not fatal: `__getitem__` returns None for them, warns
+    once per file naming it and the reason, and counts it. `end_epoch_report()` says how many were skipped.
+
+    Args:
+        manifest: path of a JSONL manifest (see `read_manifest`) or a list of rows already read.
+        sample_rate: Hz of the returned audio.
+        clip_seconds: length of every returned clip; longer clips are cropped, shorter ones zero-padded.
+        split: keep only rows of this split (see `read_manifest`); also applied to a list of rows.
+        cache: keep decoded, resampled audio in memory (worth it when a small set is read many times).
+        random_crop: crop long clips at a random start (training) or from the beginning (evaluation).
+    Raises:
+        ValueError if no rows are left, or clip_seconds * sample_rate < 1 sample.
+    """
+
+    def __init__(self, manifest, sample_rate, clip_seconds, split=None, cache=True, random_crop=True):
+        if isinstance(manifest, (str, os.PathLike)):
+            rows = read_manifest(manifest, split=split)
+        else:
+            rows = [r for r in manifest if split is None or r.get("split") == split]
+        if not rows:
+            raise ValueError(f"no rows in manifest {manifest if isinstance(manifest, (str, os.PathLike)) else '(list)'}"
+                             f" for split={split!r}; check the split name")
+        self.rows = rows
+        self.sample_rate = int(sample_rate)
+        self.num_samples = round(clip_seconds * sample_rate)
+        if self.num_samples < 1:
+            raise ValueError(f"clip_seconds={clip_seconds} at {sample_rate} Hz is less than one sample")
+        self.cache = cache
+        self.random_crop = random_crop
+        self._audio = {}  # audio_path -> (S,) tensor, when caching
+        self._bad = {}  # audio_path -> reason; remembered so a bad file is tried and reported only once
+        self._skipped = set()  # row indices found bad during the current epoch
+
+    def __len__(self):
+        return len(self.rows)
+
+    @property
+    def captions(self):
+        """All captions, in row order (for precomputing text features)."""
+        return [r["caption"] for r in self.rows]
+
+    @property
+    def num_skipped(self):
+        """Number of distinct rows found bad since the last `end_epoch_report()`."""
+        return len(self._skipped)
+
+    def __getitem__(self, i, generator=None):
+        """Returns dict(audio=(num_samples,) float32, caption=str, audio_id=str), or None for a bad file.
+
+        The crop position is drawn from `generator`; one draw per call (bad file or not) when random_crop.
+        """
+        row = self.rows[i]
+        wave = self._load(row["audio_path"])
+        if wave is None:
+            self._skipped.add(i)
+            if self.random_crop:
+                torch.rand((), generator=generator)  # keep the random stream aligned with a good file
+            return None
+        audio = crop_or_pad(wave, self.num_samples, generator=generator, random_crop=self.random_crop)
+        return dict(audio=audio, caption=row["caption"], audio_id=row["audio_id"])
+
+    def _load(self, path):
+        if path in self._bad:
+            return None
+        if path in self._audio:
+            return self._audio[path]
+        try:
+            wave = load_audio(path, self.sample_rate)
+        except AudioError as e:
+            self._bad[path] = str(e)
+            warnings.warn(f"skipping bad audio file: {e}", stacklevel=3)
+            return None
+        if self.cache:
+            self._audio[path] = wave
+        return wave
+
+    def get_batch(self, indices, generator=None):
+        """Load rows `indices` in order, keeping the batch size fixed.
+
+        Returns:
+            audio (B, num_samples) float32 with zeros for bad files, captions list[str] of length B,
+            valid (B,) bool, False where the file was bad (mask those out of the loss).
+        """
+        audio = torch.zeros(len(indices), self.num_samples)  # (B, S)
+        valid = torch.zeros(len(indices), dtype=torch.bool)  # (B,)
+        captions = []
+        for b, i in enumerate(indices):
+            item = self.__getitem__(int(i), generator=generator)
+            captions.append(self.rows[int(i)]["caption"])
+            if item is not None:
+                audio[b], valid[b] = item["audio"], True
+        return audio, captions, valid
+
+    def end_epoch_report(self):
+        """Return "skipped K of N files" for the epoch now ending, and start counting afresh."""
+        report = f"skipped {self.num_skipped} of {len(self)} files"
+        if self._skipped:
+            report += ": " + ", ".join(sorted(os.path.basename(self.rows[i]["audio_path"]) for i in self._skipped))
+        self._skipped = set()
+        return report
+
+
+def collate(items):
+    """Stack dataset items into a batch, dropping None (bad files).
+
+    Returns:
+        audio (B', S) float32 and captions list[str] of length B' (B' = number of good items; B' may be 0,
+        in which case audio is a (0, 0) tensor).
+    """
+    items = [it for it in items if it is not None]
+    if not items:
+        return torch.zeros(0, 0), []
+    return torch.stack([it["audio"] for it in items]), [it["caption"] for it in items]

