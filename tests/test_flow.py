@@ -1,0 +1,137 @@
+"""Flow matching: loss and Euler/CFG sampler against the released numbers, plus properties."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from flow import euler_sample, flow_matching_loss, loss_by_t_bin
+from transformer import MODELS, Resonate, ResonateConfig, load_released_state_dict
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def fx():
+    return torch.load(FIXTURES / "transformer_a.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def model(fx):
+    m = Resonate(ResonateConfig(**fx["config"])).eval()
+    load_released_state_dict(m, fx["state_dict"])
+    return m
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a model and keeps the inputs of its last call (DDP-like: helpers live on .module)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, latent, text_f, text_f_c, t):
+        self.inputs = dict(latent=latent, text_f=text_f, text_f_c=text_f_c, t=t)
+        return self.module(latent, text_f, text_f_c, t)
+
+
+def test_sampling_parity(model, fx):
+    s, i = fx["sampling"], fx["inputs"]
+    # released naming: x0 is the noise (t = 1), x1 the sample at t = 0, still normalised
+    x1 = euler_sample(model, s["x0"], i["text_f"], i["text_f_c"], num_steps=s["num_steps"], cfg=s["cfg_strength"])
+    assert (x1 - s["x1"]).abs().max() <= TOL
+    assert (model.unnormalize(x1) - s["x1_unnormalized"]).abs().max() <= TOL
+    x1n = euler_sample(model, s["x0"], i["text_f"], i["text_f_c"], num_steps=s["num_steps"],
+                       cfg=s["cfg_strength"], negative_text_f=s["negative_text_f"],
+                       negative_text_f_c=s["negative_text_f_c"])
+    assert (x1n - s["x1_with_negative"]).abs().max() <= TOL
+
+
+@torch.no_grad()
+def test_training_parity(model, fx):
+    tr, i = fx["training"], fx["inputs"]
+    rec = Recorder(model)
+    no_drop = torch.zeros(len(tr["t"]), dtype=torch.bool)
+    loss, per_sample, t = flow_matching_loss(rec, tr["data"], i["text_f"], i["text_f_c"], t=tr["t"],
+                                             noise=tr["noise"], drop_text=no_drop)
+    assert (rec.inputs["latent"] - tr["xt"]).abs().max() <= TOL  # x_t = (1 - t) x + t eps
+    assert (model(tr["xt"], i["text_f"], i["text_f_c"], tr["t"]) - tr["v_pred"]).abs().max() <= TOL
+    assert (per_sample - tr["loss_per_sample"]).abs().max() <= TOL
+    assert torch.allclose(loss, per_sample.mean()) and torch.equal(t, tr["t"])
+
+
+@torch.no_grad()
+def test_text_dropout_uses_stored_empty_features(model, fx):
+    i = fx["inputs"]
+    rec = Recorder(model)
+    x = torch.randn(2, 24, model.cfg.latent_dim)
+    flow_matching_loss(rec, x, i["text_f"], i["text_f_c"], drop_text=torch.tensor([True, False]))
+    assert torch.equal(rec.inputs["text_f"][0], model.empty_string_feat)
+    assert torch.equal(rec.inputs["text_f_c"][0], model.empty_string_feat_c)
+    assert torch.equal(rec.inputs["text_f"][1], i["text_f"][1])
+    flow_matching_loss(rec, x, i["text_f"], i["text_f_c"], cfg_dropout=1.0)
+    assert torch.equal(rec.inputs["text_f_c"], model.empty_conditions(2)[1])
+
+
+@torch.no_grad()
+def test_default_draws_are_seeded_and_in_range(model, fx):
+    i = fx["inputs"]
+    x = torch.randn(2, 24, model.cfg.latent_dim)
+    runs = [flow_matching_loss(model, x, i["text_f"], i["text_f_c"], generator=torch.Generator().manual_seed(3))
+            for _ in range(2)]
+    assert torch.equal(runs[0][1], runs[1][1]) and torch.equal(runs[0][2], runs[1][2])
+    assert ((runs[0][2] > 0) & (runs[0][2] < 1)).all()
+
+
+def test_loss_by_t_bin():
+    loss = torch.tensor([1.0, 3.0, 5.0, 7.0])
+    t = torch.tensor([0.1, 0.2, 0.6, 1.0])  # t = 1 falls in the last bin
+    assert loss_by_t_bin(loss, t, bins=4) == {"loss_t0.00-0.25": 2.0, "loss_t0.50-0.75": 5.0,
+                                              "loss_t0.75-1.00": 7.0}
+
+
+def test_cfg_with_identical_branches_equals_conditional(model, fx):
+    s, i = fx["sampling"], fx["inputs"]
+    cond = euler_sample(model, s["x0"], i["text_f"], i["text_f_c"], num_steps=3, cfg=1.0)
+    same = euler_sample(model, s["x0"], i["text_f"], i["text_f_c"], num_steps=3, cfg=4.5,
+                        negative_text_f=i["text_f"], negative_text_f_c=i["text_f_c"])
+    assert (cond - same).abs().max() <= TOL
+    with pytest.raises(ValueError, match="both"):
+        euler_sample(model, s["x0"], i["text_f"], i["text_f_c"], negative_text_f=i["text_f"])
+
+
+@pytest.fixture
+def one_thread():
+    # ops this small run fastest on one thread, and the CPU is shared
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_overfits_one_batch(one_thread):
+    torch.manual_seed(0)
+    model = Resonate(MODELS["tiny"]())
+    cfg = model.cfg
+    x = torch.randn(4, 16, cfg.latent_dim)
+    text_f, text_f_c = torch.randn(4, 77, cfg.text_dim), torch.randn(4, cfg.text_c_dim)
+    t, noise = torch.rand(4), torch.randn_like(x)  # fixed, so the objective is deterministic
+    keep = torch.zeros(4, dtype=torch.bool)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(40):
+        loss, _, _ = flow_matching_loss(model, x, text_f, text_f_c, t=t, noise=noise, drop_text=keep)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses[::8]
+
+
+def test_loss_rejects_bad_shapes(model, fx):
+    i = fx["inputs"]
+    with pytest.raises(ValueError, match="x_data"):
+        flow_matching_loss(model, torch.zeros(24, 8), i["text_f"], i["text_f_c"])
+    with pytest.raises(ValueError, match="latent must be"):
+        flow_matching_loss(model, torch.zeros(2, 24, 5), i["text_f"], i["text_f_c"])
