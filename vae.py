@@ -1,0 +1,533 @@
+"""
+The audio side of Resonate: waveform <-> log-mel <-> VAE latent.
+
+Read top to bottom:
+  1. the log-mel front end (`MelSpectrogram`, `MEL_CONFIGS`) and its rough inverse (`griffin_lim`),
+  2. the mel VAE (`MelVAE`, `VAES`, `vae_loss`): MMAudio's 1-D conv VAE built from EDM2
+     magnitude-preserving layers (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of
+     Diffusion Models", arXiv 2312.02696),
+  3. the BigVGAN v2 vocoder (`BigVGAN`, `BIGVGAN_CONFIGS`): mel -> waveform (Lee et al. 2023, "BigVGAN: A
+     Universal Neural Vocoder with Large-Scale Training", arXiv 2206.04658).
+
+Generation runs latent (B, E, N) -> MelVAE.decode -> mel (B, n_mels, 2N) -> BigVGAN -> waveform (B, 1, S).
+State-dict key names follow the released checkpoints (`v1-44.pth`, `bigvgan_generator.pt`), so those files
+load strictly.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# 1. Log-mel front end
+
+
+@dataclass(frozen=True)
+class MelConfig:
+    sample_rate: int  # Hz
+    n_mels: int
+    n_fft: int  # samples
+    hop_length: int  # samples
+    win_length: int  # samples (Hann window, zero-padded to n_fft when shorter)
+    f_min: float  # Hz
+    f_max: float  # Hz
+    log_base: float  # 10.0 for the 16 kHz setting, e for the 44.1 kHz one
+
+
+# The two settings the released VAEs were trained on. The 16 kHz one uses log10, the 44.1 kHz one ln.
+MEL_CONFIGS = {
+    "16k": MelConfig(sample_rate=16_000, n_mels=80, n_fft=1024, hop_length=256, win_length=1024,
+                     f_min=0.0, f_max=8_000.0, log_base=10.0),
+    "44k": MelConfig(sample_rate=44_100, n_mels=128, n_fft=2048, hop_length=512, win_length=2048,
+                     f_min=0.0, f_max=22_050.0, log_base=math.e),
+}
+
+
+def get_mel_config(config) -> MelConfig:
+    """Accept a MelConfig or a key of MEL_CONFIGS ("16k", "44k"); raise ValueError for anything else."""
+    if isinstance(config, MelConfig):
+        return config
+    if config not in MEL_CONFIGS:
+        raise ValueError(f"unknown mel config {config!r}; use one of {sorted(MEL_CONFIGS)} or a MelConfig")
+    return MEL_CONFIGS[config]
+
+
+def hz_to_mel(f: torch.Tensor) -> torch.Tensor:
+    """Slaney's mel scale (Auditory Toolbox): linear below 1 kHz (3 mels per 200 Hz), logarithmic above."""
+    f_sp, min_log_hz = 200.0 / 3, 1000.0
+    min_log_mel, logstep = min_log_hz / f_sp, math.log(6.4) / 27.0
+    log_part = min_log_mel + torch.log(f.clamp(min=min_log_hz) / min_log_hz) / logstep
+    return torch.where(f >= min_log_hz, log_part, f / f_sp)
+
+
+def mel_to_hz(m: torch.Tensor) -> torch.Tensor:
+    """Inverse of `hz_to_mel`."""
+    f_sp, min_log_hz = 200.0 / 3, 1000.0
+    min_log_mel, logstep = min_log_hz / f_sp, math.log(6.4) / 27.0
+    log_part = min_log_hz * torch.exp(logstep * (m - min_log_mel))
+    return torch.where(m >= min_log_mel, log_part, f_sp * m)
+
+
+def mel_filterbank(cfg: MelConfig) -> torch.Tensor:
+    """Triangular Slaney-scale filters with Slaney area normalisation, as librosa.filters.mel(htk=False,
+    norm='slaney') builds them. Computed in float64. Returns (n_mels, n_fft // 2 + 1)."""
+    fft_freqs = torch.linspace(0, cfg.sample_rate / 2, cfg.n_fft // 2 + 1, dtype=torch.float64)
+    mel_edges = torch.linspace(hz_to_mel(torch.tensor(cfg.f_min, dtype=torch.float64)).item(),
+                               hz_to_mel(torch.tensor(cfg.f_max, dtype=torch.float64)).item(),
+                               cfg.n_mels + 2, dtype=torch.float64)
+    hz_edges = mel_to_hz(mel_edges)  # (n_mels + 2,) left edge, centre, right edge of each triangle
+    widths = hz_edges.diff()  # (n_mels + 1,)
+    ramps = hz_edges[:, None] - fft_freqs[None, :]  # (n_mels + 2, F)
+    rising = -ramps[:-2] / widths[:-1, None]
+    falling = ramps[2:] / widths[1:, None]
+    weights = torch.minimum(rising, falling).clamp(min=0)  # (n_mels, F)
+    # Slaney normalisation: each triangle has unit area in Hz, so the energy per band is comparable
+    return weights * (2.0 / (hz_edges[2:] - hz_edges[:-2]))[:, None]
+
+
+def num_mel_frames(num_samples: int, config="44k") -> int:
+    """Mel frames T for a waveform of S samples.
+
+    The waveform is reflect-padded by p = (n_fft - hop) // 2 on both sides and framed with center=False, so
+    T = floor((S + 2p - n_fft) / hop) + 1, which is floor(S / hop) for both released settings
+    (e.g. 10 s at 44.1 kHz: 441000 samples -> 861 frames; at 16 kHz: 160000 -> 625).
+    """
+    cfg = get_mel_config(config)
+    pad = (cfg.n_fft - cfg.hop_length) // 2
+    return (num_samples + 2 * pad - cfg.n_fft) // cfg.hop_length + 1
+
+
+def _hann_window(cfg: MelConfig, device=None) -> torch.Tensor:
+    """Periodic Hann window of win_length, zero-padded on both sides to n_fft (what torch.stft does)."""
+    window = torch.hann_window(cfg.win_length, device=device)
+    left = (cfg.n_fft - cfg.win_length) // 2
+    return F.pad(window, (left, cfg.n_fft - cfg.win_length - left))
+
+
+def _stft(waveform: torch.Tensor, cfg: MelConfig, window: torch.Tensor) -> torch.Tensor:
+    """(B, S) -> complex (B, n_fft // 2 + 1, T) with the front end's framing (see `num_mel_frames`)."""
+    pad = (cfg.n_fft - cfg.hop_length) // 2
+    if waveform.shape[-1] <= pad:
+        raise ValueError(f"waveform has {waveform.shape[-1]} samples; reflect padding needs more than {pad} "
+                         f"(at least n_fft = {cfg.n_fft} to get one frame)")
+    padded = F.pad(waveform.unsqueeze(1), (pad, pad), mode="reflect").squeeze(1)
+    return torch.stft(padded, cfg.n_fft, hop_length=cfg.hop_length, window=window, center=False,
+                      normalized=False, onesided=True, return_complex=True)
+
+
+def _istft(spec: torch.Tensor, cfg: MelConfig, window: torch.Tensor) -> torch.Tensor:
+    """Least-squares inverse of `_stft` (Griffin & Lim 1984, eq. 6): windowed overlap-add divided by the summed
+    squared window. complex (B, F, T) -> (B, T * hop). torch.istft refuses center=False framing because the
+    window sum vanishes at the very ends, so the overlap-add is written out."""
+    B, _, T = spec.shape
+    frames = torch.fft.irfft(spec, n=cfg.n_fft, dim=1) * window[:, None]  # (B, n_fft, T)
+    length = cfg.n_fft + (T - 1) * cfg.hop_length
+    fold = dict(output_size=(1, length), kernel_size=(1, cfg.n_fft), stride=(1, cfg.hop_length))
+    signal = F.fold(frames, **fold).view(B, length)
+    window_sq = window.square()[None, :, None].expand(1, -1, T)
+    norm = F.fold(window_sq, **fold).view(1, length)
+    signal = torch.where(norm > 1e-6, signal / norm.clamp(min=1e-6), torch.zeros_like(signal))
+    pad = (cfg.n_fft - cfg.hop_length) // 2
+    return signal[:, pad:pad + T * cfg.hop_length]  # drop the reflect padding again
+
+
+def _log(x: torch.Tensor, base: float) -> torch.Tensor:
+    if base == 10.0:
+        return torch.log10(x)
+    if base == math.e:
+        return torch.log(x)
+    return torch.log(x) / math.log(base)
+
+
+def _exp(x: torch.Tensor, base: float) -> torch.Tensor:
+    return torch.exp(x) if base == math.e else torch.pow(base, x)
+
+
+class MelSpectrogram(nn.Module):
+    """Log-mel front end of the released VAEs.
+
+    forward(waveform (B, S) float in [-1, 1]) -> log-mel (B, n_mels, T), T = `num_mel_frames(S)`.
+    The waveform is clamped to [-1, 1] first (as released); magnitude is sqrt(re^2 + im^2 + 1e-9), and the
+    log is log_base(max(mel, 1e-5)), so silence sits at -5 (16k, log10) or about -11.5 (44k, ln).
+    config: a key of MEL_CONFIGS or a MelConfig. Raises ValueError for an unknown config, a waveform that is
+    not 2-D, or one shorter than the reflect padding.
+    """
+
+    def __init__(self, config="44k"):
+        super().__init__()
+        self.cfg = get_mel_config(config)
+        # derived from the config, so not saved in checkpoints
+        self.register_buffer("mel_basis", mel_filterbank(self.cfg).float(), persistent=False)
+        self.register_buffer("window", _hann_window(self.cfg), persistent=False)
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        if waveform.ndim != 2:
+            raise ValueError(f"waveform must be (B, S), got shape {tuple(waveform.shape)}; "
+                             f"use waveform.unsqueeze(0) for one clip or squeeze a channel axis")
+        waveform = waveform.float().clamp(-1.0, 1.0)
+        spec = _stft(waveform, self.cfg, self.window)  # (B, F, T) complex
+        magnitude = torch.sqrt(spec.real.square() + spec.imag.square() + 1e-9)
+        mel = self.mel_basis @ magnitude  # (B, n_mels, T)
+        return _log(mel.clamp(min=1e-5), self.cfg.log_base)
+
+
+def griffin_lim(mel: torch.Tensor, mel_config="44k", n_iter: int = 32, momentum: float = 0.99,
+                generator: torch.Generator = None) -> torch.Tensor:
+    """Waveform from a log-mel without a trained vocoder: undo the log, map mel -> linear magnitude with the
+    filterbank's pseudo-inverse (clamped at 0), then recover a phase with fast Griffin-Lim (Perraudin et al.
+    2013, "A fast Griffin-Lim algorithm"; Griffin & Lim 1984) using the front end's own framing.
+
+    mel: (B, n_mels, T) log-mel as produced by `MelSpectrogram(mel_config)`.
+    Returns (B, T * hop) float waveform (not clamped). The initial phase is random, drawn from `generator`
+    (a fixed seed 0 when None, so the result is reproducible). Raises ValueError on a wrong number of bins.
+    """
+    cfg = get_mel_config(mel_config)
+    if mel.ndim != 3 or mel.shape[1] != cfg.n_mels:
+        raise ValueError(f"mel must be (B, {cfg.n_mels}, T) for mel config with {cfg.n_mels} bins, "
+                         f"got shape {tuple(mel.shape)}")
+    device = mel.device
+    inverse = torch.linalg.pinv(mel_filterbank(cfg)).float().to(device)  # (F, n_mels)
+    magnitude = (inverse @ _exp(mel.float(), cfg.log_base)).clamp(min=0)  # (B, F, T)
+    window = _hann_window(cfg, device)
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    phase = torch.rand(magnitude.shape, generator=generator, device=generator.device).to(device)
+    angles = torch.polar(torch.ones_like(magnitude), 2 * math.pi * phase)
+    previous = torch.zeros_like(angles)
+    for _ in range(n_iter):
+        rebuilt = _stft(_istft(magnitude * angles, cfg, window), cfg, window)
+        angles = rebuilt - (momentum / (1 + momentum)) * previous  # the "fast" extrapolation step
+        angles = angles / (angles.abs() + 1e-16)
+        previous = rebuilt
+    return _istft(magnitude * angles, cfg, window)
+
+
+# -----------------------------------------------------------------------------
+# 2. Mel VAE (MMAudio's 1-D conv VAE) from EDM2 magnitude-preserving layers
+
+
+def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
+    """Scale x to unit RMS over `dim` (default: all but the first), EDM2 eq. 66 / pixel norm:
+    x / (eps + ||x|| / sqrt(numel over dim)). Computed in float32."""
+    if dim is None:
+        dim = list(range(1, x.ndim))
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
+    norm = eps + norm * math.sqrt(norm.numel() / x.numel())
+    return x / norm.to(x.dtype)
+
+
+def mp_silu(x: torch.Tensor) -> torch.Tensor:
+    """Magnitude-preserving SiLU (EDM2 eq. 81): 0.596 is SiLU's output RMS for unit-normal input."""
+    return F.silu(x) / 0.596
+
+
+def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
+    """Magnitude-preserving weighted sum (EDM2 eq. 88): lerp(a, b, t) rescaled to unit variance."""
+    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t ** 2)
+
+
+class MPConv1d(nn.Module):
+    """EDM2 magnitude-preserving 1-D conv (EDM2 eq. 47 + forced weight normalisation eq. 66), 'same' padding,
+    no bias. x (B, C_in, T) -> (B, C_out, T).
+
+    The stored `weight` (training format, what checkpoints hold) is raw; the conv uses
+    w = normalize(weight) / sqrt(fan_in), i.e. every output channel has unit L2 norm.
+    Two paths compute that same w:
+      - unfolded (training and default): w is recomputed each call, so gradients flow through the
+        normalisation; in train mode the stored weight is also renormalised in place each call (forced weight
+        normalisation), which keeps its scale, and so Adam's effective step size, constant.
+      - folded (inference, `fold_weight_norm`): w is computed once and stored in `weight`, as the released
+        loader does at load time. The forward is then a plain conv.
+    The folded path equals the unfolded one exactly (the same arithmetic, done once). A folded module still
+    saves in training format: it writes back weight * sqrt(fan_in) = normalize(raw), which normalize() maps to
+    itself up to eps * |rms(raw) - 1| (relative; ~1e-8 for weights trained with forced normalisation), so
+    save -> load -> forward agrees with the original. Loading a state dict always leaves the module unfolded.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size))
+        self.folded = False
+
+    def fan_in(self) -> int:
+        return self.weight[0].numel()
+
+    def effective_weight(self) -> torch.Tensor:
+        """The (C_out, C_in, k) weight the conv applies, unit norm per output channel."""
+        if self.folded:
+            return self.weight
+        return normalize(self.weight) / math.sqrt(self.fan_in())
+
+    def forward(self, x: torch.Tensor, gain=1.0) -> torch.Tensor:
+        if self.training:
+            if self.folded:
+                raise RuntimeError("MPConv1d is folded for inference; reload the state dict (or build a fresh "
+                                   "model) before training")
+            with torch.no_grad():
+                self.weight.copy_(normalize(self.weight))
+        w = self.effective_weight() * gain
+        return F.conv1d(x, w, padding=w.shape[-1] // 2)
+
+    @torch.no_grad()
+    def fold_weight_norm(self) -> "MPConv1d":
+        if not self.folded:
+            self.weight.copy_(self.effective_weight())
+            self.folded = True
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.folded:  # always export the training format (see class docstring)
+            destination[prefix + "weight"] = self.weight.detach() * math.sqrt(self.fan_in())
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.folded = False
+
+
+class ResBlock(nn.Module):
+    """Pixel norm -> (mp_silu -> conv) x 2, added to the (projected) input with mp_sum(t=0.3).
+    (B, C_in, T) -> (B, C_out, T)."""
+
+    def __init__(self, in_dim: int, out_dim: int, kernel_size: int = 3):
+        super().__init__()
+        self.conv1 = MPConv1d(in_dim, out_dim, kernel_size)
+        self.conv2 = MPConv1d(out_dim, out_dim, kernel_size)
+        if in_dim != out_dim:
+            self.nin_shortcut = MPConv1d(in_dim, out_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = normalize(x, dim=1)  # the shortcut also sees the normalised input
+        h = self.conv2(mp_silu(self.conv1(mp_silu(x))))
+        if hasattr(self, "nin_shortcut"):
+            x = self.nin_shortcut(x)
+        return mp_sum(x, h, t=0.3)
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over time with cosine-normalised q, k, v (each unit RMS per position).
+    (B, C, T) -> (B, C, T)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.qkv = MPConv1d(dim, 3 * dim, 1)
+        self.proj_out = MPConv1d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, T = x.shape
+        qkv = normalize(self.qkv(x).view(B, C, 3, T), dim=1)  # channels are interleaved as (C, 3)
+        q, k, v = qkv.transpose(1, 3).unbind(2)  # each (B, T, C)
+        h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]  # (B, T, C)
+        return mp_sum(x, self.proj_out(h.transpose(1, 2)), t=0.3)
+
+
+class Downsample(nn.Module):
+    """1x1 conv, average-pool time by 2, 1x1 conv. (B, C, T) -> (B, C, T // 2); pooling floors odd T."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv1 = MPConv1d(dim, dim, 1)
+        self.conv2 = MPConv1d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(F.avg_pool1d(self.conv1(x), kernel_size=2, stride=2))
+
+
+class Upsample(nn.Module):
+    """Repeat each frame twice (nearest), then a conv. (B, C, T) -> (B, C, 2T)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv = MPConv1d(dim, dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.repeat_interleave(2, dim=-1))
+
+
+class Level(nn.Module):
+    """One resolution of the encoder or decoder: a stack of ResBlocks, optionally followed by a resampler
+    (stored as `downsample` / `upsample` to keep the released key names)."""
+
+    def __init__(self, dims: list, resample: str = None):
+        super().__init__()
+        self.block = nn.ModuleList(ResBlock(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        if resample == "down":
+            self.downsample = Downsample(dims[-1])
+        elif resample == "up":
+            self.upsample = Upsample(dims[-1])
+
+
+class Middle(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.block_1 = ResBlock(dim, dim)
+        self.attn_1 = AttnBlock(dim)
+        self.block_2 = ResBlock(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+CLIP_ACT = 256.0  # activations are clamped to +-CLIP_ACT between stages (keeps fp16/bf16 finite)
+CH_MULT = (1, 2, 4)  # channel multipliers of the three resolutions; only the first one changes time
+
+
+class Encoder(nn.Module):
+    """Normalised mel (B, n_mels, T) -> moments (B, 2E, T // 2), mean then logvar along channels."""
+
+    def __init__(self, data_dim: int, embed_dim: int, hidden_dim: int, num_blocks: int = 2):
+        super().__init__()
+        dims = [hidden_dim * m for m in CH_MULT]
+        self.conv_in = MPConv1d(data_dim, hidden_dim, 3)
+        ins = [hidden_dim] + dims[:-1]
+        self.down = nn.ModuleList(Level([c_in] + [c] * num_blocks, "down" if i == 0 else None)
+                                  for i, (c_in, c) in enumerate(zip(ins, dims)))
+        self.mid = Middle(dims[-1])
+        self.conv_out = MPConv1d(dims[-1], 2 * embed_dim, 3)
+        self.learnable_gain = nn.Parameter(torch.zeros([]))  # output gain 1 + g, starts at 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)  # (B, C, T)
+        for level in self.down:
+            for block in level.block:
+                h = block(h).clamp(-CLIP_ACT, CLIP_ACT)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)  # (B, C, T // 2)
+        h = self.mid(h).clamp(-CLIP_ACT, CLIP_ACT)
+        return self.conv_out(mp_silu(h), gain=self.learnable_gain + 1)
+
+
+class Decoder(nn.Module):
+    """Latent (B, E, N) -> normalised mel (B, n_mels, 2N). `up[i]` mirrors the encoder's `down[i]` and runs
+    from i = 2 down to 0; the upsampler sits after level 1, so the last level runs at full time resolution."""
+
+    def __init__(self, data_dim: int, embed_dim: int, hidden_dim: int, num_blocks: int = 2):
+        super().__init__()
+        dims = [hidden_dim * m for m in CH_MULT]
+        self.conv_in = MPConv1d(embed_dim, dims[-1], 3)
+        self.mid = Middle(dims[-1])
+        ins = dims[1:] + [dims[-1]]  # the input width of level i is the output width of level i + 1
+        self.up = nn.ModuleList(Level([c_in] + [c] * (num_blocks + 1), "up" if i == 1 else None)
+                                for i, (c_in, c) in enumerate(zip(ins, dims)))
+        self.conv_out = MPConv1d(hidden_dim, data_dim, 3)
+        self.learnable_gain = nn.Parameter(torch.zeros([]))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z)).clamp(-CLIP_ACT, CLIP_ACT)  # (B, C, N)
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h).clamp(-CLIP_ACT, CLIP_ACT)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)  # (B, C, 2N)
+        return self.conv_out(mp_silu(h), gain=self.learnable_gain + 1)
+
+
+class MelVAE(nn.Module):
+    """MMAudio-style mel VAE (released checkpoints `v1-16.pth`, `v1-44.pth`): log-mel (B, n_mels, T) <->
+    latent (B, E, T // 2).
+
+    The mel is normalised per bin with the stored `data_mean` / `data_std` (buffers of shape (1, n_mels, 1),
+    part of the state dict) before encoding and un-normalised after decoding. A fresh model has mean 0 and
+    std 1; set statistics of your data with `set_mel_stats` before training from scratch. Loading a released
+    or saved state dict (training format, strict) brings its statistics along.
+    Time: the encoder halves T with floor (average pooling by 2), as released. For odd T the latent has
+    T // 2 frames: the last mel frame still reaches them through the convolutions before the pooling, but
+    has no latent frame of its own, and decode(encode(mel)) has T - 1 frames. 10 s at 44.1 kHz is 861 mel
+    frames -> 430 latent frames, as in the released model. Crop or pad T to even for an exact round trip.
+    Call `fold_weight_norm()` (and eval()) once for inference; see `MPConv1d` for why it changes nothing
+    numerically.
+    """
+
+    def __init__(self, data_dim: int, embed_dim: int, hidden_dim: int):
+        super().__init__()
+        self.data_dim, self.embed_dim, self.hidden_dim = data_dim, embed_dim, hidden_dim
+        self.register_buffer("data_mean", torch.zeros(1, data_dim, 1))
+        self.register_buffer("data_std", torch.ones(1, data_dim, 1))
+        self.encoder = Encoder(data_dim, embed_dim, hidden_dim)
+        self.decoder = Decoder(data_dim, embed_dim, hidden_dim)
+
+    def config(self) -> dict:
+        """Constructor kwargs, for self-describing checkpoints: MelVAE(**vae.config())."""
+        return dict(data_dim=self.data_dim, embed_dim=self.embed_dim, hidden_dim=self.hidden_dim)
+
+    @torch.no_grad()
+    def set_mel_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Per-bin mel statistics of the training data, mean and std each (n_mels,), in log-mel units.
+        Raises ValueError on a wrong shape or a non-positive std."""
+        for name, t in (("mean", mean), ("std", std)):
+            if t.shape != (self.data_dim,):
+                raise ValueError(f"{name} must have shape ({self.data_dim},), got {tuple(t.shape)}")
+        if not (std > 0).all():
+            raise ValueError("std must be positive in every bin; add a floor such as std.clamp(min=1e-3)")
+        self.data_mean.copy_(mean.view(1, -1, 1))
+        self.data_std.copy_(std.view(1, -1, 1))
+
+    def normalize(self, mel: torch.Tensor) -> torch.Tensor:
+        return (mel - self.data_mean) / self.data_std
+
+    def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.data_std + self.data_mean
+
+    def _check_mel(self, mel: torch.Tensor) -> None:
+        if mel.ndim != 3 or mel.shape[1] != self.data_dim:
+            raise ValueError(f"mel must be (B, {self.data_dim}, T), got shape {tuple(mel.shape)}")
+        if mel.shape[2] < 2:
+            raise ValueError(f"mel needs at least 2 frames (time is halved), got {mel.shape[2]}")
+
+    def encode(self, mel: torch.Tensor) -> tuple:
+        """log-mel (B, n_mels, T) -> (mean, logvar), each (B, E, T // 2); logvar clamped to [-30, 20]."""
+        self._check_mel(mel)
+        moments = self.encoder(self.normalize(mel))  # (B, 2E, T // 2)
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """latent (B, E, N) -> log-mel (B, n_mels, 2N)."""
+        if z.ndim != 3 or z.shape[1] != self.embed_dim:
+            raise ValueError(f"latent must be (B, {self.embed_dim}, N), got shape {tuple(z.shape)}; "
+                             f"a transformer output (B, N, E) needs .transpose(1, 2)")
+        return self.unnormalize(self.decoder(z))
+
+    def fold_weight_norm(self) -> "MelVAE":
+        """Normalise every conv weight once for inference (what the released loader does). Returns self."""
+        for m in self.modules():
+            if isinstance(m, MPConv1d):
+                m.fold_weight_norm()
+        return self
+
+
+def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator = None):
+    """Reparameterised draw z = mean + exp(logvar / 2) * eps, eps ~ N(0, I) from `generator`."""
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + torch.exp(0.5 * logvar) * eps
+
+
+def vae_loss(vae: MelVAE, mel: torch.Tensor, generator: torch.Generator = None, kl_weight: float = 1e-3):
+    """Training loss of the mel VAE: L1 reconstruction of the normalised mel + kl_weight * KL.
+
+    mel: (B, n_mels, T) log-mel. L1 (mean over elements) on the normalised mel weighs every bin alike and
+    is robust to the -11.5 silence floor of the log; KL(q(z|mel) || N(0, I)) =
+    0.5 * (mean^2 + var - 1 - logvar), averaged over latent elements (Kingma & Welling 2014). The small
+    weight keeps the latent close to a plain autoencoder's while bounding its scale.
+    The sample uses `generator` so a training run replays exactly. For odd T the last frame is not scored
+    (the decoder returns T - 1 frames).
+    Returns (loss, {"rec": rec, "kl": kl}) with the parts detached.
+    """
+    mean, logvar = vae.encode(mel)
+    recon = vae.decoder(sample_posterior(mean, logvar, generator))  # (B, n_mels, 2 * (T // 2))
+    target = vae.normalize(mel[:, :, :recon.shape[2]])
+    rec = (recon - target).abs().mean()
+    kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
+    return rec + kl_weight * kl, {"rec": rec.detach(), "kl": kl.detach()}
+
+
+# Constructor kwargs: MelVAE(**VAES[name]).
+VAES = {
+    "vae_44k": dict(data_dim=128, embed_dim=40, hidden_dim=512),  # v1-44.pth, pairs with MEL_CONFIGS["44k"]
+    "vae_16k": dict(data_dim=80, embed_dim=20, hidden_dim=384),  # v1-16.pth, pairs with MEL_CONFIGS["16k"]
+    "small": dict(data_dim=80, embed_dim=20, hidden_dim=64),  # ~4.8 M params, trainable on a laptop CPU
+    "tiny": dict(data_dim=80, embed_dim=4, hidden_dim=32),  # tests (the config of fixtures/vae_a.pt)
+}
