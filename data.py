@@ -175,11 +175,11 @@ def load_audio(path, sample_rate):
         raise AudioError(f"audio file {path} could not be decoded ({e}); re-encode it as wav or flac") from None
     if data.shape[0] == 0:
         raise AudioError(f"audio file {path} holds no samples; drop it from the manifest")
-    wave = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))  # (S,) mono
-    peak = wave.abs().max().item()
+    mono = data.mean(axis=1)  # (S,)
+    peak = float(np.abs(mono).max())  # numpy: cheaper than torch's thread pool for one small reduction
     if peak < SILENCE_PEAK:
         raise AudioError(f"audio file {path} is silent (peak {peak:.1e} < {SILENCE_PEAK:.0e}); drop it from the manifest")
-    return resample(wave, sr, sample_rate)
+    return resample(torch.from_numpy(np.ascontiguousarray(mono)), sr, sample_rate)
 
 
 def crop_or_pad(wave, num_samples, generator=None, random_crop=True):
