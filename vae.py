@@ -14,8 +14,10 @@ State-dict key names follow the released checkpoints (`v1-44.pth`, `bigvgan_gene
 load strictly.
 """
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -243,8 +245,8 @@ class MPConv1d(nn.Module):
         loader does at load time. The forward is then a plain conv.
     The folded path equals the unfolded one exactly (the same arithmetic, done once). A folded module still
     saves in training format: it writes back weight * sqrt(fan_in) = normalize(raw), which normalize() maps to
-    itself up to eps * |rms(raw) - 1| (relative; ~1e-8 for weights trained with forced normalisation), so
-    save -> load -> forward agrees with the original. Loading a state dict always leaves the module unfolded.
+    itself up to a relative eps * |1 - 1 / rms(raw)| (~1e-8 once forced normalisation has run; at most ~1e-5
+    for random-normal weights), so save -> load -> forward agrees with the original. Loading a state dict always leaves the module unfolded.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
@@ -361,6 +363,8 @@ class Level(nn.Module):
 
 
 class Middle(nn.Module):
+    """ResBlock -> attention -> ResBlock at the lowest resolution. (B, C, N) -> (B, C, N)."""
+
     def __init__(self, dim: int):
         super().__init__()
         self.block_1 = ResBlock(dim, dim)
@@ -531,3 +535,263 @@ VAES = {
     "small": dict(data_dim=80, embed_dim=20, hidden_dim=64),  # ~4.8 M params, trainable on a laptop CPU
     "tiny": dict(data_dim=80, embed_dim=4, hidden_dim=32),  # tests (the config of fixtures/vae_a.pt)
 }
+
+
+# -----------------------------------------------------------------------------
+# 3. BigVGAN v2 vocoder: log-mel (B, n_mels, T) -> waveform (B, 1, T * prod(upsample_rates))
+
+
+def kaiser_sinc_filter(cutoff: float, half_width: float, kernel_size: int) -> torch.Tensor:
+    """Windowed-sinc low-pass filter, (1, 1, kernel_size), summing to 1 (so DC passes unchanged).
+
+    cutoff and half_width are in cycles per sample (0.5 = Nyquist). The Kaiser window's beta comes from
+    Kaiser's empirical formula for the attenuation A (dB) that a transition band of 2 * half_width allows
+    (Oppenheim & Schafer, "Discrete-Time Signal Processing", eq. 7.62-7.63), as in StyleGAN3 / alias-free-torch.
+    """
+    half = kernel_size // 2
+    attenuation = 2.285 * (half - 1) * math.pi * (4 * half_width) + 7.95
+    if attenuation > 50.0:
+        beta = 0.1102 * (attenuation - 8.7)
+    elif attenuation >= 21.0:
+        beta = 0.5842 * (attenuation - 21) ** 0.4 + 0.07886 * (attenuation - 21.0)
+    else:
+        beta = 0.0
+    window = torch.kaiser_window(kernel_size, periodic=False, beta=beta)
+    if kernel_size % 2 == 0:
+        time = torch.arange(-half, half) + 0.5  # taps sit between samples for an even length
+    else:
+        time = torch.arange(kernel_size) - half
+    taps = 2 * cutoff * window * torch.sinc(2 * cutoff * time)
+    return (taps / taps.sum()).view(1, 1, kernel_size)
+
+
+class LowPassFilter(nn.Module):
+    """Depthwise low-pass filter with replicate padding, then decimation by `stride`.
+    (B, C, T) -> (B, C, ceil(T / stride))."""
+
+    def __init__(self, cutoff: float, half_width: float, stride: int, kernel_size: int = 12):
+        super().__init__()
+        self.stride = stride
+        self.pad = (kernel_size // 2 - (kernel_size % 2 == 0), kernel_size // 2)  # (left, right)
+        # saved in the state dict, as in the released checkpoints
+        self.register_buffer("filter", kaiser_sinc_filter(cutoff, half_width, kernel_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        C = x.shape[1]
+        x = F.pad(x, self.pad, mode="replicate")
+        return F.conv1d(x, self.filter.expand(C, -1, -1), stride=self.stride, groups=C)
+
+
+class UpSample(nn.Module):
+    """Zero-stuffing by `ratio` then the Kaiser-sinc low-pass (a transposed depthwise conv, gain `ratio`).
+    (B, C, T) -> (B, C, ratio * T)."""
+
+    def __init__(self, ratio: int = 2, kernel_size: int = 12):
+        super().__init__()
+        self.ratio = ratio
+        self.pad = kernel_size // ratio - 1  # input frames replicated on each side
+        # trim the transposed conv's output back to ratio * T, centred
+        self.trim = (self.pad * ratio + (kernel_size - ratio) // 2,
+                     self.pad * ratio + (kernel_size - ratio + 1) // 2)
+        self.register_buffer("filter", kaiser_sinc_filter(0.5 / ratio, 0.6 / ratio, kernel_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        C = x.shape[1]
+        x = F.pad(x, (self.pad, self.pad), mode="replicate")
+        x = self.ratio * F.conv_transpose1d(x, self.filter.expand(C, -1, -1), stride=self.ratio, groups=C)
+        return x[..., self.trim[0]:x.shape[-1] - self.trim[1]]
+
+
+class DownSample(nn.Module):
+    """Kaiser-sinc low-pass then keep every `ratio`-th sample. (B, C, ratio * T) -> (B, C, T)."""
+
+    def __init__(self, ratio: int = 2, kernel_size: int = 12):
+        super().__init__()
+        self.lowpass = LowPassFilter(0.5 / ratio, 0.6 / ratio, ratio, kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lowpass(x)
+
+
+class SnakeBeta(nn.Module):
+    """SnakeBeta(x) = x + 1 / beta * sin^2(alpha * x), per channel (Ziyin et al. 2020, "Neural Networks Fail to
+    Learn Periodic Functions and How to Fix It"; BigVGAN adds the separate magnitude beta). With logscale the
+    stored parameters are log(alpha), log(beta) (BigVGAN v2). (B, C, T) -> (B, C, T)."""
+
+    def __init__(self, channels: int, logscale: bool = True):
+        super().__init__()
+        self.logscale = logscale
+        init = torch.zeros(channels) if logscale else torch.ones(channels)
+        self.alpha = nn.Parameter(init.clone())
+        self.beta = nn.Parameter(init.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        alpha, beta = self.alpha[None, :, None], self.beta[None, :, None]
+        if self.logscale:
+            alpha, beta = alpha.exp(), beta.exp()
+        return x + 1.0 / (beta + 1e-9) * torch.sin(x * alpha).square()
+
+
+class AntiAliasedSnake(nn.Module):
+    """SnakeBeta at twice the sample rate (upsample x2, activate, downsample x2), so the harmonics the
+    nonlinearity creates above Nyquist are filtered instead of aliased (BigVGAN, sec. 3.2). (B, C, T) -> same."""
+
+    def __init__(self, channels: int, logscale: bool = True):
+        super().__init__()
+        self.act = SnakeBeta(channels, logscale)
+        self.upsample = UpSample(2, 12)
+        self.downsample = DownSample(2, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.downsample(self.act(self.upsample(x)))
+
+
+class AMPBlock(nn.Module):
+    """BigVGAN's anti-aliased multi-periodicity block, resblock type "1": for each dilation d,
+    x += conv_1(act(conv_d(act(x)))). (B, C, T) -> (B, C, T)."""
+
+    def __init__(self, channels: int, kernel_size: int, dilations, logscale: bool = True):
+        super().__init__()
+        self.convs1 = nn.ModuleList(nn.Conv1d(channels, channels, kernel_size, dilation=d,
+                                              padding=d * (kernel_size - 1) // 2) for d in dilations)
+        self.convs2 = nn.ModuleList(nn.Conv1d(channels, channels, kernel_size, padding=(kernel_size - 1) // 2)
+                                    for _ in dilations)
+        self.activations = nn.ModuleList(AntiAliasedSnake(channels, logscale) for _ in range(2 * len(dilations)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, (conv1, conv2) in enumerate(zip(self.convs1, self.convs2)):
+            x = x + conv2(self.activations[2 * i + 1](conv1(self.activations[2 * i](x))))
+        return x
+
+
+def fold_weight_norm(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Plain weight from a weight-normalised pair (Salimans & Kingma 2016): w = g * v / ||v||, the norm taken
+    over all dims but the first (torch's weight_norm with dim=0). g: (d0, 1, ..., 1), v: like w."""
+    return v * (g / torch.linalg.vector_norm(v, dim=list(range(1, v.ndim)), keepdim=True))
+
+
+# The two spellings of a weight-normalised conv in published checkpoints: torch.nn.utils.weight_norm (the
+# released bigvgan_generator.pt) and torch.nn.utils.parametrizations.weight_norm (newer PyTorch).
+_WEIGHT_NORM_NAMES = (("weight_g", "weight_v"),
+                      ("parametrizations.weight.original0", "parametrizations.weight.original1"))
+
+
+def _fold_weight_norm_on_load(module, state_dict, prefix, *args):
+    """load_state_dict pre-hook of a conv: replace a weight-normalised (g, v) pair by the plain weight, once."""
+    for g_name, v_name in _WEIGHT_NORM_NAMES:
+        if prefix + g_name in state_dict and prefix + v_name in state_dict:
+            g, v = state_dict.pop(prefix + g_name), state_dict.pop(prefix + v_name)
+            state_dict[prefix + "weight"] = fold_weight_norm(g, v)
+
+
+class BigVGAN(nn.Module):
+    """BigVGAN v2 generator (NVIDIA, arXiv 2206.04658), inference only: log-mel (B, num_mels, T) ->
+    waveform (B, 1, T * prod(upsample_rates)) in [-1, 1].
+
+    conv_pre (k=7) -> for each rate u: transposed conv (x u, channels halve) -> mean of AMP blocks over the
+    resblock kernel sizes -> anti-aliased SnakeBeta -> conv_post (k=7, 1 channel) -> clamp to [-1, 1]
+    (v2 drops the final tanh and bias; `use_tanh_at_final` / `use_bias_at_final` bring them back).
+    The convs hold plain weights. `load_state_dict` takes the published weight-normalised naming
+    (`weight_g`/`weight_v`) or the newer `parametrizations.weight.original0/1` and folds each pair once, or
+    plain `weight`; loading stays strict. `published_state_dict()` writes the `weight_g`/`weight_v` naming.
+    Raises ValueError for configs other than resblock "1" with SnakeBeta activations.
+    """
+
+    def __init__(self, num_mels: int, upsample_rates, upsample_kernel_sizes, upsample_initial_channel: int,
+                 resblock_kernel_sizes, resblock_dilation_sizes, resblock: str = "1",
+                 activation: str = "snakebeta", snake_logscale: bool = True, use_tanh_at_final: bool = False,
+                 use_bias_at_final: bool = False):
+        super().__init__()
+        if resblock != "1" or activation != "snakebeta":
+            raise ValueError(f"only resblock '1' with 'snakebeta' (BigVGAN v2) is implemented, got resblock "
+                             f"{resblock!r} and activation {activation!r}")
+        if len(upsample_rates) != len(upsample_kernel_sizes):
+            raise ValueError("upsample_rates and upsample_kernel_sizes must have the same length")
+        self.num_mels = num_mels
+        self.upsample_factor = math.prod(upsample_rates)  # waveform samples per mel frame (= hop length)
+        self.use_tanh_at_final = use_tanh_at_final
+        self.num_kernels = len(resblock_kernel_sizes)
+        C = upsample_initial_channel
+        self.conv_pre = nn.Conv1d(num_mels, C, 7, padding=3)
+        # one-element lists keep the released key names (ups.{i}.0.weight)
+        self.ups = nn.ModuleList(nn.ModuleList([nn.ConvTranspose1d(C >> i, C >> (i + 1), k, u, padding=(k - u) // 2)])
+                                 for i, (u, k) in enumerate(zip(upsample_rates, upsample_kernel_sizes)))
+        self.resblocks = nn.ModuleList(AMPBlock(C >> (i + 1), k, d, snake_logscale)
+                                       for i in range(len(upsample_rates))
+                                       for k, d in zip(resblock_kernel_sizes, resblock_dilation_sizes))
+        out_ch = C >> len(upsample_rates)
+        self.activation_post = AntiAliasedSnake(out_ch, snake_logscale)
+        self.conv_post = nn.Conv1d(out_ch, 1, 7, padding=3, bias=use_bias_at_final)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d)):
+                m.register_load_state_dict_pre_hook(_fold_weight_norm_on_load)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "BigVGAN":
+        """Build from a BigVGAN config dict (e.g. the published config.json); training-only keys such as
+        sampling_rate or learning_rate are ignored. Raises KeyError naming a missing architecture key."""
+        keys = ("num_mels", "upsample_rates", "upsample_kernel_sizes", "upsample_initial_channel",
+                "resblock_kernel_sizes", "resblock_dilation_sizes", "resblock", "activation", "snake_logscale",
+                "use_tanh_at_final", "use_bias_at_final")
+        missing = [k for k in keys[:6] if k not in config]
+        if missing:
+            raise KeyError(f"BigVGAN config lacks {missing}")
+        return cls(**{k: config[k] for k in keys if k in config})
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        if mel.ndim != 3 or mel.shape[1] != self.num_mels:
+            raise ValueError(f"mel must be (B, {self.num_mels}, T), got shape {tuple(mel.shape)}")
+        x = self.conv_pre(mel)  # (B, C, T)
+        for i, (up,) in enumerate(self.ups):
+            x = up(x)  # (B, C / 2^(i+1), T * u_0 * ... * u_i)
+            blocks = self.resblocks[i * self.num_kernels:(i + 1) * self.num_kernels]
+            x = sum(block(x) for block in blocks) / self.num_kernels
+        x = self.conv_post(self.activation_post(x))  # (B, 1, S)
+        return torch.tanh(x) if self.use_tanh_at_final else x.clamp(-1.0, 1.0)
+
+    def published_state_dict(self) -> dict:
+        """The state dict in the published naming: each conv as bias, weight_g = ||w|| over all dims but the
+        first, weight_v = w (so weight_g * weight_v / ||weight_v|| = w), in the published key order."""
+        convs = {name for name, m in self.named_modules() if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d))}
+        out, pending = {}, {}
+        for name, t in self.state_dict().items():
+            module, _, leaf = name.rpartition(".")
+            if module in convs and leaf == "weight":
+                g = torch.linalg.vector_norm(t, dim=list(range(1, t.ndim)), keepdim=True)
+                pending = {f"{module}.weight_g": g, f"{module}.weight_v": t}
+                if getattr(self.get_submodule(module), "bias", None) is None:
+                    out.update(pending)
+                continue
+            out[name] = t
+            if module in convs and leaf == "bias":
+                out.update(pending)  # the published files list a conv's bias before its (g, v)
+        return out
+
+
+# Architecture keys of BigVGAN configs: BigVGAN.from_config(BIGVGAN_CONFIGS[name]).
+BIGVGAN_CONFIGS = {
+    # the released 44.1 kHz vocoder: hop 512 (8*4*2*2*2*2), 128 mel bins, pairs with MEL_CONFIGS["44k"]
+    "bigvgan_v2_44khz_128band_512x": dict(
+        num_mels=128, upsample_rates=[8, 4, 2, 2, 2, 2], upsample_kernel_sizes=[16, 8, 4, 4, 4, 4],
+        upsample_initial_channel=1536, resblock_kernel_sizes=[3, 7, 11],
+        resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]], resblock="1", activation="snakebeta",
+        snake_logscale=True, use_tanh_at_final=False, use_bias_at_final=False),
+    # tests: 80 mel bins, x8 (the config of fixtures/bigvgan_a.pt)
+    "tiny": dict(
+        num_mels=80, upsample_rates=[4, 2], upsample_kernel_sizes=[8, 4], upsample_initial_channel=32,
+        resblock_kernel_sizes=[3, 7], resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5]], resblock="1",
+        activation="snakebeta", snake_logscale=True, use_tanh_at_final=False, use_bias_at_final=False),
+}
+
+
+def load_bigvgan(folder, map_location="cpu") -> BigVGAN:
+    """The published vocoder folder (config.json + bigvgan_generator.pt holding {"generator": state_dict}) ->
+    BigVGAN in eval mode with plain (folded) conv weights. Raises FileNotFoundError if a file is missing."""
+    folder = Path(folder)
+    for name in ("config.json", "bigvgan_generator.pt"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} not found; expected the bigvgan_v2 folder layout")
+    model = BigVGAN.from_config(json.loads((folder / "config.json").read_text()))
+    checkpoint = torch.load(folder / "bigvgan_generator.pt", map_location=map_location, weights_only=True)
+    model.load_state_dict(checkpoint["generator"], strict=True)
+    return model.eval()

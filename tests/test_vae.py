@@ -5,6 +5,7 @@ the model configuration from the fixture itself.
 """
 
 import io
+import json
 import math
 from pathlib import Path
 
@@ -246,3 +247,108 @@ def test_vae_loss_parts():
     again, _ = V.vae_loss(model, mel, generator=torch.Generator().manual_seed(1), kl_weight=0.5)
     other, _ = V.vae_loss(model, mel, generator=torch.Generator().manual_seed(2), kl_weight=0.5)
     assert again.item() == loss.item() and other.item() != loss.item()
+
+
+# ----------------------------------------------------------------------------- full-size layouts (meta device)
+
+@pytest.mark.parametrize("name", ["44k", "16k"])
+def test_full_size_vae_matches_released_manifest(name):
+    manifest = json.loads((FIXTURES / f"manifest_vae_{name}.json").read_text())
+    with torch.device("meta"):
+        model = V.MelVAE(**V.VAES[f"vae_{name}"])
+    shapes = {k: list(t.shape) for k, t in model.state_dict().items()}
+    assert shapes == manifest["shapes"]
+    assert sum(t.numel() for t in model.state_dict().values()) == manifest["num_parameters"]
+
+
+def test_full_size_bigvgan_matches_published_manifest():
+    manifest = json.loads((FIXTURES / "manifest_bigvgan_v2_44khz_128band_512x.json").read_text())
+    config = V.BIGVGAN_CONFIGS["bigvgan_v2_44khz_128band_512x"]
+    assert all(manifest["config"][k] == v for k, v in config.items())
+    with torch.device("meta"):
+        model = V.BigVGAN.from_config(manifest["config"])  # extra keys (sampling_rate, ...) are ignored
+    published = model.published_state_dict()
+    assert list(published) == list(manifest["shapes"])  # same keys in the same order
+    assert {k: list(t.shape) for k, t in published.items()} == manifest["shapes"]
+    assert sum(t.numel() for t in published.values()) == manifest["num_parameters"]
+    assert model.upsample_factor == V.MEL_CONFIGS["44k"].hop_length
+
+
+# ----------------------------------------------------------------------------- BigVGAN vocoder
+
+@pytest.mark.parametrize("naming", ["state_dict_weight_g_v", "state_dict_parametrizations"])
+def test_bigvgan_matches_released(naming):
+    fx = load("bigvgan_a.pt")
+    model = V.BigVGAN.from_config(fx["config"]).eval()
+    model.load_state_dict(fx[naming], strict=True)
+    assert not any("weight_g" in k or "parametrizations" in k for k in model.state_dict())  # folded once
+    with torch.no_grad():
+        wav = model(fx["inputs"]["mel"])
+    assert max_err(wav, fx["outputs"]["waveform"]) <= TOL
+
+
+def test_bigvgan_published_round_trip_and_strictness():
+    fx = load("bigvgan_a.pt")
+    model = V.BigVGAN.from_config(fx["config"]).eval()
+    model.load_state_dict(fx["state_dict_weight_g_v"])
+    published = model.published_state_dict()
+    assert list(published) == list(fx["state_dict_weight_g_v"])
+    again = V.BigVGAN.from_config(fx["config"]).eval()
+    again.load_state_dict(published, strict=True)
+    with torch.no_grad():
+        assert max_err(again(fx["inputs"]["mel"]), fx["outputs"]["waveform"]) <= TOL
+    broken = dict(published)
+    broken.pop("conv_post.weight_v")  # a lone weight_g cannot be folded, so it is reported
+    with pytest.raises(RuntimeError, match="conv_post"):
+        again.load_state_dict(broken, strict=True)
+
+
+def test_load_bigvgan_folder(tmp_path):
+    fx = load("bigvgan_a.pt")
+    (tmp_path / "config.json").write_text(json.dumps({**fx["config"], "sampling_rate": 16000, "lr": 1e-4}))
+    torch.save({"generator": fx["state_dict_weight_g_v"]}, tmp_path / "bigvgan_generator.pt")
+    model = V.load_bigvgan(tmp_path)
+    with torch.no_grad():
+        assert max_err(model(fx["inputs"]["mel"]), fx["outputs"]["waveform"]) <= TOL
+    with pytest.raises(FileNotFoundError):
+        V.load_bigvgan(tmp_path / "missing")
+
+
+def test_bigvgan_rejects_unsupported_config_and_bad_mel():
+    config = dict(V.BIGVGAN_CONFIGS["tiny"])
+    with pytest.raises(ValueError, match="resblock"):
+        V.BigVGAN.from_config({**config, "resblock": "2"})
+    with pytest.raises(KeyError, match="num_mels"):
+        V.BigVGAN.from_config({k: v for k, v in config.items() if k != "num_mels"})
+    with pytest.raises(ValueError, match="mel must be"):
+        V.BigVGAN.from_config(config)(torch.zeros(1, 128, 4))
+
+
+def test_anti_aliasing_filters():
+    taps = V.kaiser_sinc_filter(0.25, 0.3, 12).flatten()
+    assert taps.sum().item() == pytest.approx(1.0, abs=1e-6)
+    assert torch.allclose(taps, taps.flip(0))  # linear phase
+    # a tone well below the new Nyquist survives x2 up then x2 down; one above it is suppressed after going up
+    n = torch.arange(256, dtype=torch.float32)
+    low = torch.sin(2 * math.pi * 0.05 * n)[None, None]
+    up, down = V.UpSample(2, 12), V.DownSample(2, 12)
+    assert up(low).shape[-1] == 512 and down(up(low)).shape[-1] == 256
+    assert max_err(down(up(low))[..., 16:-16], low[..., 16:-16]) < 0.01  # measured 1e-3
+    high = torch.sin(2 * math.pi * 0.45 * torch.arange(512.0))[None, None]  # 0.45 cycles/sample > 0.25
+    assert down(high)[..., 8:-8].abs().max() < 0.05  # measured 5e-4; aliased it would be ~1
+
+
+# ----------------------------------------------------------------------------- decode + vocode chain
+
+def test_pipeline_decode_and_vocode_match_released():
+    fx = load("pipeline_a.pt")
+    vae_model = V.MelVAE(**fx["vae_config"]).eval()
+    vae_model.load_state_dict(fx["vae_state_dict"], strict=True)
+    vae_model.fold_weight_norm()
+    vocoder = V.BigVGAN.from_config(fx["vocoder_config"]).eval()
+    vocoder.load_state_dict(fx["vocoder_state_dict"], strict=True)
+    with torch.no_grad():
+        mel = vae_model.decode(fx["latents"].transpose(1, 2))  # (B, N, E) -> (B, E, N) -> (B, 80, 2N)
+        assert max_err(mel, fx["mel"]) <= TOL
+        assert max_err(vocoder(fx["mel"]), fx["waveform"]) <= TOL
+        assert max_err(vocoder(mel), fx["waveform"]) <= TOL
