@@ -182,17 +182,16 @@ def load_audio(path, sample_rate):
     return resample(torch.from_numpy(np.ascontiguousarray(mono)), sr, sample_rate)
 
 
-def crop_or_pad(wave, num_samples, generator=None, random_crop=True):
+def crop_or_pad(wave, num_samples, start=0.0):
     """Cut or zero-pad a waveform to exactly `num_samples`.
 
-    Longer clips are cropped: at a start drawn uniformly from the valid range with `generator` when
-    `random_crop`, else from the beginning. Shorter clips are zero-padded at the end. When `random_crop` is
-    True exactly one number is drawn from `generator` whatever the clip's length, so the random stream (and
-    hence every later crop) does not depend on which clips happen to be long.
+    Longer clips are cropped to the window beginning at fraction `start` in [0, 1) of the valid start range
+    (0 = the beginning; the caller draws `start` uniformly for a random crop, so one number per clip whatever
+    its length keeps the random stream aligned). Shorter clips are zero-padded at the end.
     Args:
         wave: (S,) tensor.
         num_samples: output length in samples (> 0).
-        generator: torch.Generator (CPU) for the crop position; None uses the global RNG.
+        start: float in [0, 1), where the window starts.
     Returns:
         (num_samples,) tensor, same dtype and device.
     Raises:
@@ -202,11 +201,10 @@ def crop_or_pad(wave, num_samples, generator=None, random_crop=True):
         raise ValueError(f"crop_or_pad expects a 1-D waveform (S,), got shape {tuple(wave.shape)}; downmix first")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    u = torch.rand((), generator=generator).item() if random_crop else 0.0
     S = wave.shape[0]
     if S >= num_samples:
-        start = min(int(u * (S - num_samples + 1)), S - num_samples)
-        return wave[start:start + num_samples]
+        first = min(int(float(start) * (S - num_samples + 1)), S - num_samples)
+        return wave[first:first + num_samples]
     return torch.nn.functional.pad(wave, (0, num_samples - S))
 
 
@@ -266,16 +264,15 @@ class AudioCaptionDataset(torch.utils.data.Dataset):
     def __getitem__(self, i, generator=None):
         """Returns dict(audio=(num_samples,) float32, caption=str, audio_id=str), or None for a bad file.
 
-        The crop position is drawn from `generator`; one draw per call (bad file or not) when random_crop.
+        With random_crop the crop start is one uniform draw from `generator` (None: the global RNG).
         """
+        start = torch.rand((), generator=generator).item() if self.random_crop else 0.0
         row = self.rows[i]
         wave = self._load(row["audio_path"])
         if wave is None:
             self._skipped.add(i)
-            if self.random_crop:
-                torch.rand((), generator=generator)  # keep the random stream aligned with a good file
             return None
-        audio = crop_or_pad(wave, self.num_samples, generator=generator, random_crop=self.random_crop)
+        audio = crop_or_pad(wave, self.num_samples, start)
         return dict(audio=audio, caption=row["caption"], audio_id=row["audio_id"])
 
     def _load(self, path):
@@ -293,22 +290,36 @@ class AudioCaptionDataset(torch.utils.data.Dataset):
             self._audio[path] = wave
         return wave
 
-    def get_batch(self, indices, generator=None):
-        """Load rows `indices` in order, keeping the batch size fixed.
+    def get_batch(self, indices, starts=None):
+        """Load rows `indices` as a batch of fixed size, for a trainer that draws its own random numbers.
 
+        A bad row is replaced by the next readable row (i + 1, i + 2, ... wrapping around), so the batch, and
+        every rank's or a resumed run's view of it, depends only on `indices` and `starts`.
+        Args:
+            indices: row numbers, length B.
+            starts: (B,) crop starts as fractions in [0, 1) (see `crop_or_pad`); None crops from the beginning.
         Returns:
-            audio (B, num_samples) float32 with zeros for bad files, captions list[str] of length B,
-            valid (B,) bool, False where the file was bad (mask those out of the loss).
+            audio (B, num_samples) float32, captions list[str] of length B.
+        Raises:
+            ValueError if no row of the manifest is readable.
         """
         audio = torch.zeros(len(indices), self.num_samples)  # (B, S)
-        valid = torch.zeros(len(indices), dtype=torch.bool)  # (B,)
         captions = []
         for b, i in enumerate(indices):
-            item = self.__getitem__(int(i), generator=generator)
-            captions.append(self.rows[int(i)]["caption"])
-            if item is not None:
-                audio[b], valid[b] = item["audio"], True
-        return audio, captions, valid
+            i, wave = self._next_readable(int(i))
+            audio[b] = crop_or_pad(wave, self.num_samples, 0.0 if starts is None else starts[b])
+            captions.append(self.rows[i]["caption"])
+        return audio, captions
+
+    def _next_readable(self, i):
+        for j in range(i, i + len(self.rows)):
+            j %= len(self.rows)
+            wave = self._load(self.rows[j]["audio_path"])
+            if wave is not None:
+                return j, wave
+            self._skipped.add(j)
+        raise ValueError(f"no readable audio file among the {len(self.rows)} rows of the manifest; "
+                         "check the audio_path entries (relative paths are resolved against the manifest's folder)")
 
     def end_epoch_report(self):
         """Return "skipped K of N files" for the epoch now ending, and start counting afresh."""

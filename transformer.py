@@ -511,3 +511,20 @@ class TextEncoder(nn.Module):
             return text_f, text_f.mean(dim=1)  # padding positions included: the released quirk
         mask = tokens.attention_mask[..., None].float()  # (B, L, 1)
         return text_f, (text_f * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+TEXT_ENCODER_ALIASES = {"minilm": minilm_path, "flan-t5-large": lambda: "google/flan-t5-large"}
+
+
+def load_text_encoder(name: str, device=None, dtype=None) -> TextEncoder:
+    """A TextEncoder by name: an alias ('minilm' = the bundled all-MiniLM-L6-v2, 'flan-t5-large' as released),
+    a Hugging Face model id, or a local folder.
+
+    Raises OSError with what to do when the model is neither cached nor downloadable (e.g. offline)."""
+    path = TEXT_ENCODER_ALIASES[name]() if name in TEXT_ENCODER_ALIASES else name
+    try:
+        return TextEncoder(path, device=device, dtype=dtype)
+    except OSError as e:
+        raise OSError(f"could not load the text encoder {path!r}: {str(e).splitlines()[0]}\n"
+                      f"Connect to the Hugging Face Hub once to cache it, or pass a local folder holding it "
+                      f"(config, tokenizer and weights) as the text encoder.") from e

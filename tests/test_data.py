@@ -142,26 +142,14 @@ def test_bad_files_raise_audio_error_naming_the_file(name, reason):
 
 # ---------------------------------------------------------------------------- crop / pad
 
-def test_crop_or_pad_shapes_padding_and_determinism():
+def test_crop_or_pad_shapes_padding_and_start():
     long, short = torch.arange(1000.0), torch.randn(300)  # long[i] == i reveals the crop start
     padded = data.crop_or_pad(short, 500)
     assert padded.shape == (500,) and torch.equal(padded[:300], short) and not padded[300:].any()
-    assert torch.equal(data.crop_or_pad(long, 400, random_crop=False), long[:400])
-
-    def crops(seed):
-        g = torch.Generator().manual_seed(seed)
-        return [data.crop_or_pad(w, 400, generator=g) for w in (long, short, long, long)]
-
-    a, b = crops(0), crops(0)
-    assert all(x.shape == (400,) and torch.equal(x, y) for x, y in zip(a, b))
-    assert torch.equal(a[0], long[int(a[0][0]):int(a[0][0]) + 400])  # a contiguous window
-    starts = {int(crops(s)[0][0]) for s in range(8)}
-    assert len(starts) > 1 and all(0 <= s <= 600 for s in starts)
-    # one draw per call, so a short clip in the middle does not shift later crops
-    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    data.crop_or_pad(short, 400, generator=g1)
-    data.crop_or_pad(long, 400, generator=g2)
-    assert torch.equal(data.crop_or_pad(long, 400, generator=g1), data.crop_or_pad(long, 400, generator=g2))
+    assert torch.equal(data.crop_or_pad(long, 400), long[:400])
+    assert torch.equal(data.crop_or_pad(long, 400, 0.5), long[300:700])  # 601 valid starts, half-way = 300
+    assert torch.equal(data.crop_or_pad(long, 400, 0.9999), long[600:])  # never past the end
+    assert torch.equal(data.crop_or_pad(short, 400, 0.7)[:300], short)  # padding ignores the start
 
 
 def test_crop_or_pad_rejects_multichannel():
@@ -200,21 +188,32 @@ def test_dataset_split_and_rows_input():
         data.AudioCaptionDataset(MANIFEST, 16000, 0.5, split="test")
 
 
-def test_get_batch_and_collate_are_deterministic_given_a_generator():
+def test_get_batch_replaces_bad_rows_by_the_next_readable_one_and_crops_where_told():
     ds = data.AudioCaptionDataset(MANIFEST, sample_rate=16000, clip_seconds=0.5)
-    idx = [2, 3, 1, 0, 6]
+    idx = [2, 3, 1, 0, 6]  # rows 3 to 6 are bad files; 6 wraps around to row 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        audio, captions, valid = ds.get_batch(idx, torch.Generator().manual_seed(0))
-        again, _, _ = ds.get_batch(idx, torch.Generator().manual_seed(0))
-        other, _, _ = ds.get_batch(idx, torch.Generator().manual_seed(1))
+        audio, captions = ds.get_batch(idx, torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0]))
+        again, _ = ds.get_batch(idx, torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0]))
+        other, _ = ds.get_batch(idx, torch.tensor([0.1, 0.5, 0.0, 0.0, 0.0]))
         items = [ds[i] for i in idx]
-    assert audio.shape == (5, 8000) and valid.tolist() == [True, False, True, True, False]
-    assert captions[0] == "a cat meowing" and len(captions) == 5
-    assert not audio[~valid].any()
-    assert torch.equal(audio, again) and not torch.equal(audio[0], other[0])  # 3 s cat clip: crop varies
+    assert audio.shape == (5, 8000)
+    assert captions == ["a cat meowing", "a sheep bleating", "a rooster crowing", "a sheep bleating",
+                        "a sheep bleating"]
+    assert torch.equal(audio[3], audio[4])  # row 6 replaced by row 0
+    assert torch.equal(audio, again) and not torch.equal(audio[0], other[0])  # 3 s cat clip: crop moves
+    assert ds.num_skipped == 4
     stacked, caps = data.collate(items)
     assert stacked.shape == (3, 8000) and caps == ["a cat meowing", "a rooster crowing", "a sheep bleating"]
+
+
+def test_get_batch_with_no_readable_file_names_the_problem():
+    rows = [{"audio_id": "x", "audio_path": "/nonexistent/x.flac", "caption": "nothing"}]
+    ds = data.AudioCaptionDataset(rows, 16000, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="no readable audio"):
+            ds.get_batch([0])
 
 
 def test_cache_keeps_decoded_audio(tmp_path):

@@ -1,0 +1,436 @@
+"""
+Train Resonate in stages: the mel VAE, flow-matching pretraining of the transformer, then Flow-GRPO.
+
+One process:
+$ python train.py config/tiny_sfx.py --stage=vae --manifest=PATH --out_dir=DIR
+$ python train.py config/tiny_sfx.py --stage=pretrain --manifest=PATH --out_dir=DIR
+Several processes (DDP; NCCL on CUDA, gloo on CPU), e.g. 8 GPUs on one node:
+$ torchrun --standalone --nproc_per_node=8 train.py --stage=pretrain --manifest=PATH
+
+Settings are the module globals below, overridden by `config/*.py` files and then by `--key=value`.
+Every random number of a step is drawn for the whole global batch from a generator seeded by (seed, step), and
+each rank takes its slice: a run resumed from a checkpoint, or split over more processes, takes the same steps.
+"""
+import ast
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from copy import deepcopy
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+from torch.distributed import destroy_process_group, init_process_group
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+# -----------------------------------------------------------------------------
+# defaults: the released recipe (SPEC.md) where it applies
+stage = 'pretrain'  # 'vae' | 'pretrain' | 'grpo'
+out_dir = 'out'
+manifest = ''  # JSONL manifest: audio_id, audio_path, caption, duration (+ optional split)
+val_manifest = ''  # default: the manifest's rows with split == 'val'
+resume = False  # continue from out_dir's checkpoint of this stage
+seed = 1337
+# data
+mel = '44k'  # mel front end, a key of vae.MEL_CONFIGS ('16k' or '44k')
+clip_seconds = 10.0  # clips are randomly cropped or zero-padded to this length
+# models
+model = 'resonate_m_44k'  # a key of transformer.MODELS
+vae = 'vae_44k'  # a key of vae.VAES (stage vae), otherwise read from vae_ckpt
+vae_ckpt = ''  # pretrain/grpo: default out_dir/vae.pt
+text_encoder = 'google/flan-t5-large'  # any Hugging Face encoder; 'minilm' = the bundled all-MiniLM-L6-v2
+init_from = ''  # grpo: our ckpt.pt or the published Resonate_PT.pth
+# optimisation
+batch_size = 16  # per-process micro-batch
+gradient_accumulation_steps = 1  # micro-steps per optimizer step (per process)
+max_iters = 100_000
+learning_rate = 1e-4
+weight_decay = 1e-6
+beta1, beta2 = 0.9, 0.95
+warmup_iters = 1000
+lr_decay_milestones = (0.8, 0.9)  # lr x0.1 at these fractions of max_iters (the released step schedule)
+grad_clip = 1.0  # 0 disables
+ema_decay = 0.0  # 0 disables; e.g. 0.999
+cfg_dropout = 0.1  # probability of replacing the caption by the empty string (classifier-free guidance)
+kl_weight = 1e-4  # stage vae
+# logging, evaluation, checkpoints
+log_interval = 10
+eval_interval = 250
+eval_batches = 4  # validation batches of batch_size, always the same clips, crops, t and noise
+latent_stat_batches = 8  # pretrain: batches used to estimate the per-channel latent mean/std
+# system
+device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:0' | 'mps'
+dtype = 'float32'  # 'float32' | 'bfloat16' (autocast)
+compile = False  # torch.compile the model
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
+
+
+def configure(argv):
+    """Apply `config/*.py` files, then `--key=value` overrides, to this module's globals (nanoGPT's idiom).
+
+    The overrides are also applied before the files run, so a preset can branch on them (`if stage == 'vae':`).
+    Raises ValueError for an unknown key or a value of the wrong type, naming it."""
+    overrides = [a for a in argv if a.startswith('--')]
+    for arg in overrides:
+        set_global(arg)
+    for path in (a for a in argv if not a.startswith('--')):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'config file {path!r} not found (settings are --key=value, presets config/*.py)')
+        print(f'config: {path}')
+        with open(path) as f:
+            exec(f.read(), globals())
+    for arg in overrides:
+        set_global(arg)
+
+
+def set_global(arg):
+    """Set one `--key=value` setting, the value parsed as a Python literal (else kept as a string)."""
+    key, eq, val = arg[2:].partition('=')
+    if not eq or key not in config_keys:
+        raise ValueError(f'unknown setting {arg!r}; known: {", ".join(config_keys)}')
+    try:
+        val = ast.literal_eval(val)
+    except (SyntaxError, ValueError):
+        pass  # a bare string such as --out_dir=runs/a
+    default = globals()[key]
+    if isinstance(default, bool) != isinstance(val, bool) or (
+            isinstance(default, (int, float)) and not isinstance(val, (int, float))):
+        raise ValueError(f'--{key} expects a {type(default).__name__}, got {val!r}')
+    globals()[key] = float(val) if isinstance(default, float) and not isinstance(val, bool) else val
+
+
+def get_lr(it):
+    """Linear warm-up, then the released step decay (x0.1 at each milestone fraction of max_iters)."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / warmup_iters
+    return learning_rate * 0.1 ** sum(it >= m * max_iters for m in lr_decay_milestones)
+
+
+def save_checkpoint(obj, path):
+    """Write a checkpoint atomically: to a temporary file beside it, flushed to disk, then renamed over it.
+    A crash while saving leaves the previous checkpoint intact."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, what):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'{what} {path!r} does not exist; train it first or give its path (see README)')
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+# -----------------------------------------------------------------------------
+# the pieces each stage is built from
+
+class Setup:
+    """The process layout (DDP or not), device, autocast context and seeds, derived once from the globals."""
+
+    def __init__(self):
+        self.ddp = int(os.environ.get('RANK', -1)) != -1
+        dev = device
+        if dev == 'auto':
+            dev = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+        if self.ddp:
+            init_process_group(backend='nccl' if dev.startswith('cuda') else 'gloo')
+            self.rank, self.world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+            if dev.startswith('cuda'):
+                dev = f'cuda:{int(os.environ["LOCAL_RANK"])}'
+                torch.cuda.set_device(dev)
+        else:
+            self.rank, self.world_size = 0, 1
+        self.device = torch.device(dev)
+        self.master = self.rank == 0
+        assert dtype in ('float32', 'bfloat16'), f'--dtype must be float32 or bfloat16, got {dtype!r}'
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if dtype == 'bfloat16'
+                         else nullcontext())
+        self.global_batch = batch_size * gradient_accumulation_steps * self.world_size
+        torch.manual_seed(seed + self.rank)  # anything not drawn from step_generator differs per rank
+        if self.master:
+            os.makedirs(out_dir, exist_ok=True)
+            print(f'{stage}: {self.world_size} process(es) on {self.device}, {dtype}; micro-batch {batch_size} x '
+                  f'{gradient_accumulation_steps} accumulation x {self.world_size} = global batch {self.global_batch}')
+
+    def my_slice(self, micro_step):
+        """The slice of the global batch that this rank's micro-step owns."""
+        start = (micro_step * self.world_size + self.rank) * batch_size
+        return slice(start, start + batch_size)
+
+    def mean_across_ranks(self, x):
+        if self.ddp:
+            x = x.clone()
+            torch.distributed.all_reduce(x)
+            x /= self.world_size
+        return x
+
+
+
+def draw_step(step, n_clips, n, latent_shape, salt=0):
+    """Every random number of one optimizer step, for all `n` samples of the global batch.
+
+    Drawn from one generator seeded by (seed, step, salt), so every rank draws the same numbers and takes its own
+    slice; a resumed or re-split run therefore sees exactly the same clips, crops, noise, t and dropped captions.
+    latent_shape: (E, N) latent channels and frames, the VAE's layout. Returns a dict of tensors with leading n.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 7919 + salt)
+    return {'index': torch.randint(n_clips, (n,), generator=g),
+            'crop': torch.rand(n, generator=g),  # where in a long clip the window starts, as a fraction
+            'posterior_eps': torch.randn(n, *latent_shape, generator=g),  # z = mean + std * eps
+            't': torch.sigmoid(torch.randn(n, generator=g)),  # t ~ sigmoid(N(0, 1)), t = 1 is noise
+            'noise': torch.randn(n, *latent_shape, generator=g),
+            'drop_text': torch.rand(n, generator=g) < cfg_dropout}
+
+
+def load_data(sample_rate):
+    """Train and validation clips from --manifest (validation: --val_manifest, else the rows with split 'val')."""
+    from data import AudioCaptionDataset, read_manifest
+    if not manifest:
+        raise ValueError('no --manifest given: pass a JSONL manifest (audio_id, audio_path, caption, duration), '
+                         'e.g. --manifest=data/sfx/manifest.jsonl')
+    rows = read_manifest(manifest)
+    if val_manifest:
+        train_rows, val_rows = rows, read_manifest(val_manifest)
+    else:
+        train_rows = [r for r in rows if r.get('split') != 'val']
+        val_rows = [r for r in rows if r.get('split') == 'val'] or train_rows[::20]
+    return [AudioCaptionDataset(r, sample_rate, clip_seconds) for r in (train_rows, val_rows)]
+
+
+def latent_frames(mel_cfg):
+    """Latent frames of one clip: mel frames (center=False, padded by (n_fft - hop) / 2 a side) cropped to even,
+    then halved by the VAE."""
+    num_samples = round(clip_seconds * mel_cfg['sample_rate'])
+    return ((num_samples - mel_cfg['hop_length']) // mel_cfg['hop_length'] + 1) // 2
+
+
+class Trainer:
+    """What the stages share: optimizer, LR schedule, EMA, DDP, gradient accumulation, evaluation, checkpoints.
+
+    A stage supplies `loss_fn(model, draws) -> (loss, logs)` for its slice of the step's draws and
+    `eval_fn(model) -> loss`. `extra_state` is stored in the checkpoint so sample.py can rebuild from it alone."""
+
+    def __init__(self, s, model, ckpt_name, extra_state, latent_shape, n_clips, betas=None, wd=None):
+        self.s, self.ckpt_path, self.extra_state = s, os.path.join(out_dir, ckpt_name), extra_state
+        self.latent_shape, self.n_clips = latent_shape, n_clips
+        self.raw = model.to(s.device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        wd = weight_decay if wd is None else wd
+        self.optimizer = torch.optim.AdamW(
+            [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': wd},  # no decay on gains and biases
+             {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
+            lr=learning_rate, betas=betas or (beta1, beta2))
+        self.ema = deepcopy(model).requires_grad_(False) if ema_decay > 0 else None
+        self.step, self.best_val = 0, float('inf')
+        if resume:
+            self.restore()
+        self.model = torch.compile(model) if compile else model
+        if s.ddp:
+            self.model = DDP(self.model, device_ids=[s.device.index] if s.device.type == 'cuda' else None)
+        if s.master:
+            print(f'{type(model).__name__}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters; '
+                  f'{max_iters} steps, warm-up {warmup_iters}, lr {learning_rate:g}, EMA {ema_decay or "off"}')
+
+    def restore(self):
+        ckpt = load_checkpoint(self.ckpt_path, '--resume checkpoint')
+        self.raw.load_state_dict(ckpt['model'])
+        self.optimizer.load_state_dict(ckpt['optimizer'])
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt['ema'])
+        self.step, self.best_val = ckpt['step'], ckpt['best_val']
+        torch.set_rng_state(ckpt['rng_state'])
+        if self.s.master:
+            print(f'resumed from {self.ckpt_path} at step {self.step}')
+
+    def save(self):
+        if self.s.master:
+            save_checkpoint({
+                'model': self.raw.state_dict(), 'optimizer': self.optimizer.state_dict(),
+                'ema': self.ema.state_dict() if self.ema is not None else None,
+                'step': self.step, 'best_val': self.best_val, 'rng_state': torch.get_rng_state(),
+                'config': {k: globals()[k] for k in config_keys}, **self.extra_state}, self.ckpt_path)
+
+    def train(self, loss_fn, eval_fn):
+        s, t0 = self.s, time.time()
+        while self.step < max_iters:
+            if self.step % eval_interval == 0:
+                self.evaluate(eval_fn)
+            lr = get_lr(self.step)
+            for group in self.optimizer.param_groups:
+                group['lr'] = lr
+            draws = draw_step(self.step, self.n_clips, s.global_batch, self.latent_shape)
+            for micro in range(gradient_accumulation_steps):
+                mine = {k: v[s.my_slice(micro)] for k, v in draws.items()}
+                last = micro == gradient_accumulation_steps - 1
+                with (self.model.no_sync() if s.ddp and not last else nullcontext()), s.autocast:
+                    loss, logs = loss_fn(self.model, mine)
+                (loss / gradient_accumulation_steps).backward()  # DDP averages over ranks on the last one
+            norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), grad_clip or math.inf)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.update_ema()
+            self.step += 1
+            if self.step % log_interval == 0 and s.master:
+                dt, t0 = time.time() - t0, time.time()
+                extra = ''.join(f' {k} {v:.4f}' for k, v in logs.items())
+                print(f'step {self.step}: loss {loss.item():.4f}{extra} grad-norm {norm:.3f} lr {lr:.2e} '
+                      f'{dt / log_interval * 1000:.0f} ms/step')
+        self.evaluate(eval_fn)
+
+    @torch.no_grad()
+    def update_ema(self):
+        if self.ema is not None:
+            for e, p in zip(self.ema.parameters(), self.raw.parameters()):
+                e.lerp_(p, 1 - ema_decay)
+
+    def evaluate(self, eval_fn):
+        """Validation loss on the same clips and random numbers every time (so values compare), then save."""
+        model = self.ema if self.ema is not None else self.raw
+        model.eval()
+        with torch.no_grad(), self.s.autocast:
+            val = self.s.mean_across_ranks(eval_fn(model).float()).item()
+        model.train()
+        self.best_val = min(self.best_val, val)
+        if self.s.master:
+            print(f'step {self.step}: val loss {val:.4f}')
+        if self.step > 0:
+            self.save()
+
+    def val_draws(self, n_clips):
+        """This rank's share of the fixed validation draws: eval_batches batches of the global batch size."""
+        n = self.s.global_batch * eval_batches
+        draws = draw_step(0, n_clips, n, self.latent_shape, salt=1)  # salt 1: never a training step's numbers
+        draws['index'] = torch.arange(n) % n_clips  # every validation clip, in order
+        return [{k: v[b * self.s.global_batch:][self.s.my_slice(0)] for k, v in draws.items()}
+                for b in range(eval_batches)]
+
+
+# -----------------------------------------------------------------------------
+# stages
+
+def load_mels(dataset, mel_fn, draws, s):
+    """The slice's clips as log-mels (B, n_mels, T), T cropped to even (the VAE halves time), and captions."""
+    audio, captions = dataset.get_batch(draws['index'].tolist(), draws['crop'])  # (B, S)
+    mel = mel_fn(audio.to(s.device))
+    return mel[..., :mel.shape[-1] // 2 * 2], captions
+
+
+def train_vae(s):
+    from vae import MEL_CONFIGS, VAES, MelSpectrogram, vae_loss
+    mel_cfg = MEL_CONFIGS[mel]
+    train_set, val_set = load_data(mel_cfg['sample_rate'])
+    mel_fn = MelSpectrogram(mel_cfg).to(s.device)
+    model = VAES[vae]()
+    if model.data_dim != mel_cfg['n_mels']:
+        raise ValueError(f'--vae={vae} takes {model.data_dim} mel bins but --mel={mel} makes {mel_cfg["n_mels"]}')
+    latent_shape = (model.embed_dim, latent_frames(mel_cfg))
+    if not resume:  # the VAE's input is normalised per mel bin with the training data's statistics
+        stat_draws = draw_step(0, len(train_set), batch_size * latent_stat_batches, latent_shape, salt=2)
+        mels = load_mels(train_set, mel_fn, stat_draws, s)[0]
+        model.set_mel_stats(mels.mean(dim=(0, 2)), mels.std(dim=(0, 2)))
+    trainer = Trainer(s, model, 'vae.pt', {'vae_args': model.args, 'mel': mel}, latent_shape, len(train_set))
+
+    def loss_fn(model, draws):
+        mels = load_mels(train_set, mel_fn, draws, s)[0]
+        return vae_loss(model, mels, eps=draws['posterior_eps'].to(s.device), kl_weight=kl_weight)
+
+    val_draws = trainer.val_draws(len(val_set))
+
+    def eval_fn(model):
+        return torch.stack([loss_fn(model, d)[0] for d in val_draws]).mean()
+
+    trainer.train(loss_fn, eval_fn)
+    train_set.report_skipped()
+
+
+def load_vae(s):
+    """The frozen VAE of --vae_ckpt (default out_dir/vae.pt) and its mel settings."""
+    from vae import MEL_CONFIGS, MelSpectrogram, MelVAE
+    ckpt = load_checkpoint(vae_ckpt or os.path.join(out_dir, 'vae.pt'), 'VAE checkpoint (--vae_ckpt)')
+    model = MelVAE(**ckpt['vae_args'])
+    model.load_state_dict(ckpt['ema'] or ckpt['model'])
+    model.to(s.device).eval().requires_grad_(False)
+    return model, ckpt, MEL_CONFIGS[ckpt['mel']], MelSpectrogram(MEL_CONFIGS[ckpt['mel']]).to(s.device)
+
+
+class TextFeatures:
+    """Caches the text encoder's (77, D) features and (D,) pooled vector per caption: captions repeat."""
+
+    def __init__(self, encoder):
+        self.encoder, self.cache = encoder, {}
+
+    def __call__(self, captions, device):
+        new = sorted({c for c in captions if c not in self.cache})
+        if new:
+            text_f, text_f_c = self.encoder.encode(new)
+            self.cache.update({c: (f.cpu(), fc.cpu()) for c, f, fc in zip(new, text_f, text_f_c)})
+        text_f, text_f_c = zip(*(self.cache[c] for c in captions))
+        return torch.stack(text_f).to(device), torch.stack(text_f_c).to(device)
+
+
+def train_pretrain(s):
+    from flow import flow_matching_loss, loss_by_t_bin
+    from transformer import MODELS, Resonate, load_text_encoder
+    vae_model, vae_file, mel_cfg, mel_fn = load_vae(s)
+    train_set, val_set = load_data(mel_cfg['sample_rate'])
+    encoder = load_text_encoder(text_encoder)
+    text = TextFeatures(encoder)
+    n_frames = latent_frames(mel_cfg)
+    latent_shape = (vae_model.embed_dim, n_frames)
+    cfg = MODELS[model](latent_dim=vae_model.embed_dim, text_dim=encoder.dim, text_c_dim=encoder.dim,
+                        latent_seq_len=n_frames)
+    net = Resonate(cfg)
+
+    def latents(draws, dataset=train_set):
+        """The slice's clips as VAE posterior samples (B, N, E), un-normalised, and their captions."""
+        mels, captions = load_mels(dataset, mel_fn, draws, s)
+        with torch.no_grad():
+            mean, logvar = vae_model.encode(mels)  # (B, E, N)
+        z = mean + (0.5 * logvar).exp() * draws['posterior_eps'].to(s.device)
+        return z.transpose(1, 2), captions
+
+    if not resume:  # per-channel latent statistics and the empty-string features are stored in the model
+        stat_draws = draw_step(0, len(train_set), batch_size * latent_stat_batches, latent_shape, salt=2)
+        z = latents(stat_draws)[0]
+        net.set_latent_stats(z.mean(dim=(0, 1)), z.std(dim=(0, 1)))
+        net.set_empty_string(*encoder.encode(['']))
+    extra = {'model_args': asdict(cfg), 'text_encoder': text_encoder, 'mel': vae_file['mel'],
+             'vae_args': vae_file['vae_args'], 'vae': vae_model.state_dict()}
+    trainer = Trainer(s, net, 'ckpt.pt', extra, latent_shape, len(train_set))
+    raw = trainer.raw
+
+    def loss_fn(model, draws, dataset=train_set):
+        z, captions = latents(draws, dataset)
+        text_f, text_f_c = text(captions, s.device)
+        loss, per_sample, t = flow_matching_loss(
+            model, raw.normalize(z), text_f, text_f_c, t=draws['t'].to(s.device),
+            noise=draws['noise'].transpose(1, 2).to(s.device), drop_text=draws['drop_text'].to(s.device),
+            empty=raw.empty_conditions(len(captions)))
+        return loss, loss_by_t_bin(per_sample, t)
+
+    val_draws = trainer.val_draws(len(val_set))
+
+    def eval_fn(model):
+        return torch.stack([loss_fn(model, d, val_set)[0] for d in val_draws]).mean()
+
+    trainer.train(loss_fn, eval_fn)
+    train_set.report_skipped()
+
+
+def main(argv):
+    configure(argv)
+    s = Setup()
+    try:
+        {'vae': train_vae, 'pretrain': train_pretrain}[stage](s)
+    finally:
+        if s.ddp:
+            destroy_process_group()
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
