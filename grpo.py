@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from flow import guided_velocity
+
 
 @dataclass
 class GRPOConfig:
@@ -251,3 +253,85 @@ def grpo_loss(log_prob, old_log_prob, advantages, prev_sample_mean=None, prev_sa
         "clipfrac": ((ratio.detach() - 1.0).abs() > clip_range).float().mean(),
     }
     return loss, stats
+
+
+# ---------------------------------------------------------------- rollout and update (model in the loop)
+
+def _unconditional(model, B, text_f, text_f_c):
+    """The stored empty-caption features, (B, 77, Dt) and (B, Dc), for the CFG branch."""
+    neg_f, neg_f_c = getattr(model, "module", model).empty_conditions(B)
+    return neg_f.to(text_f.dtype), neg_f_c.to(text_f_c.dtype)
+
+
+@torch.no_grad()
+def rollout(model, noise, text_f, text_f_c, num_steps=10, cfg_strength=4.5, noise_level=0.7, generator=None):
+    """Sample latents with the Flow-GRPO SDE and keep what training needs to re-score every step.
+
+    Args:
+        model: velocity model, model(latent (B, N, C), text_f, text_f_c, t (B,)) -> (B, N, C), with
+            empty_conditions(B) for the unconditional CFG branch.
+        noise: (B, N, C) starting latents at t = 1.
+        text_f (B, 77, Dt), text_f_c (B, Dc): caption features.
+        num_steps: SDE steps on t = linspace(1, 0, num_steps + 1); cfg_strength: CFG scale (also in training).
+        noise_level: a of the SDE; generator: for the step noise.
+    Returns:
+        dict of latents (B, T, N, C) before each step, next_latents (B, T, N, C) after it, log_probs (B, T)
+        and timesteps (B, T + 1), the time grid (step j goes from timesteps[:, j] to timesteps[:, j + 1]).
+        The final sample is next_latents[:, -1] (normalised latents).
+    """
+    B = noise.shape[0]
+    neg_f, neg_f_c = _unconditional(model, B, text_f, text_f_c)
+    grid = torch.linspace(1, 0, num_steps + 1, device=noise.device)  # fp32, as released
+    x, latents, next_latents, log_probs = noise, [], [], []
+    for i in range(num_steps):
+        v = guided_velocity(model, x, grid[i].to(x.dtype).expand(B), text_f, text_f_c, neg_f, neg_f_c, cfg_strength)
+        x_next, log_prob, _, _ = sde_step_with_logprob(x, v, grid[i], grid[i + 1], noise_level, generator=generator)
+        latents.append(x)
+        x = x_next.to(noise.dtype)
+        next_latents.append(x)
+        log_probs.append(log_prob)
+    return {"latents": torch.stack(latents, 1), "next_latents": torch.stack(next_latents, 1),
+            "log_probs": torch.stack(log_probs, 1), "timesteps": grid.expand(B, -1)}
+
+
+def step_log_prob(model, batch, j, cfg_strength=4.5, noise_level=0.7):
+    """Re-score stored step j of `batch` (a rollout dict plus text_f, text_f_c) under `model`'s current weights.
+
+    Returns log_prob (B,), step mean (B, N, C) and sigma_t (B, 1, 1); gradients flow if enabled.
+    """
+    x, x_next = batch["latents"][:, j], batch["next_latents"][:, j]  # (B, N, C)
+    t, t_next = batch["timesteps"][:, j], batch["timesteps"][:, j + 1]  # (B,)
+    neg_f, neg_f_c = _unconditional(model, x.shape[0], batch["text_f"], batch["text_f_c"])
+    v = guided_velocity(model, x, t.to(x.dtype), batch["text_f"], batch["text_f_c"], neg_f, neg_f_c, cfg_strength)
+    _, log_prob, mean, std = sde_step_with_logprob(x, v, t, t_next, noise_level, prev_sample=x_next)
+    return log_prob, mean, std
+
+
+def train_step(model, ref_model, optimizer, batches, cfg: GRPOConfig):
+    """One optimizer update from `batches` (a list of minibatches, the gradient-accumulation group).
+
+    Each minibatch is a rollout dict plus text_f, text_f_c and advantages (B,). The loss of every minibatch and
+    each of its first cfg.num_train_steps sampling steps is averaged into one gradient (as the released
+    accumulation over minibatches x timesteps does), clipped to cfg.grad_clip, then applied.
+    ref_model: frozen copy of the starting weights (only used when cfg.beta > 0).
+    Returns the mean of grpo_loss's stats over all terms, plus loss and grad_norm, as floats.
+    """
+    T = cfg.num_train_steps
+    n_terms = T * len(batches)
+    totals = {}
+    optimizer.zero_grad(set_to_none=True)
+    for batch in batches:
+        for j in range(T):
+            log_prob, mean, std = step_log_prob(model, batch, j, cfg.cfg_strength, cfg.noise_level)
+            mean_ref = None
+            if cfg.beta > 0:
+                with torch.no_grad():
+                    _, mean_ref, _ = step_log_prob(ref_model, batch, j, cfg.cfg_strength, cfg.noise_level)
+            loss, stats = grpo_loss(log_prob, batch["log_probs"][:, j], batch["advantages"], mean, mean_ref, std,
+                                    clip_range=cfg.clip_range, beta=cfg.beta)
+            (loss / n_terms).backward()
+            for k, v in {**stats, "loss": loss.detach()}.items():
+                totals[k] = totals.get(k, 0.0) + v.item() / n_terms
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return {**totals, "grad_norm": grad_norm.item()}
