@@ -227,8 +227,11 @@ class QwenOmniJudge(Reward):
                  model=None, tokenizer=None, feature_extractor=None):
         from transformers import AutoTokenizer, WhisperFeatureExtractor
         self.model = model if model is not None else _load_qwen_thinker(model_name_or_path, dtype)
-        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_name_or_path)
-        self.feature_extractor = feature_extractor or WhisperFeatureExtractor.from_pretrained(model_name_or_path)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+        if feature_extractor is None:
+            feature_extractor = WhisperFeatureExtractor.from_pretrained(model_name_or_path)
+        self.tokenizer, self.feature_extractor = tokenizer, feature_extractor
         self.device = torch.device(device) if device is not None else _default_device()
         self.model.to(self.device).eval()
         if dtype is not None:
