@@ -16,7 +16,6 @@ load strictly.
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,33 +26,27 @@ import torch.nn.functional as F
 # 1. Log-mel front end
 
 
-@dataclass(frozen=True)
-class MelConfig:
-    sample_rate: int  # Hz
-    n_mels: int
-    n_fft: int  # samples
-    hop_length: int  # samples
-    win_length: int  # samples (Hann window, zero-padded to n_fft when shorter)
-    f_min: float  # Hz
-    f_max: float  # Hz
-    log_base: float  # 10.0 for the 16 kHz setting, e for the 44.1 kHz one
-
-
-# The two settings the released VAEs were trained on. The 16 kHz one uses log10, the 44.1 kHz one ln.
+# The two settings the released VAEs were trained on (plain dicts, so checkpoints and configs can hold them).
+# sample_rate in Hz; n_fft, hop_length, win_length in samples (a Hann window, zero-padded to n_fft when
+# shorter); f_min, f_max in Hz; log_base 10 for the 16 kHz setting and e for the 44.1 kHz one.
 MEL_CONFIGS = {
-    "16k": MelConfig(sample_rate=16_000, n_mels=80, n_fft=1024, hop_length=256, win_length=1024,
-                     f_min=0.0, f_max=8_000.0, log_base=10.0),
-    "44k": MelConfig(sample_rate=44_100, n_mels=128, n_fft=2048, hop_length=512, win_length=2048,
-                     f_min=0.0, f_max=22_050.0, log_base=math.e),
+    "16k": dict(sample_rate=16_000, n_mels=80, n_fft=1024, hop_length=256, win_length=1024,
+                f_min=0.0, f_max=8_000.0, log_base=10.0),
+    "44k": dict(sample_rate=44_100, n_mels=128, n_fft=2048, hop_length=512, win_length=2048,
+                f_min=0.0, f_max=22_050.0, log_base=math.e),
 }
 
 
-def get_mel_config(config) -> MelConfig:
-    """Accept a MelConfig or a key of MEL_CONFIGS ("16k", "44k"); raise ValueError for anything else."""
-    if isinstance(config, MelConfig):
+def get_mel_config(config) -> dict:
+    """A key of MEL_CONFIGS ("16k", "44k") or a dict with the same keys -> that dict. Raises ValueError for an
+    unknown name or a dict that lacks keys."""
+    if isinstance(config, dict):
+        missing = set(MEL_CONFIGS["16k"]) - set(config)
+        if missing:
+            raise ValueError(f"mel config lacks {sorted(missing)}; see vae.MEL_CONFIGS for the fields")
         return config
     if config not in MEL_CONFIGS:
-        raise ValueError(f"unknown mel config {config!r}; use one of {sorted(MEL_CONFIGS)} or a MelConfig")
+        raise ValueError(f"unknown mel config {config!r}; use one of {sorted(MEL_CONFIGS)} or a dict like them")
     return MEL_CONFIGS[config]
 
 
@@ -73,13 +66,13 @@ def mel_to_hz(m: torch.Tensor) -> torch.Tensor:
     return torch.where(m >= min_log_mel, log_part, f_sp * m)
 
 
-def mel_filterbank(cfg: MelConfig) -> torch.Tensor:
+def mel_filterbank(cfg: dict) -> torch.Tensor:
     """Triangular Slaney-scale filters with Slaney area normalisation, as librosa.filters.mel(htk=False,
     norm='slaney') builds them. Computed in float64. Returns (n_mels, n_fft // 2 + 1)."""
-    fft_freqs = torch.linspace(0, cfg.sample_rate / 2, cfg.n_fft // 2 + 1, dtype=torch.float64)
-    mel_edges = torch.linspace(hz_to_mel(torch.tensor(cfg.f_min, dtype=torch.float64)).item(),
-                               hz_to_mel(torch.tensor(cfg.f_max, dtype=torch.float64)).item(),
-                               cfg.n_mels + 2, dtype=torch.float64)
+    fft_freqs = torch.linspace(0, cfg["sample_rate"] / 2, cfg["n_fft"] // 2 + 1, dtype=torch.float64)
+    mel_edges = torch.linspace(hz_to_mel(torch.tensor(cfg["f_min"], dtype=torch.float64)).item(),
+                               hz_to_mel(torch.tensor(cfg["f_max"], dtype=torch.float64)).item(),
+                               cfg["n_mels"] + 2, dtype=torch.float64)
     hz_edges = mel_to_hz(mel_edges)  # (n_mels + 2,) left edge, centre, right edge of each triangle
     widths = hz_edges.diff()  # (n_mels + 1,)
     ramps = hz_edges[:, None] - fft_freqs[None, :]  # (n_mels + 2, F)
@@ -98,42 +91,42 @@ def num_mel_frames(num_samples: int, config="44k") -> int:
     (e.g. 10 s at 44.1 kHz: 441000 samples -> 861 frames; at 16 kHz: 160000 -> 625).
     """
     cfg = get_mel_config(config)
-    pad = (cfg.n_fft - cfg.hop_length) // 2
-    return (num_samples + 2 * pad - cfg.n_fft) // cfg.hop_length + 1
+    pad = (cfg["n_fft"] - cfg["hop_length"]) // 2
+    return (num_samples + 2 * pad - cfg["n_fft"]) // cfg["hop_length"] + 1
 
 
-def _hann_window(cfg: MelConfig, device=None) -> torch.Tensor:
+def _hann_window(cfg: dict, device=None) -> torch.Tensor:
     """Periodic Hann window of win_length, zero-padded on both sides to n_fft (what torch.stft does)."""
-    window = torch.hann_window(cfg.win_length, device=device)
-    left = (cfg.n_fft - cfg.win_length) // 2
-    return F.pad(window, (left, cfg.n_fft - cfg.win_length - left))
+    window = torch.hann_window(cfg["win_length"], device=device)
+    left = (cfg["n_fft"] - cfg["win_length"]) // 2
+    return F.pad(window, (left, cfg["n_fft"] - cfg["win_length"] - left))
 
 
-def _stft(waveform: torch.Tensor, cfg: MelConfig, window: torch.Tensor) -> torch.Tensor:
+def _stft(waveform: torch.Tensor, cfg: dict, window: torch.Tensor) -> torch.Tensor:
     """(B, S) -> complex (B, n_fft // 2 + 1, T) with the front end's framing (see `num_mel_frames`)."""
-    pad = (cfg.n_fft - cfg.hop_length) // 2
+    pad = (cfg["n_fft"] - cfg["hop_length"]) // 2
     if waveform.shape[-1] <= pad:
         raise ValueError(f"waveform has {waveform.shape[-1]} samples; reflect padding needs more than {pad} "
-                         f"(at least n_fft = {cfg.n_fft} to get one frame)")
+                         f"(at least n_fft = {cfg['n_fft']} to get one frame)")
     padded = F.pad(waveform.unsqueeze(1), (pad, pad), mode="reflect").squeeze(1)
-    return torch.stft(padded, cfg.n_fft, hop_length=cfg.hop_length, window=window, center=False,
+    return torch.stft(padded, cfg["n_fft"], hop_length=cfg["hop_length"], window=window, center=False,
                       normalized=False, onesided=True, return_complex=True)
 
 
-def _istft(spec: torch.Tensor, cfg: MelConfig, window: torch.Tensor) -> torch.Tensor:
+def _istft(spec: torch.Tensor, cfg: dict, window: torch.Tensor) -> torch.Tensor:
     """Least-squares inverse of `_stft` (Griffin & Lim 1984, eq. 6): windowed overlap-add divided by the summed
     squared window. complex (B, F, T) -> (B, T * hop). torch.istft refuses center=False framing because the
     window sum vanishes at the very ends, so the overlap-add is written out."""
     B, _, T = spec.shape
-    frames = torch.fft.irfft(spec, n=cfg.n_fft, dim=1) * window[:, None]  # (B, n_fft, T)
-    length = cfg.n_fft + (T - 1) * cfg.hop_length
-    fold = dict(output_size=(1, length), kernel_size=(1, cfg.n_fft), stride=(1, cfg.hop_length))
+    frames = torch.fft.irfft(spec, n=cfg["n_fft"], dim=1) * window[:, None]  # (B, n_fft, T)
+    length = cfg["n_fft"] + (T - 1) * cfg["hop_length"]
+    fold = dict(output_size=(1, length), kernel_size=(1, cfg["n_fft"]), stride=(1, cfg["hop_length"]))
     signal = F.fold(frames, **fold).view(B, length)
     window_sq = window.square()[None, :, None].expand(1, -1, T)
     norm = F.fold(window_sq, **fold).view(1, length)
     signal = torch.where(norm > 1e-6, signal / norm.clamp(min=1e-6), torch.zeros_like(signal))
-    pad = (cfg.n_fft - cfg.hop_length) // 2
-    return signal[:, pad:pad + T * cfg.hop_length]  # drop the reflect padding again
+    pad = (cfg["n_fft"] - cfg["hop_length"]) // 2
+    return signal[:, pad:pad + T * cfg["hop_length"]]  # drop the reflect padding again
 
 
 def _log(x: torch.Tensor, base: float) -> torch.Tensor:
@@ -154,7 +147,7 @@ class MelSpectrogram(nn.Module):
     forward(waveform (B, S) float in [-1, 1]) -> log-mel (B, n_mels, T), T = `num_mel_frames(S)`.
     The waveform is clamped to [-1, 1] first (as released); magnitude is sqrt(re^2 + im^2 + 1e-9), and the
     log is log_base(max(mel, 1e-5)), so silence sits at -5 (16k, log10) or about -11.5 (44k, ln).
-    config: a key of MEL_CONFIGS or a MelConfig. Raises ValueError for an unknown config, a waveform that is
+    config: a key of MEL_CONFIGS or a dict like its values. Raises ValueError for an unknown config, a waveform that is
     not 2-D, or one shorter than the reflect padding.
     """
 
@@ -173,7 +166,7 @@ class MelSpectrogram(nn.Module):
         spec = _stft(waveform, self.cfg, self.window)  # (B, F, T) complex
         magnitude = torch.sqrt(spec.real.square() + spec.imag.square() + 1e-9)
         mel = self.mel_basis @ magnitude  # (B, n_mels, T)
-        return _log(mel.clamp(min=1e-5), self.cfg.log_base)
+        return _log(mel.clamp(min=1e-5), self.cfg["log_base"])
 
 
 def griffin_lim(mel: torch.Tensor, mel_config="44k", n_iter: int = 32, momentum: float = 0.99,
@@ -187,12 +180,12 @@ def griffin_lim(mel: torch.Tensor, mel_config="44k", n_iter: int = 32, momentum:
     (a fixed seed 0 when None, so the result is reproducible). Raises ValueError on a wrong number of bins.
     """
     cfg = get_mel_config(mel_config)
-    if mel.ndim != 3 or mel.shape[1] != cfg.n_mels:
-        raise ValueError(f"mel must be (B, {cfg.n_mels}, T) for mel config with {cfg.n_mels} bins, "
+    if mel.ndim != 3 or mel.shape[1] != cfg["n_mels"]:
+        raise ValueError(f"mel must be (B, {cfg['n_mels']}, T) for mel config with {cfg['n_mels']} bins, "
                          f"got shape {tuple(mel.shape)}")
     device = mel.device
     inverse = torch.linalg.pinv(mel_filterbank(cfg)).float().to(device)  # (F, n_mels)
-    magnitude = (inverse @ _exp(mel.float(), cfg.log_base)).clamp(min=0)  # (B, F, T)
+    magnitude = (inverse @ _exp(mel.float(), cfg["log_base"])).clamp(min=0)  # (B, F, T)
     window = _hann_window(cfg, device)
     if generator is None:
         generator = torch.Generator().manual_seed(0)
@@ -246,7 +239,8 @@ class MPConv1d(nn.Module):
     The folded path equals the unfolded one exactly (the same arithmetic, done once). A folded module still
     saves in training format: it writes back weight * sqrt(fan_in) = normalize(raw), which normalize() maps to
     itself up to a relative eps * |1 - 1 / rms(raw)| (~1e-8 once forced normalisation has run; at most ~1e-5
-    for random-normal weights), so save -> load -> forward agrees with the original. Loading a state dict always leaves the module unfolded.
+    for random-normal weights), so save -> load -> forward agrees with the original. Loading a state dict
+    always leaves the module unfolded.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
@@ -448,14 +442,11 @@ class MelVAE(nn.Module):
     def __init__(self, data_dim: int, embed_dim: int, hidden_dim: int):
         super().__init__()
         self.data_dim, self.embed_dim, self.hidden_dim = data_dim, embed_dim, hidden_dim
+        self.args = dict(data_dim=data_dim, embed_dim=embed_dim, hidden_dim=hidden_dim)  # for checkpoints
         self.register_buffer("data_mean", torch.zeros(1, data_dim, 1))
         self.register_buffer("data_std", torch.ones(1, data_dim, 1))
         self.encoder = Encoder(data_dim, embed_dim, hidden_dim)
         self.decoder = Decoder(data_dim, embed_dim, hidden_dim)
-
-    def config(self) -> dict:
-        """Constructor kwargs, for self-describing checkpoints: MelVAE(**vae.config())."""
-        return dict(data_dim=self.data_dim, embed_dim=self.embed_dim, hidden_dim=self.hidden_dim)
 
     @torch.no_grad()
     def set_mel_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -503,38 +494,56 @@ class MelVAE(nn.Module):
         return self
 
 
-def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator = None):
-    """Reparameterised draw z = mean + exp(logvar / 2) * eps, eps ~ N(0, I) from `generator`."""
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator = None,
+                     eps: torch.Tensor = None) -> torch.Tensor:
+    """Reparameterised draw z = mean + exp(logvar / 2) * eps (Kingma & Welling 2014). eps ~ N(0, I) is drawn
+    from `generator`, or given (same shape as mean) by a trainer that pre-draws its randomness.
+    Raises ValueError if eps has the wrong shape."""
+    if eps is None:
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    elif eps.shape != mean.shape:
+        raise ValueError(f"eps must have the latent's shape {tuple(mean.shape)}, got {tuple(eps.shape)}")
     return mean + torch.exp(0.5 * logvar) * eps
 
 
-def vae_loss(vae: MelVAE, mel: torch.Tensor, generator: torch.Generator = None, kl_weight: float = 1e-3):
+def vae_loss(vae: MelVAE, mel: torch.Tensor, generator: torch.Generator = None, kl_weight: float = 1e-3,
+             eps: torch.Tensor = None):
     """Training loss of the mel VAE: L1 reconstruction of the normalised mel + kl_weight * KL.
 
     mel: (B, n_mels, T) log-mel. L1 (mean over elements) on the normalised mel weighs every bin alike and
     is robust to the -11.5 silence floor of the log; KL(q(z|mel) || N(0, I)) =
     0.5 * (mean^2 + var - 1 - logvar), averaged over latent elements (Kingma & Welling 2014). The small
     weight keeps the latent close to a plain autoencoder's while bounding its scale.
-    The sample uses `generator` so a training run replays exactly. For odd T the last frame is not scored
-    (the decoder returns T - 1 frames).
+    The posterior sample uses `generator`, or the given standard-normal `eps` (B, E, T // 2), so a training
+    run replays exactly. For odd T the last frame is not scored (the decoder returns T - 1 frames).
     Returns (loss, {"rec": rec, "kl": kl}) with the parts detached.
     """
     mean, logvar = vae.encode(mel)
-    recon = vae.decoder(sample_posterior(mean, logvar, generator))  # (B, n_mels, 2 * (T // 2))
+    recon = vae.decoder(sample_posterior(mean, logvar, generator, eps))  # (B, n_mels, 2 * (T // 2))
     target = vae.normalize(mel[:, :, :recon.shape[2]])
     rec = (recon - target).abs().mean()
     kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
     return rec + kl_weight * kl, {"rec": rec.detach(), "kl": kl.detach()}
 
 
-# Constructor kwargs: MelVAE(**VAES[name]).
-VAES = {
-    "vae_44k": dict(data_dim=128, embed_dim=40, hidden_dim=512),  # v1-44.pth, pairs with MEL_CONFIGS["44k"]
-    "vae_16k": dict(data_dim=80, embed_dim=20, hidden_dim=384),  # v1-16.pth, pairs with MEL_CONFIGS["16k"]
-    "small": dict(data_dim=80, embed_dim=20, hidden_dim=64),  # ~4.8 M params, trainable on a laptop CPU
-    "tiny": dict(data_dim=80, embed_dim=4, hidden_dim=32),  # tests (the config of fixtures/vae_a.pt)
-}
+def vae_44k() -> MelVAE:  # v1-44.pth, pairs with MEL_CONFIGS["44k"]
+    return MelVAE(data_dim=128, embed_dim=40, hidden_dim=512)
+
+
+def vae_16k() -> MelVAE:  # v1-16.pth, pairs with MEL_CONFIGS["16k"]
+    return MelVAE(data_dim=80, embed_dim=20, hidden_dim=384)
+
+
+def vae_small() -> MelVAE:  # ~4.8 M parameters, trainable at 16 kHz on a couple of CPU cores
+    return MelVAE(data_dim=80, embed_dim=20, hidden_dim=64)
+
+
+def vae_tiny() -> MelVAE:  # tests: the config of fixtures/vae_a.pt
+    return MelVAE(data_dim=80, embed_dim=4, hidden_dim=32)
+
+
+# Model sizes: VAES[name]() builds one; vae.args rebuilds it as MelVAE(**vae.args).
+VAES = {"vae_44k": vae_44k, "vae_16k": vae_16k, "small": vae_small, "tiny": vae_tiny}
 
 
 # -----------------------------------------------------------------------------

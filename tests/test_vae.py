@@ -40,9 +40,9 @@ def test_mel_matches_released_front_end(key):
 def test_mel_frame_count_formula(key):
     cfg = V.MEL_CONFIGS[key]
     front = V.MelSpectrogram(key)
-    for S in (cfg.n_fft, cfg.n_fft + 1, 3 * cfg.hop_length - 1, 5 * cfg.hop_length + 7):
+    for S in (cfg["n_fft"], cfg["n_fft"] + 1, 3 * cfg["hop_length"] - 1, 5 * cfg["hop_length"] + 7):
         T = front(torch.zeros(1, S)).shape[-1]
-        assert T == V.num_mel_frames(S, key) == S // cfg.hop_length
+        assert T == V.num_mel_frames(S, key) == S // cfg["hop_length"]
 
 
 def test_mel_filterbank_is_slaney_normalised():
@@ -50,7 +50,7 @@ def test_mel_filterbank_is_slaney_normalised():
     fb = V.mel_filterbank(cfg)  # (n_mels, F)
     assert fb.shape == (128, 1025) and (fb >= 0).all()
     # Slaney normalisation: the continuous triangle has area 1 in Hz, so the peak is 2 / (right - left)
-    edges = V.mel_to_hz(torch.linspace(0, V.hz_to_mel(torch.tensor(cfg.f_max)).item(), 130, dtype=torch.float64))
+    edges = V.mel_to_hz(torch.linspace(0, V.hz_to_mel(torch.tensor(cfg["f_max"])).item(), 130, dtype=torch.float64))
     assert torch.allclose(fb.max(dim=1).values, 2 / (edges[2:] - edges[:-2]), rtol=0.35)
     # hz <-> mel round-trips, and 1 kHz is mel 15 on the Slaney scale
     f = torch.tensor([0.0, 500.0, 1000.0, 8000.0, 22050.0], dtype=torch.float64)
@@ -66,6 +66,8 @@ def test_mel_rejects_bad_input():
         front(torch.zeros(1, 100))
     with pytest.raises(ValueError, match="unknown mel config"):
         V.MelSpectrogram("22k")
+    with pytest.raises(ValueError, match="lacks"):
+        V.MelSpectrogram({"sample_rate": 16000})
 
 
 # ----------------------------------------------------------------------------- Griffin-Lim
@@ -82,15 +84,15 @@ def _test_signals(sr, seconds=0.5):
 def test_griffin_lim_recovers_the_mel(key):
     cfg = V.MEL_CONFIGS[key]
     front = V.MelSpectrogram(key)
-    mel = front(_test_signals(cfg.sample_rate))  # (2, n_mels, T)
+    mel = front(_test_signals(cfg["sample_rate"]))  # (2, n_mels, T)
 
     def spectral_convergence(wav):  # ||M' - M||_F / ||M||_F on the linear mel magnitude
-        lin, lin2 = cfg.log_base ** mel, cfg.log_base ** front(wav)
+        lin, lin2 = cfg["log_base"] ** mel, cfg["log_base"] ** front(wav)
         return ((lin2 - lin).norm(dim=(1, 2)) / lin.norm(dim=(1, 2))).max().item()
 
     wav = V.griffin_lim(mel, key, n_iter=32)
     assert torch.isfinite(wav).all()
-    assert wav.shape == (2, mel.shape[-1] * cfg.hop_length)
+    assert wav.shape == (2, mel.shape[-1] * cfg["hop_length"])
     # With random phase (n_iter=0) the mel of the result is off by ~0.6; 32 fast-GL iterations reach ~0.06-0.12
     # on these signals. 0.2 leaves margin for numerics yet fails if the framing of _istft and _stft disagreed.
     random_phase = spectral_convergence(V.griffin_lim(mel, key, n_iter=0))
@@ -139,7 +141,7 @@ def test_vae_load_is_strict():
 
 
 def test_vae_odd_length_floors_time():
-    model = V.MelVAE(**V.VAES["tiny"]).eval()
+    model = V.VAES["tiny"]().eval()
     mel = torch.randn(1, 80, 9)
     with torch.no_grad():
         mean, logvar = model.encode(mel)
@@ -150,11 +152,13 @@ def test_vae_odd_length_floors_time():
 
 
 def test_vae_rejects_bad_shapes():
-    model = V.MelVAE(**V.VAES["tiny"])
+    model = V.VAES["tiny"]()
     with pytest.raises(ValueError, match="mel must be"):
         model.encode(torch.zeros(1, 128, 8))
     with pytest.raises(ValueError, match="transpose"):
         model.decode(torch.zeros(1, 8, 4))
+    with pytest.raises(ValueError, match="eps must have"):
+        V.vae_loss(model, torch.zeros(1, 80, 8), eps=torch.zeros(1, 4, 3))
     with pytest.raises(ValueError, match="std must be positive"):
         model.set_mel_stats(torch.zeros(80), torch.zeros(80))
     with pytest.raises(ValueError, match="mean must have shape"):
@@ -162,7 +166,7 @@ def test_vae_rejects_bad_shapes():
 
 
 def test_vae_set_mel_stats_normalises_per_bin():
-    model = V.MelVAE(**V.VAES["tiny"])
+    model = V.VAES["tiny"]()
     mean, std = torch.linspace(-5, -1, 80), torch.linspace(0.5, 2, 80)
     model.set_mel_stats(mean, std)
     mel = mean[None, :, None] + std[None, :, None] * torch.randn(2, 80, 6)
@@ -195,7 +199,7 @@ def test_training_and_inference_paths_agree():
 
 def _train_tiny(steps, seed=0):
     torch.manual_seed(seed)
-    model = V.MelVAE(**V.VAES["tiny"])
+    model = V.VAES["tiny"]()
     g = torch.Generator().manual_seed(seed)
     # low-rank fake log-mels (3 spectral templates with random envelopes), so 4 latent channels suffice
     templates = torch.randn(3, 80, generator=g).cumsum(-1) / 4
@@ -229,14 +233,14 @@ def test_vae_trains_from_scratch_reproducibly_and_round_trips():
             buffer = io.BytesIO()
             torch.save(model.state_dict(), buffer)
         buffer.seek(0)
-        reloaded = V.MelVAE(**model.config()).eval()
+        reloaded = V.MelVAE(**model.args).eval()
         reloaded.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
         with torch.no_grad():
             assert max_err(reloaded.decode(reloaded.encode(mel)[0]), expected) <= 1e-5
 
 
 def test_vae_loss_parts():
-    model = V.MelVAE(**V.VAES["tiny"]).eval()
+    model = V.VAES["tiny"]().eval()
     mel = torch.randn(2, 80, 8)
     loss, parts = V.vae_loss(model, mel, generator=torch.Generator().manual_seed(1), kl_weight=0.5)
     mean, logvar = model.encode(mel)
@@ -247,6 +251,10 @@ def test_vae_loss_parts():
     again, _ = V.vae_loss(model, mel, generator=torch.Generator().manual_seed(1), kl_weight=0.5)
     other, _ = V.vae_loss(model, mel, generator=torch.Generator().manual_seed(2), kl_weight=0.5)
     assert again.item() == loss.item() and other.item() != loss.item()
+    # a pre-drawn eps gives the same loss as drawing it from the generator
+    eps = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(1))
+    given, _ = V.vae_loss(model, mel, kl_weight=0.5, eps=eps)
+    assert given.item() == loss.item()
 
 
 # ----------------------------------------------------------------------------- full-size layouts (meta device)
@@ -255,7 +263,7 @@ def test_vae_loss_parts():
 def test_full_size_vae_matches_released_manifest(name):
     manifest = json.loads((FIXTURES / f"manifest_vae_{name}.json").read_text())
     with torch.device("meta"):
-        model = V.MelVAE(**V.VAES[f"vae_{name}"])
+        model = V.VAES[f"vae_{name}"]()
     shapes = {k: list(t.shape) for k, t in model.state_dict().items()}
     assert shapes == manifest["shapes"]
     assert sum(t.numel() for t in model.state_dict().values()) == manifest["num_parameters"]
@@ -271,7 +279,7 @@ def test_full_size_bigvgan_matches_published_manifest():
     assert list(published) == list(manifest["shapes"])  # same keys in the same order
     assert {k: list(t.shape) for k, t in published.items()} == manifest["shapes"]
     assert sum(t.numel() for t in published.values()) == manifest["num_parameters"]
-    assert model.upsample_factor == V.MEL_CONFIGS["44k"].hop_length
+    assert model.upsample_factor == V.MEL_CONFIGS["44k"]["hop_length"]
 
 
 # ----------------------------------------------------------------------------- BigVGAN vocoder
