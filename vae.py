@@ -147,8 +147,8 @@ class MelSpectrogram(nn.Module):
     forward(waveform (B, S) float in [-1, 1]) -> log-mel (B, n_mels, T), T = `num_mel_frames(S)`.
     The waveform is clamped to [-1, 1] first (as released); magnitude is sqrt(re^2 + im^2 + 1e-9), and the
     log is log_base(max(mel, 1e-5)), so silence sits at -5 (16k, log10) or about -11.5 (44k, ln).
-    config: a key of MEL_CONFIGS or a dict like its values. Raises ValueError for an unknown config, a waveform that is
-    not 2-D, or one shorter than the reflect padding.
+    config: a key of MEL_CONFIGS or a dict like its values. Raises ValueError for an unknown config, a
+    waveform that is not 2-D, or one shorter than the reflect padding.
     """
 
     def __init__(self, config="44k"):
@@ -497,7 +497,7 @@ class MelVAE(nn.Module):
 def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator = None,
                      eps: torch.Tensor = None) -> torch.Tensor:
     """Reparameterised draw z = mean + exp(logvar / 2) * eps (Kingma & Welling 2014). eps ~ N(0, I) is drawn
-    from `generator`, or given (same shape as mean) by a trainer that pre-draws its randomness.
+    from `generator` (on mean's device), or given (same shape as mean) by a trainer that pre-draws it.
     Raises ValueError if eps has the wrong shape."""
     if eps is None:
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
