@@ -1,10 +1,13 @@
-"""Flow matching for Resonate: the pretraining loss and the Euler sampler with classifier-free guidance.
+"""Flow matching for Resonate: the pretraining loss, the Euler sampler with classifier-free guidance, and the
+stochastic (SDE) sampling step with its log-prob that Flow-GRPO trains through (grpo.py).
 
 Convention (rectified flow, Liu et al. 2022 arXiv 2209.03003; Lipman et al. 2022 arXiv 2210.02747; SPEC "Flow
 matching"): t = 1 is noise, x_t = (1 - t) * x_data + t * noise, and the network predicts the velocity
 v = dx_t/dt = noise - x_data. Sampling integrates from t = 1 down to t = 0. All latents here are normalised
 (`model.normalize`); decode them only after `model.unnormalize`.
 """
+
+import math
 
 import torch
 from tqdm import tqdm
@@ -16,7 +19,7 @@ def _unwrap(model):
 
 
 def flow_matching_loss(model, x_data, text_f, text_f_c, t=None, noise=None, drop_text=None, cfg_dropout=0.1,
-                       generator=None):
+                       generator=None, empty=None):
     """Conditional flow-matching loss, mean squared error of the predicted velocity.
 
     Args:
@@ -28,6 +31,8 @@ def flow_matching_loss(model, x_data, text_f, text_f_c, t=None, noise=None, drop
         drop_text: (B,) bool, True where the caption is replaced by the stored empty-string features (trains
             the unconditional branch for CFG); default Bernoulli(cfg_dropout).
         generator: torch.Generator for whatever is drawn here.
+        empty: ((B, 77, Dt), (B, Dc)) unconditional features; default `model.empty_conditions(B)` (pass them
+            when a wrapper such as torch.compile hides the model's helpers).
         Pass t / noise / drop_text explicitly to make a step reproducible (e.g. drawn for the global batch).
     Returns: loss (scalar), loss_per_sample (B,) fp32, t (B,).
     Raises ValueError if x_data is not (B, N, C).
@@ -41,7 +46,7 @@ def flow_matching_loss(model, x_data, text_f, text_f_c, t=None, noise=None, drop
         noise = torch.randn(x_data.shape, device=device, dtype=x_data.dtype, generator=generator)
     if drop_text is None:
         drop_text = torch.rand(B, device=device, generator=generator) < cfg_dropout
-    empty_f, empty_f_c = _unwrap(model).empty_conditions(B)
+    empty_f, empty_f_c = empty if empty is not None else _unwrap(model).empty_conditions(B)
     text_f = torch.where(drop_text[:, None, None], empty_f.to(text_f.dtype), text_f)  # (B, 77, Dt)
     text_f_c = torch.where(drop_text[:, None], empty_f_c.to(text_f_c.dtype), text_f_c)  # (B, Dc)
 
@@ -109,3 +114,76 @@ def euler_sample(model, noise, text_f, text_f_c, num_steps: int = 25, cfg: float
         v = guided_velocity(model, x, t, text_f, text_f_c, neg_f, neg_f_c, cfg)
         x = x + (ts[i + 1] - ts[i]) * v  # dt < 0
     return x
+
+
+# ---------------------------------------------------------------- the SDE sampler of Flow-GRPO
+
+def _time_per_sample(t, B: int, device, name: str) -> torch.Tensor:
+    """A float or (B,) time as a float32 (B,) tensor on `device`."""
+    t = torch.as_tensor(t, dtype=torch.float32, device=device)
+    if t.ndim == 0:
+        t = t.expand(B)
+    if t.shape != (B,):
+        raise ValueError(f"{name} must be a float or a ({B},) tensor, got shape {tuple(t.shape)}")
+    return t
+
+
+def sde_step_with_logprob(x, velocity, t, t_next, noise_level=0.7, noise=None, prev_sample=None, generator=None):
+    """One Flow-GRPO SDE step from time t to t_next < t, and the Gaussian log-prob of the result.
+
+    The reverse-time SDE with the flow's marginals (Flow-GRPO, arXiv 2505.05470, eq. 9), discretised with
+    Euler-Maruyama, dt = t_next - t < 0:
+        sigma_t = a * sqrt(t / (1 - t))        (infinite at t = 1, where 1 - t_next replaces 1 - t, as released)
+        mean    = x + [v + sigma_t^2 / (2 t) * (x + (1 - t) v)] * dt
+        x_next  = mean + sigma_t * sqrt(-dt) * eps,   eps ~ N(0, I)
+    Everything runs in float32 (bf16 overflows in the mean). The log-prob is the Gaussian log-density of
+    x_next averaged (not summed) over all latent elements, as released; its gradient flows through the mean.
+
+    Args:
+        x: (B, ...) latent at time t, e.g. (B, N, C).
+        velocity: (B, ...) guided velocity at (x, t).
+        t, t_next: float or (B,) times in [0, 1], 0 < t <= 1, t_next < t.
+        noise_level: a >= 0. At 0 the step is a plain Euler step and the log-prob is NaN.
+        noise: (B, ...) eps to use instead of drawing it (for reproducibility).
+        prev_sample: (B, ...) a stored x_next whose log-prob to compute instead of sampling one
+            (training recomputes stored transitions under the current weights).
+        generator: torch.Generator for eps when neither noise nor prev_sample is given.
+    Returns:
+        prev_sample (B, ...) float32 x_next, log_prob (B,), prev_sample_mean (B, ...), std_dev_t (B, 1, ..., 1)
+        (sigma_t, without the sqrt(-dt) factor).
+    Raises:
+        ValueError on mismatched shapes, times outside 0 < t <= 1 or t_next >= t, or both noise and prev_sample.
+    """
+    if velocity.shape != x.shape:
+        raise ValueError(f"velocity shape {tuple(velocity.shape)} must equal x shape {tuple(x.shape)}")
+    if noise is not None and prev_sample is not None:
+        raise ValueError("pass either noise (to sample) or prev_sample (to score), not both")
+    x, velocity = x.float(), velocity.float()
+    B = x.shape[0]
+    bcast = (B,) + (1,) * (x.ndim - 1)  # times broadcast over every latent dim
+    t = _time_per_sample(t, B, x.device, "t")
+    t_next = _time_per_sample(t_next, B, x.device, "t_next")
+    if not ((t > 0) & (t <= 1)).all() or not (t_next < t).all():
+        raise ValueError(f"need 0 < t <= 1 and t_next < t, got t={t.tolist()}, t_next={t_next.tolist()}")
+    t, t_next = t.view(bcast), t_next.view(bcast)
+    dt = t_next - t  # (B, 1, ..., 1), negative: we integrate from noise towards data
+
+    std_dev_t = noise_level * torch.sqrt(t / (1 - torch.where(t == 1, t_next, t)))
+    mean = x + (velocity + std_dev_t**2 / (2 * t) * (x + (1 - t) * velocity)) * dt
+    step_std = std_dev_t * torch.sqrt(-dt)  # std of x_next given x
+
+    if prev_sample is None:
+        if noise is None:
+            gen_device = generator.device if generator is not None else x.device
+            noise = torch.randn(x.shape, generator=generator, device=gen_device).to(x.device)
+        elif noise.shape != x.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} must equal x shape {tuple(x.shape)}")
+        prev_sample = mean + step_std * noise.float()
+    elif prev_sample.shape != x.shape:
+        raise ValueError(f"prev_sample shape {tuple(prev_sample.shape)} must equal x shape {tuple(x.shape)}")
+    prev_sample = prev_sample.float().detach()  # the action is fixed; only the policy mean carries gradient
+
+    log_density = (-(prev_sample - mean) ** 2 / (2 * step_std**2)
+                   - torch.log(step_std) - 0.5 * math.log(2 * math.pi))
+    log_prob = log_density.mean(dim=tuple(range(1, x.ndim)))  # (B,)
+    return prev_sample, log_prob, mean, std_dev_t

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flow import guided_velocity
+from flow import guided_velocity, sde_step_with_logprob
 
 
 @dataclass
@@ -48,77 +48,6 @@ class GRPOConfig:
     def num_train_steps(self) -> int:
         """Number of sampling steps trained on per rollout (9 for the defaults)."""
         return int(self.num_steps * self.timestep_fraction)
-
-
-def _time_per_sample(t, B: int, device, name: str) -> torch.Tensor:
-    """A float or (B,) time as a float32 (B,) tensor on `device`."""
-    t = torch.as_tensor(t, dtype=torch.float32, device=device)
-    if t.ndim == 0:
-        t = t.expand(B)
-    if t.shape != (B,):
-        raise ValueError(f"{name} must be a float or a ({B},) tensor, got shape {tuple(t.shape)}")
-    return t
-
-
-def sde_step_with_logprob(x, velocity, t, t_next, noise_level=0.7, noise=None, prev_sample=None, generator=None):
-    """One Flow-GRPO SDE step from time t to t_next < t, and the Gaussian log-prob of the result.
-
-    The reverse-time SDE with the flow's marginals (Flow-GRPO, arXiv 2505.05470, eq. 9), discretised with
-    Euler-Maruyama, dt = t_next - t < 0:
-        sigma_t = a * sqrt(t / (1 - t))        (infinite at t = 1, where 1 - t_next replaces 1 - t, as released)
-        mean    = x + [v + sigma_t^2 / (2 t) * (x + (1 - t) v)] * dt
-        x_next  = mean + sigma_t * sqrt(-dt) * eps,   eps ~ N(0, I)
-    Everything runs in float32 (bf16 overflows in the mean). The log-prob is the Gaussian log-density of
-    x_next averaged (not summed) over all latent elements, as released; its gradient flows through the mean.
-
-    Args:
-        x: (B, ...) latent at time t, e.g. (B, N, C).
-        velocity: (B, ...) guided velocity at (x, t).
-        t, t_next: float or (B,) times in [0, 1], 0 < t <= 1, t_next < t.
-        noise_level: a >= 0. At 0 the step is a plain Euler step and the log-prob is NaN.
-        noise: (B, ...) eps to use instead of drawing it (for reproducibility).
-        prev_sample: (B, ...) a stored x_next whose log-prob to compute instead of sampling one
-            (training recomputes stored transitions under the current weights).
-        generator: torch.Generator for eps when neither noise nor prev_sample is given.
-    Returns:
-        prev_sample (B, ...) float32 x_next, log_prob (B,), prev_sample_mean (B, ...), std_dev_t (B, 1, ..., 1)
-        (sigma_t, without the sqrt(-dt) factor).
-    Raises:
-        ValueError on mismatched shapes, times outside 0 < t <= 1 or t_next >= t, or both noise and prev_sample.
-    """
-    if velocity.shape != x.shape:
-        raise ValueError(f"velocity shape {tuple(velocity.shape)} must equal x shape {tuple(x.shape)}")
-    if noise is not None and prev_sample is not None:
-        raise ValueError("pass either noise (to sample) or prev_sample (to score), not both")
-    x, velocity = x.float(), velocity.float()
-    B = x.shape[0]
-    bcast = (B,) + (1,) * (x.ndim - 1)  # times broadcast over every latent dim
-    t = _time_per_sample(t, B, x.device, "t")
-    t_next = _time_per_sample(t_next, B, x.device, "t_next")
-    if not ((t > 0) & (t <= 1)).all() or not (t_next < t).all():
-        raise ValueError(f"need 0 < t <= 1 and t_next < t, got t={t.tolist()}, t_next={t_next.tolist()}")
-    t, t_next = t.view(bcast), t_next.view(bcast)
-    dt = t_next - t  # (B, 1, ..., 1), negative: we integrate from noise towards data
-
-    std_dev_t = noise_level * torch.sqrt(t / (1 - torch.where(t == 1, t_next, t)))
-    mean = x + (velocity + std_dev_t**2 / (2 * t) * (x + (1 - t) * velocity)) * dt
-    step_std = std_dev_t * torch.sqrt(-dt)  # std of x_next given x
-
-    if prev_sample is None:
-        if noise is None:
-            gen_device = generator.device if generator is not None else x.device
-            noise = torch.randn(x.shape, generator=generator, device=gen_device).to(x.device)
-        elif noise.shape != x.shape:
-            raise ValueError(f"noise shape {tuple(noise.shape)} must equal x shape {tuple(x.shape)}")
-        prev_sample = mean + step_std * noise.float()
-    elif prev_sample.shape != x.shape:
-        raise ValueError(f"prev_sample shape {tuple(prev_sample.shape)} must equal x shape {tuple(x.shape)}")
-    prev_sample = prev_sample.float().detach()  # the action is fixed; only the policy mean carries gradient
-
-    log_density = (-(prev_sample - mean) ** 2 / (2 * step_std**2)
-                   - torch.log(step_std) - 0.5 * math.log(2 * math.pi))
-    log_prob = log_density.mean(dim=tuple(range(1, x.ndim)))  # (B,)
-    return prev_sample, log_prob, mean, std_dev_t
 
 
 def _groups(prompts) -> list[torch.Tensor]:

@@ -1,14 +1,14 @@
 """Flow-GRPO pieces against the released implementation's numbers (tests/fixtures) and on a toy policy."""
 
 import copy
-import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from grpo import (GRPOConfig, compute_advantages, grpo_loss, informative_mask, rollout, sde_step_with_logprob,
-                  step_log_prob, train_step, zero_std_fraction)
+from flow import sde_step_with_logprob
+from grpo import (GRPOConfig, compute_advantages, grpo_loss, informative_mask, rollout, step_log_prob, train_step,
+                  zero_std_fraction)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOL = 1e-5
@@ -20,68 +20,6 @@ def load(name):
 
 def max_err(a, b):
     return (a.double() - b.double()).abs().max().item()
-
-
-# ---------------------------------------------------------------- SDE step
-
-@pytest.fixture(scope="module")
-def sde():
-    return load("sde_step_a.pt")
-
-
-def test_sde_step_matches_released(sde):
-    # step_index i is the position of t on the sampling grid; the step goes to the next grid point.
-    sigmas = sde["sigmas"]
-    for step in sde["steps"]:
-        i = step["step_index"]
-        out = sde_step_with_logprob(step["sample"], step["model_output"], sigmas[i], sigmas[i + 1],
-                                    noise_level=sde["noise_level"], noise=step["noise"])
-        for name, value in zip(("prev_sample", "log_prob", "prev_sample_mean", "std_dev_t"), out):
-            assert value.shape == step[name].shape, (i, name)
-            assert max_err(value, step[name]) < TOL, (i, name)
-
-
-def test_sde_step_scores_a_given_sample(sde):
-    sigmas = sde["sigmas"]
-    for step in sde["steps"]:
-        i = step["step_index"]
-        B = step["sample"].shape[0]
-        t = sigmas[i].expand(B)  # per-sample times, as training passes them
-        prev, log_prob, _, _ = sde_step_with_logprob(step["sample"], step["model_output"], t, sigmas[i + 1].expand(B),
-                                                     noise_level=sde["noise_level"], prev_sample=step["prev_sample"])
-        assert torch.equal(prev, step["prev_sample"])
-        assert max_err(log_prob, step["log_prob"]) < TOL
-
-
-def test_sde_log_prob_of_own_samples_has_gaussian_mean():
-    # E[log N(x; mu, s^2)] over x ~ N(mu, s^2) is -1/2 - log s - log(2 pi)/2, per element.
-    g = torch.Generator().manual_seed(0)
-    x, v = torch.randn(2, 4096, 8, generator=g), torch.randn(2, 4096, 8, generator=g)
-    t, t_next, a = 0.6, 0.5, 0.7
-    _, log_prob, _, std = sde_step_with_logprob(x, v, t, t_next, noise_level=a, generator=g)
-    s = a * math.sqrt(t / (1 - t)) * math.sqrt(t - t_next)
-    assert std.shape == (2, 1, 1)
-    expected = -0.5 - math.log(s) - 0.5 * math.log(2 * math.pi)
-    assert torch.allclose(log_prob, torch.full((2,), expected), atol=0.02)
-
-
-def test_sde_step_reproducible_with_generator():
-    x, v = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
-    a = sde_step_with_logprob(x, v, 1.0, 0.9, generator=torch.Generator().manual_seed(3))
-    b = sde_step_with_logprob(x, v, 1.0, 0.9, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(a[0], b[0]) and torch.isfinite(a[1]).all()
-
-
-def test_sde_step_rejects_bad_input():
-    x = torch.randn(2, 5, 3)
-    with pytest.raises(ValueError, match="t_next < t"):
-        sde_step_with_logprob(x, x, 0.5, 0.6)
-    with pytest.raises(ValueError, match="not both"):
-        sde_step_with_logprob(x, x, 0.5, 0.4, noise=x, prev_sample=x)
-    with pytest.raises(ValueError, match="velocity shape"):
-        sde_step_with_logprob(x, x[:, :4], 0.5, 0.4)
-    with pytest.raises(ValueError, match="t must be"):
-        sde_step_with_logprob(x, x, torch.tensor([0.5, 0.5, 0.5]), 0.4)
 
 
 # ---------------------------------------------------------------- advantages and loss
