@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 ROPE_THETA = 10000.0
 TIME_FREQ_DIM = 256  # sinusoidal features of t before the MLP
@@ -323,6 +324,9 @@ class Resonate(nn.Module):
         self.register_buffer("latent_std", torch.ones(1, 1, C))
         self.register_buffer("empty_string_feat", torch.zeros(cfg.text_seq_len, cfg.text_dim))
         self.register_buffer("empty_string_feat_c", torch.zeros(cfg.text_c_dim))
+        # activation checkpointing: keep only each block's inputs for backward and recompute the rest, trading
+        # one extra forward for most of the activation memory (set by the trainer; no effect without gradients)
+        self.grad_checkpointing = False
         self.initialize_weights()
 
     @classmethod
@@ -412,11 +416,20 @@ class Resonate(nn.Module):
         x = self.audio_input_proj(latent)  # (B, N, D)
         text = self.text_input_proj(text_f)  # (B, L, D)
         c = (self.t_embed(t) + self.text_cond_proj(text_f_c)).unsqueeze(1)  # (B, 1, D)
+        run = _checkpointed if self.grad_checkpointing and torch.is_grad_enabled() else _direct
         for block in self.joint_blocks:
-            x, text = block(x, text, c, latent_rope, text_rope)
+            x, text = run(block, x, text, c, latent_rope, text_rope)
         for block in self.fused_blocks:
-            x = block(x, c, latent_rope)
+            x = run(block, x, c, latent_rope)
         return self.final_layer(x, c)  # (B, N, C)
+
+
+def _direct(block, *args):
+    return block(*args)
+
+
+def _checkpointed(block, *args):
+    return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
 
 
 # -----------------------------------------------------------------------------
