@@ -113,11 +113,15 @@ def save_checkpoint(obj, path):
     """Write a checkpoint atomically: to a temporary file beside it, flushed to disk, then renamed over it.
     A crash while saving leaves the previous checkpoint intact."""
     tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_checkpoint(path, what):
@@ -225,13 +229,13 @@ class Trainer:
             [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': wd},  # no decay on gains and biases
              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
             lr=learning_rate, betas=betas or (beta1, beta2))
+        self.model = torch.compile(model) if compile else model
+        if s.ddp:  # wrapping broadcasts rank 0's weights to every rank
+            self.model = DDP(self.model, device_ids=[s.device.index] if s.device.type == 'cuda' else None)
         self.ema = deepcopy(model).requires_grad_(False) if ema_decay > 0 else None
         self.step, self.best_val = 0, float('inf')
         if resume:
             self.restore()
-        self.model = torch.compile(model) if compile else model
-        if s.ddp:
-            self.model = DDP(self.model, device_ids=[s.device.index] if s.device.type == 'cuda' else None)
         if s.master:
             print(f'{type(model).__name__}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters; '
                   f'{max_iters} steps, warm-up {warmup_iters}, lr {learning_rate:g}, EMA {ema_decay or "off"}')
@@ -330,9 +334,9 @@ def train_vae(s):
         raise ValueError(f'--vae={vae} takes {model.data_dim} mel bins but --mel={mel} makes {mel_cfg["n_mels"]}')
     latent_shape = (model.embed_dim, latent_frames(mel_cfg))
     if not resume:  # the VAE's input is normalised per mel bin with the training data's statistics
-        stat_draws = draw_step(0, len(train_set), batch_size * latent_stat_batches, latent_shape, salt=2)
+        stat_draws = draw_step(0, len(train_set), s.global_batch * latent_stat_batches, latent_shape, salt=2)
         mels = load_mels(train_set, mel_fn, stat_draws, s)[0]
-        model.set_mel_stats(mels.mean(dim=(0, 2)), mels.std(dim=(0, 2)))
+        model.set_mel_stats(mels.mean(dim=(0, 2)), mels.std(dim=(0, 2)).clamp(min=1e-3))  # silent bins
     trainer = Trainer(s, model, 'vae.pt', {'vae_args': model.args, 'mel': mel}, latent_shape, len(train_set))
 
     def loss_fn(model, draws):
@@ -345,7 +349,8 @@ def train_vae(s):
         return torch.stack([loss_fn(model, d)[0] for d in val_draws]).mean()
 
     trainer.train(loss_fn, eval_fn)
-    train_set.report_skipped()
+    if s.master:
+        print(train_set.end_epoch_report())
 
 
 def load_vae(s):
@@ -395,7 +400,7 @@ def train_pretrain(s):
         return z.transpose(1, 2), captions
 
     if not resume:  # per-channel latent statistics and the empty-string features are stored in the model
-        stat_draws = draw_step(0, len(train_set), batch_size * latent_stat_batches, latent_shape, salt=2)
+        stat_draws = draw_step(0, len(train_set), s.global_batch * latent_stat_batches, latent_shape, salt=2)
         z = latents(stat_draws)[0]
         net.set_latent_stats(z.mean(dim=(0, 1)), z.std(dim=(0, 1)))
         net.set_empty_string(*encoder.encode(['']))
@@ -419,7 +424,8 @@ def train_pretrain(s):
         return torch.stack([loss_fn(model, d, val_set)[0] for d in val_draws]).mean()
 
     trainer.train(loss_fn, eval_fn)
-    train_set.report_skipped()
+    if s.master:
+        print(train_set.end_epoch_report())
 
 
 def main(argv):

@@ -486,6 +486,12 @@ class MelVAE(nn.Module):
                              f"a transformer output (B, N, E) needs .transpose(1, 2)")
         return self.unnormalize(self.decoder(z))
 
+    def forward(self, mel: torch.Tensor, generator: torch.Generator = None, eps: torch.Tensor = None) -> tuple:
+        """The training pass: log-mel (B, n_mels, T) -> (reconstruction of the NORMALISED mel (B, n_mels,
+        2 * (T // 2)), mean, logvar) through one posterior sample (see `sample_posterior` for generator/eps)."""
+        mean, logvar = self.encode(mel)
+        return self.decoder(sample_posterior(mean, logvar, generator, eps)), mean, logvar
+
     def fold_weight_norm(self) -> "MelVAE":
         """Normalise every conv weight once for inference (what the released loader does). Returns self."""
         for m in self.modules():
@@ -506,6 +512,10 @@ def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.
     return mean + torch.exp(0.5 * logvar) * eps
 
 
+def _unwrap(model):
+    return getattr(model, "module", model)  # a DistributedDataParallel wrapper keeps the model in .module
+
+
 def vae_loss(vae: MelVAE, mel: torch.Tensor, generator: torch.Generator = None, kl_weight: float = 1e-3,
              eps: torch.Tensor = None):
     """Training loss of the mel VAE: L1 reconstruction of the normalised mel + kl_weight * KL.
@@ -518,9 +528,8 @@ def vae_loss(vae: MelVAE, mel: torch.Tensor, generator: torch.Generator = None, 
     run replays exactly. For odd T the last frame is not scored (the decoder returns T - 1 frames).
     Returns (loss, {"rec": rec, "kl": kl}) with the parts detached.
     """
-    mean, logvar = vae.encode(mel)
-    recon = vae.decoder(sample_posterior(mean, logvar, generator, eps))  # (B, n_mels, 2 * (T // 2))
-    target = vae.normalize(mel[:, :, :recon.shape[2]])
+    recon, mean, logvar = vae(mel, generator, eps)  # through forward, so a DDP wrapper syncs the gradients
+    target = _unwrap(vae).normalize(mel[:, :, :recon.shape[2]])
     rec = (recon - target).abs().mean()
     kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
     return rec + kl_weight * kl, {"rec": rec.detach(), "kl": kl.detach()}

@@ -1,0 +1,135 @@
+"""train.py: a run stopped and resumed equals an uninterrupted one; 2-process DDP equals one process with the
+doubled batch; checkpoints are written atomically; bad settings are refused with a clear message."""
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MANIFEST = os.path.join(ROOT, 'tests', 'fixtures', 'audio', 'manifest.jsonl')  # 2 good train clips, 4 bad, 1 val
+TINY = ['--mel=16k', '--vae=tiny', '--model=tiny', '--text_encoder=minilm', '--clip_seconds=0.5', '--device=cpu',
+        '--warmup_iters=2', '--eval_batches=1', '--latent_stat_batches=1', '--log_interval=1', f'--manifest={MANIFEST}']
+
+
+def run_in_process(args, crash_after_step=None):
+    """Run train.main on a freshly imported train.py; optionally die right after the checkpoint of a step."""
+    import train
+    train = importlib.reload(train)  # fresh module globals: settings do not leak between runs
+    if crash_after_step is not None:
+        save = train.Trainer.save
+
+        def save_then_crash(self):
+            save(self)
+            if self.step == crash_after_step:
+                raise KeyboardInterrupt('simulated crash')
+        train.Trainer.save = save_then_crash
+        with pytest.raises(KeyboardInterrupt):
+            train.main(args)
+    else:
+        train.main(args)
+
+
+def run_torchrun(args, nproc):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
+           os.path.join(ROOT, 'train.py'), *args]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def weights(path):
+    return torch.load(path, map_location='cpu', weights_only=True)['model']
+
+
+def assert_same(a, b, atol):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=lambda m: f'{k}: {m}')
+
+
+@pytest.fixture(scope='module')
+def vae_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp('vae')
+    run_in_process(['--stage=vae', '--max_iters=2', '--eval_interval=2', '--batch_size=4', f'--out_dir={out}', *TINY])
+    return str(out / 'vae.pt')
+
+
+@pytest.mark.parametrize('stage', ['vae', 'pretrain'])
+def test_resumed_run_ends_with_the_same_weights(stage, vae_ckpt, tmp_path):
+    common = [f'--stage={stage}', '--max_iters=4', '--eval_interval=2', '--batch_size=3', '--ema_decay=0.9',
+              f'--vae_ckpt={vae_ckpt}', *TINY]
+    run_in_process([*common, f'--out_dir={tmp_path / "straight"}'])
+    name = 'vae.pt' if stage == 'vae' else 'ckpt.pt'
+    interrupted = tmp_path / 'interrupted'
+    run_in_process([*common, f'--out_dir={interrupted}'], crash_after_step=2)
+    at_crash = torch.load(interrupted / name, weights_only=True)
+    assert at_crash['step'] == 2
+    run_in_process([*common, f'--out_dir={interrupted}', '--resume=True'])
+    straight, resumed = (torch.load(d / name, weights_only=True) for d in (tmp_path / 'straight', interrupted))
+    assert resumed['step'] == 4
+    assert_same(straight['model'], resumed['model'], atol=1e-6)
+    assert_same(straight['ema'], resumed['ema'], atol=1e-6)
+    # and the resumed part did train: the weights moved on from the crash checkpoint's
+    assert any(not torch.equal(resumed['model'][k], v) for k, v in at_crash['model'].items())
+
+
+@pytest.mark.parametrize('stage', ['vae', 'pretrain'])
+def test_two_process_ddp_equals_one_process_with_twice_the_batch(stage, vae_ckpt, tmp_path):
+    common = [f'--stage={stage}', '--max_iters=3', '--eval_interval=100', f'--vae_ckpt={vae_ckpt}', *TINY]
+    run_in_process([*common, '--batch_size=4', f'--out_dir={tmp_path / "one"}'])
+    log = run_torchrun([*common, '--batch_size=2', f'--out_dir={tmp_path / "two"}'], nproc=2)
+    assert '2 process(es)' in log and 'global batch 4' in log
+    name = 'vae.pt' if stage == 'vae' else 'ckpt.pt'
+    one, two = weights(tmp_path / 'one' / name), weights(tmp_path / 'two' / name)
+    assert_same(one, two, atol=1e-5)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    import train
+    path = str(tmp_path / 'ckpt.pt')
+    train.save_checkpoint({'step': 1, 'w': torch.ones(3)}, path)
+
+    def broken_save(obj, f):
+        f.write(b'partial bytes')
+        raise OSError('disk full')
+    monkeypatch.setattr(torch, 'save', broken_save)
+    with pytest.raises(OSError, match='disk full'):
+        train.save_checkpoint({'step': 2, 'w': torch.zeros(3)}, path)
+    monkeypatch.undo()
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt['step'] == 1 and torch.equal(ckpt['w'], torch.ones(3))
+    assert os.listdir(tmp_path) == ['ckpt.pt']  # no temporary file left behind
+
+
+def test_lr_schedule_is_warmup_then_released_steps():
+    import train
+    train = importlib.reload(train)
+    train.learning_rate, train.warmup_iters, train.max_iters = 1e-4, 10, 100
+    assert train.get_lr(0) == pytest.approx(1e-5) and train.get_lr(9) == pytest.approx(1e-4)
+    assert train.get_lr(79) == pytest.approx(1e-4)
+    assert train.get_lr(80) == pytest.approx(1e-5) and train.get_lr(90) == pytest.approx(1e-6)
+
+
+@pytest.mark.parametrize('arg, message', [
+    ('--no_such_setting=1', 'unknown setting'),
+    ('--max_iters=lots', 'expects a int'),
+    ('--resume=1', 'expects a bool'),
+    ('config/does_not_exist.py', 'not found'),
+])
+def test_bad_settings_are_refused_by_name(arg, message):
+    import train
+    train = importlib.reload(train)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        train.configure([arg])
+
+
+def test_missing_manifest_and_missing_vae_are_explained(tmp_path):
+    import train
+    with pytest.raises(ValueError, match='--manifest'):
+        run_in_process(['--stage=vae', '--vae=tiny', '--mel=16k', f'--out_dir={tmp_path}'])
+    with pytest.raises(FileNotFoundError, match='VAE checkpoint'):
+        run_in_process(['--stage=pretrain', f'--out_dir={tmp_path}', *TINY])
