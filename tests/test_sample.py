@@ -1,0 +1,341 @@
+"""sample.py: the released generation chain (parity), loading published-format files from a folder, the cache or
+a local server, the offline message, and the command line (names, overwrite, seeds, WAV format)."""
+
+import http.server
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+
+import sample
+from transformer import MODELS, Resonate, ResonateConfig, load_released_state_dict
+from vae import MEL_CONFIGS, BigVGAN, MelVAE
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ROOT = Path(__file__).parent.parent
+TOL = 1e-4
+TEXT_DIM = 32  # width of the tiny text encoder below
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch, tmp_path):
+    """No test may reach the network or the user's cache."""
+    for key in ("HF_TOKEN", "HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("NANORESONATE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and far faster on a busy machine, where every parallel region of
+    a many-threaded op waits for a time slice."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -----------------------------------------------------------------------------
+# parity of the whole chain with the released implementation
+
+
+def test_pipeline_matches_released_chain():
+    fx = torch.load(FIXTURES / "pipeline_a.pt", weights_only=True)
+    net = Resonate(ResonateConfig(**fx["transformer_config"])).eval()
+    load_released_state_dict(net, fx["transformer_state_dict"])
+    vae_net = MelVAE(**fx["vae_config"])
+    vae_net.load_state_dict(fx["vae_state_dict"])
+    voc = BigVGAN.from_config(fx["vocoder_config"])
+    voc.load_state_dict(fx["vocoder_state_dict"])
+    pipe = sample.Pipeline(net, vae_net.fold_weight_norm().eval(), voc.eval(), None, MEL_CONFIGS["16k"])
+    latents, mel, wave = pipe.synthesize(fx["text_f"], fx["text_f_c"], fx["x0"], fx["num_steps"],
+                                         fx["cfg_strength"])
+    assert (latents - fx["latents"]).abs().max() <= TOL
+    assert (mel - fx["mel"]).abs().max() <= TOL
+    assert (wave - fx["waveform"]).abs().max() <= TOL
+
+
+def test_transformer_config_is_read_from_shapes():
+    fx = torch.load(FIXTURES / "pipeline_a.pt", weights_only=True)
+    cfg = sample.transformer_config(fx["transformer_state_dict"])
+    for key, value in fx["transformer_config"].items():
+        if key != "latent_seq_len":  # only a default length, not in the weights
+            assert getattr(cfg, key) == value, key
+    manifest = json.loads((FIXTURES / "manifest_transformer_fluxaudio_m_44k.json").read_text())
+    full = {k: torch.empty(v, device="meta") for k, v in manifest["shapes"].items()}
+    assert sample.transformer_config(full) == MODELS["resonate_m_44k"]()
+    with pytest.raises(ValueError, match="not a released Resonate transformer"):
+        sample.transformer_config({"foo": torch.zeros(1)})
+
+
+# -----------------------------------------------------------------------------
+# tiny stand-ins for the published files, in the published formats
+
+
+@pytest.fixture(scope="module")
+def text_encoder_dir(tmp_path_factory):
+    """A tiny random BERT (32-d) with MiniLM's tokenizer, saved as a local folder: loads in a blink."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformer import minilm_path
+    folder = tmp_path_factory.mktemp("text_encoder")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=TEXT_DIM, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=64)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def tiny_transformer(seed=0):
+    torch.manual_seed(seed)
+    net = Resonate(MODELS["tiny"](latent_dim=4, text_dim=TEXT_DIM, text_c_dim=TEXT_DIM, max_latent_len=64))
+    with torch.no_grad():  # adaLN-Zero would make the velocity zero: give every weight a value
+        for p in net.parameters():
+            p.normal_(0, 0.05)
+    net.set_empty_string(torch.randn(77, TEXT_DIM), torch.randn(TEXT_DIM))
+    return net
+
+
+def tiny_vae(seed=1):
+    torch.manual_seed(seed)
+    vae_net = MelVAE(data_dim=80, embed_dim=4, hidden_dim=16)
+    vae_net.set_mel_stats(torch.full((80,), -4.0), torch.full((80,), 2.0))
+    return vae_net
+
+
+TINY_VOCODER = dict(num_mels=80, upsample_rates=[4, 4, 4, 4], upsample_kernel_sizes=[8, 8, 8, 8],
+                    upsample_initial_channel=32, resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3, 5]],
+                    resblock="1", activation="snakebeta", snake_logscale=True, use_tanh_at_final=False,
+                    use_bias_at_final=False, sampling_rate=16000, hop_size=256)  # hop 256 = the 16k mel config
+
+
+@pytest.fixture(scope="module")
+def published_dir(tmp_path_factory):
+    """A folder laid out like the published repository, with tiny files in the published formats: released
+    transformer keys, a training-format VAE, and a BigVGAN folder with config.json + {"generator": sd} in the
+    weight_g/weight_v naming."""
+    folder = tmp_path_factory.mktemp("weights")
+    net = tiny_transformer()
+    torch.save(net.state_dict(), folder / "Resonate_GRPO.pth")
+    torch.save(tiny_transformer(seed=5).state_dict(), folder / "Resonate_PT.pth")
+    torch.save(tiny_vae().state_dict(), folder / "v1-44.pth")
+    torch.manual_seed(2)
+    voc = BigVGAN.from_config(TINY_VOCODER)
+    (folder / sample.VOCODER_DIR).mkdir()
+    (folder / sample.PUBLISHED["vocoder_config"]).write_text(json.dumps(TINY_VOCODER))
+    torch.save({"generator": voc.published_state_dict()}, folder / sample.PUBLISHED["vocoder"])
+    return folder
+
+
+def test_load_published_from_folder(published_dir, text_encoder_dir):
+    pipe = sample.load_pipeline(weights_dir=published_dir, device="cpu", text_encoder=text_encoder_dir)
+    ref = tiny_transformer()
+    assert pipe.transformer.cfg == sample.transformer_config(ref.state_dict())
+    for k, v in ref.state_dict().items():
+        assert torch.equal(pipe.transformer.state_dict()[k], v), k
+    assert pipe.vae.embed_dim == 4 and pipe.vae.hidden_dim == 16 and pipe.sample_rate == 16000
+    assert isinstance(pipe.vocoder, BigVGAN) and pipe.vocoder.upsample_factor == 256
+    # the published VAE is stored before its one-time weight normalisation: folded at load, same numbers
+    z = torch.randn(1, 4, 6)
+    with torch.no_grad():
+        assert (pipe.vae.decode(z) - tiny_vae().eval().decode(z)).abs().max() <= 1e-5
+    # 'pt' picks the other transformer file
+    pt = sample.load_pipeline(weights_dir=published_dir, device="cpu", published="pt", text_encoder=text_encoder_dir)
+    assert torch.equal(pt.transformer.latent_mean, tiny_transformer(seed=5).latent_mean)
+    assert not torch.equal(pt.transformer.final_layer.conv.weight, pipe.transformer.final_layer.conv.weight)
+
+
+def test_mismatched_files_are_rejected(published_dir, text_encoder_dir, tmp_path):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(published_dir, bad)
+    (bad / sample.PUBLISHED["vocoder_config"]).write_text(json.dumps({**TINY_VOCODER, "sampling_rate": 44100}))
+    with pytest.raises(ValueError, match="does not fit"):
+        sample.load_pipeline(weights_dir=bad, device="cpu", text_encoder=text_encoder_dir)
+
+
+def test_offline_with_nothing_cached_names_the_files_and_the_folder(tmp_path):
+    with pytest.raises(sample.WeightsMissing) as info:
+        sample.load_pipeline(device="cpu")
+    message = str(info.value)
+    for f in ("Resonate_GRPO.pth", "v1-44.pth", "bigvgan_v2_44khz_128band_512x/config.json",
+              "bigvgan_v2_44khz_128band_512x/bigvgan_generator.pt"):
+        assert f in message
+    assert str(tmp_path / "cache" / "AndreasXi--Resonate" / "main") in message and "--weights-dir" in message
+    # the command line prints that message and exits non-zero, with no traceback
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, str(ROOT / "sample.py"), "rain on a tin roof", "--device=cpu"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert run.returncode != 0
+    assert "Resonate_GRPO.pth" in run.stderr and "v1-44.pth" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+class FolderServer:
+    """Serves a folder at <url>/AndreasXi/Resonate/resolve/main/<file>, as the Hub does, on 127.0.0.1."""
+
+    def __init__(self, folder):
+        self.requests = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests.append(self.path)
+                prefix = f"/{sample.PUBLISHED_REPO}/resolve/main/"
+                path = Path(folder) / self.path[len(prefix):]
+                if not self.path.startswith(prefix) or not path.is_file():
+                    self.send_error(404)
+                    return
+                body = path.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+
+def test_published_files_are_downloaded_once_into_the_cache(published_dir, text_encoder_dir, monkeypatch, tmp_path):
+    server = FolderServer(published_dir)
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    try:
+        pipe = sample.load_pipeline(device="cpu", text_encoder=text_encoder_dir)
+        cached = tmp_path / "cache" / "AndreasXi--Resonate" / "main"
+        for f in ("Resonate_GRPO.pth", "v1-44.pth", sample.PUBLISHED["vocoder"], sample.PUBLISHED["vocoder_config"]):
+            assert (cached / f).read_bytes() == (published_dir / f).read_bytes()
+        assert len(server.requests) == 4
+        sample.load_pipeline(device="cpu", text_encoder=text_encoder_dir)
+        assert len(server.requests) == 4  # the second load reads the cache
+        assert torch.equal(pipe.transformer.latent_std, tiny_transformer().latent_std)
+    finally:
+        server.httpd.shutdown()
+        server.httpd.server_close()
+
+
+# -----------------------------------------------------------------------------
+# generation and the command line
+
+
+@pytest.fixture(scope="module")
+def pipe(published_dir, text_encoder_dir):
+    return sample.load_pipeline(weights_dir=published_dir, device="cpu", text_encoder=text_encoder_dir)
+
+
+def test_generate_shapes_seeds_and_negative(pipe):
+    audio, sr = sample.generate(["rain on a tin roof", "a dog barks"], pipe, duration=1.0, steps=3, seed=7,
+                                num_samples=2, batch_size=2, progress=False)
+    assert sr == 16000 and audio.shape == (4, 16000) and audio.dtype == torch.float32
+    assert audio.abs().max() <= 1 and torch.isfinite(audio).all() and audio.abs().max() > 1e-3
+    again, _ = sample.generate(["rain on a tin roof"], pipe, duration=1.0, steps=3, seed=7, num_samples=2,
+                               batch_size=2, progress=False)
+    assert torch.equal(again, audio[:2])  # batch 0 of both runs used seed 7 for the same rows
+    assert not torch.equal(audio[0], audio[1])  # two samples of one prompt differ
+    neg, _ = sample.generate(["rain on a tin roof"], pipe, duration=1.0, steps=3, seed=7, num_samples=2,
+                             batch_size=2, negative="music", progress=False)
+    assert not torch.equal(neg, audio[:2])
+    # the empty-string features stored in the checkpoint are the default unconditional branch
+    text_f, text_f_c = pipe.text_encoder.encode(["rain on a tin roof"])
+    noise = sample.make_noise(1, pipe.latent_frames(1.0), 4, 0)
+    empty = pipe.transformer.empty_conditions(1)
+    a = pipe.synthesize(text_f, text_f_c, noise, 2)[0]
+    b = pipe.synthesize(text_f, text_f_c, noise, 2, 4.5, *empty)[0]
+    assert torch.equal(a, b)
+
+
+def test_duration_limits(pipe):
+    # the released files hold no RoPE range: 2048 frames, as released (47.5 s at 44.1 kHz, here 16 kHz / hop 256)
+    assert math.isclose(pipe.max_duration(), 2048 * 2 * 256 / 16000)
+    for bad in (0.5, 70.0):
+        with pytest.raises(ValueError, match="--duration must be between 1 and 65.5"):
+            sample.generate(["x"], pipe, duration=bad, progress=False)
+    with pytest.raises(SystemExit) as info:
+        sample.main(["x", "--duration=60"])
+    assert info.value.code == 2
+    assert pipe.latent_frames(10.0) == 313  # rounds up, as the released sampler (431 for 10 s at 44.1 kHz)
+
+
+def test_read_prompts_and_safe_names(tmp_path):
+    text = tmp_path / "p.txt"
+    text.write_text("rain on a tin roof\n\n  a dog barks  \n")
+    assert sample.read_prompts(str(text)) == [(None, "rain on a tin roof"), (None, "a dog barks")]
+    items = sample.read_prompts(str(FIXTURES / "tta_bench_3.json"))
+    assert [i for i, _ in items] == ["prompt_0001", "prompt_0002", "prompt_0003"]
+    assert items[1][1] == "Banging followed by a distant train horn blowing"
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"prompt_text": "x"}')
+    with pytest.raises(ValueError, match="TTA-Bench"):
+        sample.read_prompts(str(bad))
+    assert sample.safe_name('../../etc/passwd: "rain", 100%!') == "etc_passwd_rain_100"
+    assert sample.safe_name("???") == "sample" and len(sample.safe_name("a" * 300)) == 80
+    assert sample.safe_name("café au lait") == "caf_au_lait"
+
+
+def cli(tmp_path, published_dir, text_encoder_dir, *args):
+    sample.main([f"--weights-dir={published_dir}", f"--text-encoder={text_encoder_dir}", "--device=cpu",
+                 "--duration=1.5", "--steps=2", f"--out-dir={tmp_path / 'out'}", *args])
+
+
+def test_cli_writes_named_16_bit_wavs_without_overwriting(tmp_path, published_dir, text_encoder_dir, capsys):
+    cli(tmp_path, published_dir, text_encoder_dir, "rain on a tin roof", "a/b: c?", "--seed=3")
+    out = tmp_path / "out"
+    first = out / "rain_on_a_tin_roof.wav"
+    assert sorted(p.name for p in out.iterdir()) == ["a_b_c.wav", "rain_on_a_tin_roof.wav"]
+    info = sf.info(first)
+    assert info.subtype == "PCM_16" and info.samplerate == 16000 and info.frames == 24000
+    wave, _ = sf.read(first)
+    assert abs(wave).max() > 1e-3 and not (abs(wave) > 1).any()
+    before = first.read_bytes()
+    cli(tmp_path, published_dir, text_encoder_dir, "rain on a tin roof", "a/b: c?", "--seed=3")
+    assert first.read_bytes() == before  # never replaced silently
+    assert (out / "rain_on_a_tin_roof-1.wav").read_bytes() == before  # same command and seed -> same file
+    assert "exists; writing" in capsys.readouterr().out
+    cli(tmp_path, published_dir, text_encoder_dir, "rain on a tin roof", "--seed=4", "--overwrite")
+    assert first.read_bytes() != before and not (out / "rain_on_a_tin_roof-2.wav").exists()
+
+
+def test_cli_prompts_file_by_id_and_num_samples(tmp_path, published_dir, text_encoder_dir):
+    cli(tmp_path, published_dir, text_encoder_dir, f"--prompts-file={FIXTURES / 'tta_bench_3.json'}",
+        "--batch-size=2", "--num-samples=2")
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == [f"prompt_000{i}_{j}.wav" for i in (1, 2, 3) for j in (0, 1)]
+    with pytest.raises(SystemExit):  # --out names a single file
+        cli(tmp_path, published_dir, text_encoder_dir, "a", "b", f"--out={tmp_path / 'x.wav'}")
+
+
+def test_our_train_checkpoint(tmp_path, text_encoder_dir):
+    """A ckpt.pt in train.py's format (model_args, model, ema, vae_args, vae, mel, text_encoder) loads through
+    the same --ckpt path; a 16 kHz model is vocoded with Griffin-Lim."""
+    net, vae_net = tiny_transformer(seed=3), tiny_vae()
+    ckpt = dict(model_args=asdict(net.cfg), model=net.state_dict(), ema=None, vae_args=vae_net.args,
+                vae=vae_net.state_dict(), mel="16k", text_encoder=text_encoder_dir, step=10)
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    pipe = sample.load_pipeline(str(tmp_path / "ckpt.pt"), device="cpu")
+    assert torch.equal(pipe.transformer.latent_mean, net.latent_mean) and not isinstance(pipe.vocoder, BigVGAN)
+    audio, sr = sample.generate(["a dog barks"], pipe, duration=1.0, steps=2, progress=False)
+    assert sr == 16000 and audio.shape == (1, 16000) and torch.isfinite(audio).all()
+    out = tmp_path / "dog.wav"
+    sample.main([f"--ckpt={tmp_path / 'ckpt.pt'}", "a dog barks", "--duration=1", "--steps=2", f"--out={out}"])
+    assert sf.info(out).frames == 16000
+    with pytest.raises(SystemExit, match="does not exist"):
+        sample.main([f"--ckpt={tmp_path / 'missing.pt'}", "a dog barks"])
