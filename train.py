@@ -60,6 +60,37 @@ log_interval = 10
 eval_interval = 250
 eval_batches = 4  # validation batches of batch_size, always the same clips, crops, t and noise
 latent_stat_batches = 8  # pretrain: batches used to estimate the per-channel latent mean/std
+# grpo: Flow-GRPO fine-tuning (--stage=grpo, from --init_from); defaults = the released run (grpo.GRPOConfig)
+reward = 'qwen_omni'  # reward.build_reward spec: 'loudness:1.0,clap:0.5' or {'loudness': {'target_db': -14.0}}
+prompt_file = ''  # training captions, one a line, or a JSONL manifest; default: --manifest's non-'val' captions
+val_prompt_file = ''  # held-out captions (never trained on); default: the 'val' rows of --val_manifest/--manifest
+grpo_epochs = 1000  # epochs; each = rollouts, rewards, then num_batches_per_epoch / grad_accum_steps updates
+grpo_eval_interval = 100  # epochs between held-out reward evaluations and checkpoints (out_dir/grpo.pt)
+grpo_eval_prompts = 64  # held-out captions scored per evaluation (0 = no evaluation)
+grpo_eval_seeds = 1  # noise seeds per evaluation: the spread across seeds is the evaluation's own noise
+grpo_eval_steps = 25  # Euler steps (NFE) of the held-out samples
+grpo_num_steps = 10  # SDE steps per rollout
+grpo_noise_level = 0.7  # SDE noise level a
+grpo_cfg_strength = 4.5  # CFG in rollouts and in training
+grpo_group_size = 24  # clips per caption
+grpo_sample_batch_size = 24  # clips per rollout batch and process
+grpo_num_batches_per_epoch = 4  # rollout batches per epoch = training minibatches per epoch
+grpo_grad_accum_steps = 2  # minibatches per update
+grpo_num_inner_epochs = 1
+grpo_timestep_fraction = 0.99  # train on the first int(num_steps * fraction) steps
+grpo_advantage_std = 'global'  # 'global' (batch-wide reward std, released) | 'per_prompt' (group std)
+grpo_adv_clip_max = 5.0
+grpo_clip_range = 1e-4  # PPO ratio clip
+grpo_beta = 0.04  # KL weight
+grpo_lr = 1e-4  # AdamW, constant
+grpo_betas = (0.9, 0.999)
+grpo_weight_decay = 1e-4
+grpo_adam_eps = 1e-8
+grpo_grad_clip = 1.0
+grpo_micro_batch = 0  # clips per forward/backward in training (0 = whole minibatch); same gradient, less memory
+grpo_checkpointing = True  # activation checkpointing of the transformer blocks in training (same gradient)
+lora_rank = 0  # 0 = full fine-tuning with a frozen reference copy; r > 0 = LoRA (the base is the reference)
+lora_alpha = 64.0
 # system
 device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:0' | 'mps'
 dtype = 'float32'  # 'float32' | 'bfloat16' (autocast)
@@ -428,11 +459,107 @@ def train_pretrain(s):
         print(train_set.end_epoch_report())
 
 
+def train_grpo(s):
+    """Flow-GRPO from --init_from (our ckpt.pt, or the published Resonate_PT.pth when empty) against --reward.
+
+    Epoch e: grpo.sample_epoch (this rank's rollouts, scored) -> grpo.gather_advantages (groups across ranks)
+    -> grpo.train_epoch (updates). Prompts and noise are drawn per (seed, epoch), so --resume=True repeats the
+    uninterrupted run exactly. Checkpoint out_dir/grpo.pt: merged weights under 'model' (sample.py reads it),
+    LoRA weights, optimizer, epoch and what sample.py needs to rebuild the pipeline."""
+    from dataclasses import fields
+    import grpo
+    from reward import build_reward
+    from sample import load_pipeline
+    cfg = grpo.GRPOConfig(**{f.name: globals()[f'grpo_{f.name}'] for f in fields(grpo.GRPOConfig)})
+    cfg.check(s.world_size)
+    pipe = load_pipeline(init_from or None, device=str(s.device), published='pt')
+    policy = pipe.transformer.requires_grad_(True)
+    policy.grad_checkpointing = grpo_checkpointing
+    init = torch.load(init_from, map_location='cpu', weights_only=True, mmap=True) if init_from else {}
+    extra = ({k: init[k] for k in ('model_args', 'text_encoder', 'mel', 'vae_args', 'vae')} if 'model_args' in init
+             else {'model_args': asdict(policy.cfg), 'published_base': init_from or 'Resonate_PT.pth'})
+    val_src = val_prompt_file or val_manifest or manifest
+    val_prompts = grpo.read_prompts(val_src, None if val_prompt_file or val_manifest else 'val') if val_src else []
+    val_prompts = val_prompts[:grpo_eval_prompts]
+    prompts = [p for p in grpo.read_prompts(prompt_file or manifest, None if prompt_file else 'train')
+               if p not in set(val_prompts)]  # held-out captions are never trained on
+    text, reward_fn = TextFeatures(pipe.text_encoder), build_reward(reward, device=s.device)
+    if lora_rank:  # the frozen base with adapters off is the reference model: no second copy
+        params, ref = grpo.apply_lora(policy, lora_rank, lora_alpha), policy
+        policy.to(s.device)
+    else:  # a frozen copy of the starting weights, without gradients or optimizer state
+        params, ref = list(policy.parameters()), deepcopy(policy).requires_grad_(False)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    ckpt_path, epoch = os.path.join(out_dir, 'grpo.pt'), 0
+    if resume:
+        ckpt = load_checkpoint(ckpt_path, '--resume checkpoint')
+        if lora_rank:
+            policy.load_state_dict(ckpt['lora'], strict=False)  # the base comes from --init_from
+        else:
+            policy.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        epoch = ckpt['step']
+    start = epoch
+    model = DDP(policy, device_ids=[s.device.index] if s.device.type == 'cuda' else None) if s.ddp else policy
+    latent_shape = (policy.cfg.latent_seq_len, policy.cfg.latent_dim)
+    if s.master:
+        mem = grpo.memory_estimate(policy.cfg, cfg, lora_rank=lora_rank, checkpointing=grpo_checkpointing,
+                                   micro_batch=grpo_micro_batch, frozen={})
+        G = s.world_size * cfg.sample_batch_size
+        print(f'grpo: {len(prompts)} training / {len(val_prompts)} held-out captions; per rollout batch '
+              f'{G // cfg.group_size} captions x {cfg.group_size} clips; {cfg.num_batches_per_epoch * G} clips and '
+              f'{cfg.num_batches_per_epoch // cfg.grad_accum_steps} updates per epoch; {cfg.num_steps} SDE steps, '
+              f'training on {cfg.num_train_steps}; {sum(p.numel() for p in params) / 1e6:.2f}M trainable '
+              f'({"LoRA r=%d" % lora_rank if lora_rank else "full"}); transformer memory estimate '
+              f'{mem["total"]:.2f} GiB; reward {reward}' + (f'; resumed at epoch {epoch}' if resume else ''))
+
+    def evaluate():
+        policy.eval()
+        vals = [grpo.evaluate_reward(policy, pipe, reward_fn, text, val_prompts, seed + k, grpo_eval_steps,
+                                     cfg.cfg_strength, rank=s.rank, world_size=s.world_size, autocast=s.autocast)
+                for k in range(grpo_eval_seeds)]
+        policy.train()
+        if s.master:
+            print(f'epoch {epoch}: held-out reward {sum(vals) / len(vals):.4f} (per seed: '
+                  f'{", ".join(f"{v:.4f}" for v in vals)})')
+
+    def save():
+        if s.master:
+            state = {'model': grpo.merged_state_dict(policy), 'lora': grpo.lora_state_dict(policy) if lora_rank
+                     else None, 'ema': None, 'optimizer': optimizer.state_dict(), 'step': epoch,
+                     'rng_state': torch.get_rng_state(), 'config': {k: globals()[k] for k in config_keys}, **extra}
+            save_checkpoint(state, ckpt_path)
+
+    while epoch < grpo_epochs:
+        if epoch % grpo_eval_interval == 0 and val_prompts:
+            evaluate()
+        if epoch % grpo_eval_interval == 0 and epoch > start:
+            save()
+        t0 = time.time()
+        samples = grpo.sample_epoch(policy, pipe, reward_fn, text, prompts, cfg, epoch, seed, latent_shape,
+                                    s.rank, s.world_size, s.autocast)
+        samples['advantages'], logs = grpo.gather_advantages(samples['rewards'], samples['prompt_ids'], cfg, s.rank)
+        if logs['zero_std_share'] < 1:  # otherwise no sample carries signal: nothing to learn from
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7919 + 7)
+            steps = grpo.train_epoch(model, ref, optimizer, samples, text, prompts, cfg, g, grpo_micro_batch,
+                                     s.autocast)
+            for k in steps[0]:
+                logs[k] = s.mean_across_ranks(torch.tensor([sum(x[k] for x in steps) / len(steps)],
+                                                           device=s.device)).item()
+        epoch += 1
+        if s.master:
+            print(f'epoch {epoch}: ' + ' '.join(f'{k} {v:.4g}' for k, v in logs.items()) +
+                  f' {time.time() - t0:.1f} s')
+    if val_prompts:
+        evaluate()
+    save()
+
+
 def main(argv):
     configure(argv)
     s = Setup()
     try:
-        {'vae': train_vae, 'pretrain': train_pretrain}[stage](s)
+        {'vae': train_vae, 'pretrain': train_pretrain, 'grpo': train_grpo}[stage](s)
     finally:
         if s.ddp:
             destroy_process_group()

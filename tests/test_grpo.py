@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from flow import sde_step_with_logprob
-from grpo import (GRPOConfig, compute_advantages, grpo_loss, informative_mask, rollout, step_log_prob, train_step,
-                  zero_std_fraction)
+from grpo import (GRPOConfig, LoRA, adapters_disabled, apply_lora, compute_advantages, draw_noise, draw_prompt_ids,
+                  grpo_loss, informative_mask, memory_estimate, merged_state_dict, rollout, saved_bytes_per_token,
+                  step_log_prob, train_step, zero_std_fraction)
+from transformer import MODELS, Resonate
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOL = 1e-5
@@ -51,10 +53,13 @@ def test_zero_std_groups_are_counted_and_masked():
     rewards = torch.tensor([1.0, 1.0, 0.2, 0.7, 0.3, 0.3, 0.9, 0.1])
     prompts = ["a", "a", "b", "b", "c", "c", "d", "d"]
     assert zero_std_fraction(rewards, prompts) == 0.5
-    mask = informative_mask(rewards, prompts)
+    advantages = compute_advantages(rewards, prompts)
+    mask = informative_mask(advantages)
     assert mask.tolist() == [False, False, True, True, False, False, True, True]
-    padded = informative_mask(rewards, prompts, multiple_of=3, generator=torch.Generator().manual_seed(0))
+    padded = informative_mask(advantages, multiple_of=3, generator=torch.Generator().manual_seed(0))
     assert int(padded.sum()) == 6 and padded[mask].all()
+    # no signal anywhere: still multiple_of samples, so every DDP process takes the same number of steps
+    assert int(informative_mask(torch.zeros(8), multiple_of=4).sum()) == 4
 
 
 def test_grpo_loss_matches_released(loss_fx):
@@ -155,9 +160,9 @@ def test_rollout_keeps_steps_that_rescore_to_their_log_probs():
     torch.manual_seed(0)
     model = ToyVelocity()
     batch = toy_rollout(model)
-    assert batch["latents"].shape == (4, 4, 6, 4) and batch["log_probs"].shape == (4, 4)
+    assert batch["latents"].shape == (4, 5, 6, 4) and batch["log_probs"].shape == (4, 4)  # the chain x_0 .. x_4
     assert batch["timesteps"].shape == (4, 5) and batch["timesteps"][0, 0] == 1 and batch["timesteps"][0, -1] == 0
-    assert torch.equal(batch["latents"][:, 1:], batch["next_latents"][:, :-1])  # consecutive steps chain
+    assert torch.equal(batch["latents"][:, -1], batch["sample"])
     with torch.no_grad():
         for j in range(4):
             log_prob, _, _ = step_log_prob(model, batch, j)
@@ -178,3 +183,109 @@ def test_train_step_updates_the_policy_and_reports_diagnostics():
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     stats = train_step(model, ref, optimizer, [batch], cfg)
     assert stats["kl_loss"] > 0 and stats["approx_kl"] > 0  # the policy has moved away from the rollout weights
+
+
+def test_rollout_stores_only_the_trained_steps_and_replays_given_noise():
+    torch.manual_seed(0)
+    model = ToyVelocity()
+    g = torch.Generator().manual_seed(1)
+    noise, step_noise = torch.randn(3, 6, 4, generator=g), torch.randn(3, 4, 6, 4, generator=g)
+    text_f, text_f_c = torch.randn(3, 5, 3, generator=g), torch.randn(3, 3, generator=g)
+    full = rollout(model, noise, text_f, text_f_c, num_steps=4, step_noise=step_noise)
+    part = rollout(model, noise, text_f, text_f_c, num_steps=4, step_noise=step_noise, keep_steps=2)
+    assert part["latents"].shape == (3, 3, 6, 4) and part["log_probs"].shape == (3, 2)
+    assert part["timesteps"].shape == (3, 3)
+    assert torch.equal(part["latents"], full["latents"][:, :3]) and torch.equal(part["sample"], full["sample"])
+    with pytest.raises(ValueError, match="step_noise"):
+        rollout(model, noise, text_f, text_f_c, num_steps=4, step_noise=step_noise[:, :3])
+
+
+def test_micro_batches_give_the_same_update():
+    torch.manual_seed(0)
+    model = ToyVelocity()
+    batch = {**toy_rollout(model), "advantages": torch.tensor([1.0, -1.0, 0.5, -0.5])}
+    cfg = GRPOConfig(num_steps=4, clip_range=1.0)
+    after = []
+    for micro in (0, 1, 3):
+        m = copy.deepcopy(model)
+        with torch.no_grad():
+            m.latent.weight.add_(0.05)  # policy != reference, so the KL term has a gradient too
+        stats = train_step(m, model, torch.optim.SGD(m.parameters(), lr=1.0), [batch, batch], cfg, micro_batch=micro)
+        after.append((torch.cat([p.flatten() for p in m.parameters()]), stats))
+    for params, stats in after[1:]:
+        assert max_err(params, after[0][0]) < 1e-6
+        assert stats["kl_loss"] == pytest.approx(after[0][1]["kl_loss"], rel=1e-5)
+
+
+def test_prompt_groups_and_noise_do_not_depend_on_the_process_split():
+    cfg = GRPOConfig(group_size=4, sample_batch_size=6)
+    ids = draw_prompt_ids(seed=0, epoch=3, batch=1, n_prompts=20, cfg=cfg, world_size=2)  # 12 clips, 3 captions
+    assert sorted(torch.bincount(ids).tolist())[-3:] == [4, 4, 4]
+    assert torch.equal(ids, draw_prompt_ids(0, 3, 1, 20, cfg, 2))
+    both = draw_noise(0, 3, torch.arange(8), num_steps=2, latent_shape=(5, 2))
+    assert both.shape == (8, 3, 5, 2)
+    assert torch.equal(both[4:], draw_noise(0, 3, torch.arange(4, 8), 2, (5, 2)))
+    with pytest.raises(ValueError, match="distinct captions"):
+        draw_prompt_ids(0, 0, 0, n_prompts=2, cfg=cfg, world_size=2)
+    with pytest.raises(ValueError, match="group_size"):
+        GRPOConfig(group_size=5, sample_batch_size=6).check(world_size=2)
+
+
+# ---------------------------------------------------------------- LoRA and memory
+
+def tiny_resonate():
+    torch.manual_seed(0)
+    net = Resonate(MODELS["tiny"]())
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.05)
+    inputs = (torch.randn(2, 24, 8), torch.randn(2, 77, 16), torch.randn(2, 12), torch.rand(2))
+    return net, inputs
+
+
+def test_lora_starts_at_the_base_merges_exactly_and_switches_off_for_the_reference():
+    net, inputs = tiny_resonate()
+    base_out = net(*inputs).detach()
+    params = apply_lora(net, rank=4, alpha=8.0)
+    loras = [m for m in net.modules() if isinstance(m, LoRA)]
+    # qkv + proj + 3 MLP projections on both streams of 2 joint blocks (the last text stream has qkv only) and
+    # on each of 2 single blocks
+    assert len(loras) == 5 * 2 + 5 + 1 + 5 * 2
+    assert {p for p in net.parameters() if p.requires_grad} == set(params)
+    assert torch.allclose(net(*inputs), base_out, atol=1e-6)  # up starts at zero
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.1)
+    adapted = net(*inputs).detach()
+    assert (adapted - base_out).abs().max() > 1e-3
+    with adapters_disabled(net):
+        assert torch.allclose(net(*inputs), base_out, atol=1e-6)
+    plain = Resonate(MODELS["tiny"]())
+    plain.load_state_dict(merged_state_dict(net))  # strict: plain keys only
+    assert max_err(plain(*inputs), adapted) < 1e-5
+
+
+def test_memory_estimate_matches_measured_activations_and_ranks_the_options():
+    """The activation arithmetic against saved-tensor bytes of a real forward (tiny model, fp32, one clip)."""
+    net, (x, text_f, text_f_c, t) = tiny_resonate()
+    cfg = GRPOConfig(sample_batch_size=1, cfg_strength=1.0)
+    est = memory_estimate(net.cfg, cfg, latent_frames=24, dtype=torch.float32, frozen={})
+    weights = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    seen = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in weights:
+            seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        net(x[:1], text_f[:1], text_f_c[:1], t[:1])
+    measured = sum(seen.values()) / 2**30
+    assert 0.7 < est["activations"] / measured < 1.3
+    assert est["activation bytes per token per block"] == pytest.approx(saved_bytes_per_token(64, 2, 4.0,
+                                                                                              torch.float32))
+    full = memory_estimate(net.cfg, GRPOConfig(), frozen={})
+    ckpt = memory_estimate(net.cfg, GRPOConfig(), checkpointing=True, frozen={})
+    lora = memory_estimate(net.cfg, GRPOConfig(), checkpointing=True, lora_rank=4, frozen={})
+    assert ckpt["activations"] < full["activations"] and ckpt["weights (fp32)"] == full["weights (fp32)"]
+    assert lora["reference copy"] == 0 < full["reference copy"] and lora["AdamW states"] < full["AdamW states"]
