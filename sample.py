@@ -413,13 +413,30 @@ def parse_args(argv=None):
     p.add_argument('--device', default='auto', help='auto (cuda, then mps, then cpu), cuda, mps or cpu')
     p.add_argument('--dtype', default='fp32', choices=sorted(DTYPES))
     p.add_argument('--overwrite', action='store_true', help='replace existing files')
+    p.add_argument('--best-of', type=int, default=1, help='generate N candidates per sample, keep the one --reward '
+                                                         'scores highest')
+    p.add_argument('--reward', default='clap', help='reward.build_reward spec for --best-of, e.g. clap, '
+                                                   'qwen_omni, loudness:1.0')
     args = p.parse_args(argv)
-    for name in ('steps', 'num_samples', 'batch_size'):
+    for name in ('steps', 'num_samples', 'batch_size', 'best_of'):
         if getattr(args, name) < 1:
             p.error(f'--{name.replace("_", "-")} must be at least 1')
     if not 1.0 <= args.duration <= 47.5:  # the model may allow less; checked again once it is loaded
         p.error(f'--duration must be between 1 and 47.5 seconds, got {args.duration}')
     return p, args
+
+
+def best_of(audio, sample_rate, prompts, n, reward):
+    """Keep the highest-scoring of each run of n candidates.
+
+    audio: (P * n, S) with the candidates of output i in rows i * n ... i * n + n - 1 (as `generate` orders
+    num_samples); prompts: P captions; reward: an object with reward.py's score(audio, sample_rate, prompts).
+    Returns audio (P, S) and scores (P, n). Raises ValueError if the rows are not P * n."""
+    if audio.shape[0] != len(prompts) * n:
+        raise ValueError(f'best_of: {audio.shape[0]} clips for {len(prompts)} prompts x {n} candidates')
+    scores = reward.score(audio, sample_rate, [p for p in prompts for _ in range(n)]).float().cpu().view(-1, n)
+    best = scores.argmax(1)  # (P,)
+    return audio.view(len(prompts), n, -1)[torch.arange(len(prompts)), best], scores
 
 
 def main(argv=None):
@@ -437,7 +454,14 @@ def main(argv=None):
                              args.vocoder)
         check_duration(args.duration, pipe)
         audio, sr = generate([x for _, x in items], pipe, args.duration, args.steps, args.cfg, args.negative,
-                             args.seed, args.num_samples, args.batch_size)
+                             args.seed, args.num_samples * args.best_of, args.batch_size)
+        if args.best_of > 1:
+            from reward import build_reward
+            prompts = [x for _, x in items for _ in range(args.num_samples)]
+            audio, scores = best_of(audio, sr, prompts, args.best_of, build_reward(args.reward, device=args.device
+                                                                                   if args.device != 'auto' else None))
+            print(f'best of {args.best_of} by {args.reward}: mean score {scores.max(1).values.mean():.4f} '
+                  f'(all candidates {scores.mean():.4f})')
     except (ValueError, OSError, DownloadError) as e:
         sys.exit(f'error: {e}')
     written = set()

@@ -108,3 +108,30 @@ def test_groups_spanning_two_processes_get_the_single_process_advantages():
     got = torch.cat([results[0][0], results[1][0]])
     assert torch.allclose(got, expected, atol=1e-6)
     assert results[1][1] == pytest.approx(expected_stats)
+
+
+def test_best_of_keeps_the_candidate_the_reward_prefers():
+    from reward import LoudnessReward
+    from sample import best_of
+    gains = torch.tensor([0.1, 0.5, 0.02, 0.3, 0.9, 0.05])  # 2 prompts x 3 candidates
+    audio = gains[:, None] * torch.sin(torch.arange(1600) * 0.3)[None]  # (6, S)
+    kept, scores = best_of(audio, 16000, ["a", "b"], 3, LoudnessReward(target_db=0.0))
+    assert scores.shape == (2, 3)
+    assert torch.equal(kept, audio[[1, 4]])  # the loudest of each group: closest to 0 dBFS
+    with pytest.raises(ValueError, match="candidates"):
+        best_of(audio, 16000, ["a"], 3, LoudnessReward())
+
+
+def test_sample_cli_best_of_writes_the_top_scoring_candidate(pretrained, tmp_path):
+    import soundfile as sf
+    import sample
+    from reward import LoudnessReward
+    common = [f"--ckpt={pretrained / 'ckpt.pt'}", "--device=cpu", "--duration=1", "--steps=2", "--seed=3",
+              "--vocoder=griffin-lim"]
+    sample.main(["a dog barks", *common, "--num-samples=3", f"--out-dir={tmp_path / 'all'}"])
+    sample.main(["a dog barks", *common, "--best-of=3", "--reward=loudness:1.0", f"--out={tmp_path / 'best.wav'}"])
+    candidates = torch.stack([torch.from_numpy(sf.read(tmp_path / "all" / f"a_dog_barks_{i}.wav",
+                                                       dtype="float32")[0]) for i in range(3)])
+    best = torch.from_numpy(sf.read(tmp_path / "best.wav", dtype="float32")[0])
+    scores = LoudnessReward().score(candidates, 16000, ["a dog barks"] * 3)
+    assert torch.equal(best, candidates[scores.argmax()])
