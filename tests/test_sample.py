@@ -161,6 +161,15 @@ def test_load_published_from_folder(published_dir, text_encoder_dir):
     assert not torch.equal(pt.transformer.final_layer.conv.weight, pipe.transformer.final_layer.conv.weight)
 
 
+def test_text_encoder_folder_inside_weights_dir_is_used_offline(published_dir, text_encoder_dir, tmp_path):
+    import shutil
+    folder = tmp_path / "weights"
+    shutil.copytree(published_dir, folder)
+    shutil.copytree(text_encoder_dir, folder / "flan-t5-large")  # any saved encoder under that name
+    pipe = sample.load_pipeline(weights_dir=folder, device="cpu")  # HF_ENDPOINT is a closed port here
+    assert pipe.text_encoder.dim == TEXT_DIM
+
+
 def test_mismatched_files_are_rejected(published_dir, text_encoder_dir, tmp_path):
     import shutil
     bad = tmp_path / "bad"
