@@ -91,6 +91,7 @@ grpo_micro_batch = 0  # clips per forward/backward in training (0 = whole miniba
 grpo_checkpointing = True  # activation checkpointing of the transformer blocks in training (same gradient)
 lora_rank = 0  # 0 = full fine-tuning with a frozen reference copy; r > 0 = LoRA (the base is the reference)
 lora_alpha = 64.0
+weights_dir = ''  # grpo from published weights: folder holding the VAE, vocoder (and flan-t5-large) files
 # system
 device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:0' | 'mps'
 dtype = 'float32'  # 'float32' | 'bfloat16' (autocast)
@@ -469,13 +470,13 @@ def train_grpo(s):
     from dataclasses import fields
     import grpo
     from reward import build_reward
-    from sample import load_pipeline
+    from sample import load_pipeline, read_weights
     cfg = grpo.GRPOConfig(**{f.name: globals()[f'grpo_{f.name}'] for f in fields(grpo.GRPOConfig)})
     cfg.check(s.world_size)
-    pipe = load_pipeline(init_from or None, device=str(s.device), published='pt')
+    pipe = load_pipeline(init_from or None, weights_dir or None, device=str(s.device), published='pt')
     policy = pipe.transformer.requires_grad_(True)
     policy.grad_checkpointing = grpo_checkpointing
-    init = torch.load(init_from, map_location='cpu', weights_only=True, mmap=True) if init_from else {}
+    init = read_weights(init_from) if init_from else {}
     extra = ({k: init[k] for k in ('model_args', 'text_encoder', 'mel', 'vae_args', 'vae')} if 'model_args' in init
              else {'model_args': asdict(policy.cfg), 'published_base': init_from or 'Resonate_PT.pth'})
     val_src = val_prompt_file or val_manifest or manifest
@@ -493,8 +494,8 @@ def train_grpo(s):
     ckpt_path, epoch = os.path.join(out_dir, 'grpo.pt'), 0
     if resume:
         ckpt = load_checkpoint(ckpt_path, '--resume checkpoint')
-        if lora_rank:
-            policy.load_state_dict(ckpt['lora'], strict=False)  # the base comes from --init_from
+        if lora_rank:  # the frozen base comes from --init_from
+            assert not policy.load_state_dict(ckpt['lora'], strict=False).unexpected_keys, 'LoRA rank/targets differ'
         else:
             policy.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
@@ -529,6 +530,8 @@ def train_grpo(s):
                      else None, 'ema': None, 'optimizer': optimizer.state_dict(), 'step': epoch,
                      'rng_state': torch.get_rng_state(), 'config': {k: globals()[k] for k in config_keys}, **extra}
             save_checkpoint(state, ckpt_path)
+            if 'published_base' in extra:  # sample.py --ckpt reads this like Resonate_GRPO.pth
+                save_checkpoint(state['model'], os.path.join(out_dir, 'grpo_transformer.pth'))
 
     while epoch < grpo_epochs:
         if epoch % grpo_eval_interval == 0 and val_prompts:
