@@ -13,6 +13,15 @@ FIXTURES = Path(__file__).parent / "fixtures"
 TOL = 1e-4
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Many small ops: on a shared CPU, a second intra-op thread mostly waits for a core (10x slower runs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def fx():
     return torch.load(FIXTURES / "transformer_a.pt", weights_only=True)

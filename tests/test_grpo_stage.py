@@ -17,6 +17,15 @@ from vae import VAES
 PROMPTS = ["a dog barks", "rain on a tin roof", "a door slams", "birds chirping at dawn"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Many small ops: on a shared CPU, a second intra-op thread mostly waits for a core (10x slower runs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A train.py-style ckpt.pt with random weights: tiny transformer, tiny 16 kHz VAE, the MiniLM encoder."""
