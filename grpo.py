@@ -16,7 +16,6 @@ base doubles as the reference model) and `Resonate.grad_checkpointing`; `memory_
 Time convention as in flow.py: t = 1 is noise, t = 0 is data, the network predicts v = noise - data.
 """
 
-import math
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass

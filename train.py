@@ -21,7 +21,6 @@ from copy import deepcopy
 from dataclasses import asdict
 
 import torch
-import torch.nn.functional as F
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -251,9 +250,9 @@ class Trainer:
     A stage supplies `loss_fn(model, draws) -> (loss, logs)` for its slice of the step's draws and
     `eval_fn(model) -> loss`. `extra_state` is stored in the checkpoint so sample.py can rebuild from it alone."""
 
-    def __init__(self, s, model, ckpt_name, extra_state, latent_shape, n_clips, betas=None, wd=None):
+    def __init__(self, s, model, ckpt_name, extra_state, latent_shape, dataset, betas=None, wd=None):
         self.s, self.ckpt_path, self.extra_state = s, os.path.join(out_dir, ckpt_name), extra_state
-        self.latent_shape, self.n_clips = latent_shape, n_clips
+        self.latent_shape, self.dataset, self.n_clips = latent_shape, dataset, len(dataset)
         self.raw = model.to(s.device)
         params = [p for p in model.parameters() if p.requires_grad]
         wd = weight_decay if wd is None else wd
@@ -311,12 +310,20 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.update_ema()
             self.step += 1
+            if self.step * s.global_batch // self.n_clips > (self.step - 1) * s.global_batch // self.n_clips:
+                self.end_epoch()
             if self.step % log_interval == 0 and s.master:
                 dt, t0 = time.time() - t0, time.time()
                 extra = ''.join(f' {k} {v:.4f}' for k, v in logs.items())
                 print(f'step {self.step}: loss {loss.item():.4f}{extra} grad-norm {norm:.3f} lr {lr:.2e} '
                       f'{dt / log_interval * 1000:.0f} ms/step')
         self.evaluate(eval_fn)
+
+    def end_epoch(self):
+        """Once per pass over the training clips: how many unreadable files were skipped (and which)."""
+        report = self.dataset.end_epoch_report()
+        if self.s.master and not report.startswith('skipped 0 '):
+            print(f'step {self.step}: epoch {self.step * self.s.global_batch // self.n_clips} {report}')
 
     @torch.no_grad()
     def update_ema(self):
@@ -369,7 +376,7 @@ def train_vae(s):
         stat_draws = draw_step(0, len(train_set), s.global_batch * latent_stat_batches, latent_shape, salt=2)
         mels = load_mels(train_set, mel_fn, stat_draws, s)[0]
         model.set_mel_stats(mels.mean(dim=(0, 2)), mels.std(dim=(0, 2)).clamp(min=1e-3))  # silent bins
-    trainer = Trainer(s, model, 'vae.pt', {'vae_args': model.args, 'mel': mel}, latent_shape, len(train_set))
+    trainer = Trainer(s, model, 'vae.pt', {'vae_args': model.args, 'mel': mel}, latent_shape, train_set)
 
     def loss_fn(model, draws):
         mels = load_mels(train_set, mel_fn, draws, s)[0]
@@ -381,8 +388,6 @@ def train_vae(s):
         return torch.stack([loss_fn(model, d)[0] for d in val_draws]).mean()
 
     trainer.train(loss_fn, eval_fn)
-    if s.master:
-        print(train_set.end_epoch_report())
 
 
 def load_vae(s):
@@ -438,7 +443,7 @@ def train_pretrain(s):
         net.set_empty_string(*encoder.encode(['']))
     extra = {'model_args': asdict(cfg), 'text_encoder': text_encoder, 'mel': vae_file['mel'],
              'vae_args': vae_file['vae_args'], 'vae': vae_model.state_dict()}
-    trainer = Trainer(s, net, 'ckpt.pt', extra, latent_shape, len(train_set))
+    trainer = Trainer(s, net, 'ckpt.pt', extra, latent_shape, train_set)
     raw = trainer.raw
 
     def loss_fn(model, draws, dataset=train_set):
@@ -456,8 +461,6 @@ def train_pretrain(s):
         return torch.stack([loss_fn(model, d, val_set)[0] for d in val_draws]).mean()
 
     trainer.train(loss_fn, eval_fn)
-    if s.master:
-        print(train_set.end_epoch_report())
 
 
 def train_grpo(s):

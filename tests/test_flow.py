@@ -7,31 +7,10 @@ import pytest
 import torch
 
 from flow import euler_sample, flow_matching_loss, loss_by_t_bin, sde_step_with_logprob
-from transformer import MODELS, Resonate, ResonateConfig, load_released_state_dict
+from transformer import MODELS, Resonate
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Many small ops: on a shared CPU, a second intra-op thread mostly waits for a core (10x slower runs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def fx():
-    return torch.load(FIXTURES / "transformer_a.pt", weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def model(fx):
-    m = Resonate(ResonateConfig(**fx["config"])).eval()
-    load_released_state_dict(m, fx["state_dict"])
-    return m
 
 
 class Recorder(torch.nn.Module):

@@ -16,15 +16,6 @@ FIXTURES = Path(__file__).parent / "fixtures"
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Many small ops: on a shared CPU, a second intra-op thread mostly waits for a core (10x slower runs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def load(name):
     return torch.load(FIXTURES / name, weights_only=True)
 

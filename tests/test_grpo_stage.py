@@ -17,15 +17,6 @@ from vae import VAES
 PROMPTS = ["a dog barks", "rain on a tin roof", "a door slams", "birds chirping at dawn"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Many small ops: on a shared CPU, a second intra-op thread mostly waits for a core (10x slower runs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A train.py-style ckpt.pt with random weights: tiny transformer, tiny 16 kHz VAE, the MiniLM encoder."""
@@ -50,7 +41,7 @@ def run_grpo(root, out_dir, epochs, resume=False, lora_rank=0, micro_batch=0, ch
     """Run train.main for the GRPO stage in this process; reload train.py so no setting leaks between runs."""
     import train
     train = importlib.reload(train)
-    train.main([f"--stage=grpo", f"--init_from={root / 'ckpt.pt'}", f"--prompt_file={root / 'prompts.txt'}",
+    train.main(["--stage=grpo", f"--init_from={root / 'ckpt.pt'}", f"--prompt_file={root / 'prompts.txt'}",
                 f"--out_dir={out_dir}", "--reward=loudness", "--device=cpu", f"--grpo_epochs={epochs}",
                 "--grpo_eval_interval=2", "--grpo_eval_prompts=0", "--grpo_num_steps=3", "--grpo_group_size=2",
                 "--grpo_sample_batch_size=4", "--grpo_num_batches_per_epoch=2", "--grpo_grad_accum_steps=1",

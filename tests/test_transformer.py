@@ -13,18 +13,6 @@ FIXTURES = Path(__file__).parent / "fixtures"
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def fx():
-    return torch.load(FIXTURES / "transformer_a.pt", weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def model(fx):
-    m = Resonate(ResonateConfig(**fx["config"])).eval()
-    load_released_state_dict(m, fx["state_dict"])
-    return m
-
-
 @torch.no_grad()
 def test_flow_parity(model, fx):
     i = fx["inputs"]
