@@ -189,8 +189,9 @@ class Setup:
         torch.manual_seed(seed + self.rank)  # anything not drawn from step_generator differs per rank
         if self.master:
             os.makedirs(out_dir, exist_ok=True)
-            print(f'{stage}: {self.world_size} process(es) on {self.device}, {dtype}; micro-batch {batch_size} x '
-                  f'{gradient_accumulation_steps} accumulation x {self.world_size} = global batch {self.global_batch}')
+            batch = ('' if stage == 'grpo' else f'; micro-batch {batch_size} x {gradient_accumulation_steps} '
+                     f'accumulation x {self.world_size} = global batch {self.global_batch}')
+            print(f'{stage}: {self.world_size} process(es) on {self.device}, {dtype}{batch}')
 
     def my_slice(self, micro_step):
         """The slice of the global batch that this rank's micro-step owns."""
