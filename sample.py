@@ -35,10 +35,18 @@ DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
 def pick_device(name='auto'):
-    """'auto' -> cuda if available, else mps, else cpu; anything else is passed to torch.device."""
+    """'auto' -> cuda if available, else mps, else cpu; otherwise that device, which must be available.
+    Raises ValueError naming --device when it is not."""
+    available = {'cuda': torch.cuda.is_available(), 'mps': torch.backends.mps.is_available(), 'cpu': True}
     if name == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu')
-    return torch.device(name)
+        return torch.device(next(d for d, ok in available.items() if ok))
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f'--device {name!r} is not a device name; use auto, cuda, cuda:N, mps or cpu') from None
+    if not available.get(device.type, False):
+        raise ValueError(f'--device {name!r} is not available on this machine; use --device=auto')
+    return device
 
 
 @dataclass
@@ -119,6 +127,8 @@ def load_pipeline(ckpt=None, weights_dir=None, device='auto', dtype='fp32', publ
         raise ValueError(f"--vocoder must be 'auto', 'bigvgan' or 'griffin-lim', got {vocoder!r}")
     device, dtype = pick_device(device), DTYPES[dtype]
     state = read_weights(ckpt) if ckpt is not None else None
+    if state is not None:
+        check_generator_state(state, ckpt)
     if state is not None and 'model_args' in state:
         pipe = load_ours(state, weights_dir, text_encoder, vocoder)
     else:
@@ -136,10 +146,26 @@ def read_weights(path):
     code runs from the file). Raises FileNotFoundError naming the path."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'--ckpt {path!r} does not exist; give a train.py ckpt.pt or a published .pth file')
-    if str(path).endswith('.safetensors'):
-        from safetensors.torch import load_file
-        return load_file(path)
-    return torch.load(path, map_location='cpu', weights_only=True)
+    try:
+        if str(path).endswith('.safetensors'):
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # pickle, zip and safetensors errors alike: the file is not a weights file
+        raise ValueError(f'--ckpt {path!r} is not a readable checkpoint ({type(e).__name__}); give a train.py '
+                         f'ckpt.pt / grpo.pt or a published Resonate_*.pth') from None
+    if not isinstance(state, dict):
+        raise ValueError(f'{path!r} holds a {type(state).__name__}, not a checkpoint or state dict')
+    return state
+
+
+def check_generator_state(state, path):
+    """Refuse, naming the file, a --ckpt that is not a transformer: e.g. the VAE's vae.pt beside ckpt.pt."""
+    if not ('model_args' in state or 'latent_mean' in state):
+        kind = 'a train.py VAE checkpoint (vae.pt)' if 'vae_args' in state else 'not a Resonate transformer checkpoint'
+        raise ValueError(f'--ckpt {str(path)!r} is {kind}; give the ckpt.pt (or grpo.pt) beside it, or a '
+                         f'published Resonate_*.pth')
 
 
 def load_ours(state, weights_dir=None, text_encoder=None, vocoder='auto'):
@@ -299,9 +325,11 @@ def check_pipeline(pipe):
 # -----------------------------------------------------------------------------
 # generation
 
-def make_noise(batch, frames, channels, seed):
-    """Initial noise (B, N, C), drawn on the CPU so a seed gives the same audio on every device."""
-    return torch.randn(batch, frames, channels, generator=torch.Generator().manual_seed(seed))
+def make_noise(seeds, frames, channels):
+    """Initial noise (B, N, C), item i drawn from its own seed on the CPU: the same seed gives the same audio on
+    every device and whatever else shares the batch."""
+    return torch.stack([torch.randn(frames, channels, generator=torch.Generator().manual_seed(int(s)))
+                        for s in seeds])
 
 
 def generate(prompts, pipeline=None, duration=10.0, steps=25, cfg=4.5, negative=None, seed=42, num_samples=1,
@@ -313,7 +341,8 @@ def generate(prompts, pipeline=None, duration=10.0, steps=25, cfg=4.5, negative=
     duration in seconds (1 to the model's longest, 47.5 s for the released model), steps = NFE of the Euler
     sampler (the conditional and unconditional branches share one batched forward), cfg = guidance scale,
     negative = a caption whose features replace the empty-string features of the unconditional branch.
-    Batch b of the run uses seed + b, so results do not depend on what else is generated after it.
+    Sample k of every prompt starts from noise seeded with seed + k, so a prompt's audio depends on the seed
+    alone, not on the other prompts or on batch_size.
     Raises ValueError for a duration out of range, an empty prompt list or a pipeline without text encoder."""
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -330,10 +359,12 @@ def generate(prompts, pipeline=None, duration=10.0, steps=25, cfg=4.5, negative=
     neg = [x.to(device, dtype) for x in pipe.text_encoder.encode([negative])] if negative else None
     out = []
     batches = range(0, len(jobs), batch_size)
-    for b, start in enumerate(tqdm(batches, desc='batches', disable=not progress or len(batches) == 1)):
+    for start in tqdm(batches, desc='batches', disable=not progress or len(batches) == 1):
         batch = jobs[start:start + batch_size]
         text_f, text_f_c = (x.to(device, dtype) for x in pipe.text_encoder.encode(batch))  # (B, 77, Dt), (B, Dc)
-        noise = make_noise(len(batch), frames, model.cfg.latent_dim, seed + b).to(device, dtype)
+        seeds = [seed + j % num_samples for j in range(start, start + len(batch))]  # sample k of a prompt: seed + k
+        noise = make_noise(seeds, frames, model.cfg.latent_dim)
+        noise = noise.to(device, dtype)
         _, _, wave = pipe.synthesize(text_f, text_f_c, noise, steps, cfg, *(neg or (None, None)),
                                      progress=progress)
         out.append(wave[:, 0, :round(duration * pipe.sample_rate)].cpu())  # (B, S) exactly `duration` long
@@ -445,10 +476,16 @@ def main(argv=None):
         items = [(None, x) for x in args.prompt] + (read_prompts(args.prompts_file) if args.prompts_file else [])
     except (ValueError, OSError) as e:
         p.error(str(e))
+    if any(not x.strip() for x in args.prompt):
+        p.error('a prompt is empty: give a caption such as "rain on a tin roof"')
+    if args.prompts_file and len(items) == len(args.prompt):
+        p.error(f'--prompts-file {args.prompts_file} holds no prompts')
     if not items:
         p.error('give a prompt, e.g. python sample.py "rain on a tin roof", or --prompts-file')
     if args.out and len(items) * args.num_samples != 1:
         p.error('--out names one file: use --out-dir for several prompts or samples')
+    if args.out and not args.out.lower().endswith('.wav'):
+        p.error(f'--out {args.out!r} must name a .wav file')
     try:
         pipe = load_pipeline(args.ckpt, args.weights_dir, args.device, args.dtype, args.weights, args.text_encoder,
                              args.vocoder)

@@ -128,8 +128,9 @@ def set_global(arg):
         pass  # a bare string such as --out_dir=runs/a
     default = globals()[key]
     if isinstance(default, bool) != isinstance(val, bool) or (
-            isinstance(default, (int, float)) and not isinstance(val, (int, float))):
-        raise ValueError(f'--{key} expects a {type(default).__name__}, got {val!r}')
+            isinstance(default, (int, float)) and not isinstance(val, (int, float))) or (
+            isinstance(default, int) and isinstance(val, float)):
+        raise ValueError(f'--{key} expects {type(default).__name__} (like {default!r}), got {val!r}')
     globals()[key] = float(val) if isinstance(default, float) and not isinstance(val, bool) else val
 
 
@@ -182,7 +183,6 @@ class Setup:
             self.rank, self.world_size = 0, 1
         self.device = torch.device(dev)
         self.master = self.rank == 0
-        assert dtype in ('float32', 'bfloat16'), f'--dtype must be float32 or bfloat16, got {dtype!r}'
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if dtype == 'bfloat16'
                          else nullcontext())
         self.global_batch = batch_size * gradient_accumulation_steps * self.world_size
@@ -562,15 +562,39 @@ def train_grpo(s):
     save()
 
 
+def check_settings():
+    """Refuse settings that cannot work, naming each with what is allowed. Raises ValueError."""
+    from transformer import MODELS
+    from vae import MEL_CONFIGS, VAES
+    choices = {'stage': STAGES, 'dtype': ('float32', 'bfloat16'), 'mel': MEL_CONFIGS, 'model': MODELS, 'vae': VAES}
+    for key, allowed in choices.items():
+        if globals()[key] not in allowed:
+            raise ValueError(f'--{key}={globals()[key]!r} is not one of: {", ".join(allowed)}')
+    for key in ('batch_size', 'gradient_accumulation_steps', 'max_iters', 'eval_interval', 'log_interval',
+                'eval_batches', 'latent_stat_batches'):
+        if globals()[key] < 1:
+            raise ValueError(f'--{key} must be at least 1, got {globals()[key]}')
+
+
+STAGES = {'vae': train_vae, 'pretrain': train_pretrain, 'grpo': train_grpo}
+
+
 def main(argv):
     configure(argv)
+    check_settings()
     s = Setup()
     try:
-        {'vae': train_vae, 'pretrain': train_pretrain, 'grpo': train_grpo}[stage](s)
+        STAGES[stage](s)
+        if s.ddp:
+            torch.distributed.barrier()  # no rank tears down while rank 0 still writes the checkpoint
     finally:
         if s.ddp:
             destroy_process_group()
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    from data import DownloadError
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError, DownloadError) as e:  # the user's input: say what to fix, no traceback
+        sys.exit(f'error: {e}')

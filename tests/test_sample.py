@@ -35,16 +35,6 @@ def isolated(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and far faster on a busy machine, where every parallel region of
-    a many-threaded op waits for a time slice."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def closed_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -265,7 +255,7 @@ def test_generate_shapes_seeds_and_negative(pipe):
     assert not torch.equal(neg, audio[:2])
     # the empty-string features stored in the checkpoint are the default unconditional branch
     text_f, text_f_c = pipe.text_encoder.encode(["rain on a tin roof"])
-    noise = sample.make_noise(1, pipe.latent_frames(1.0), 4, 0)
+    noise = sample.make_noise([0], pipe.latent_frames(1.0), 4)
     empty = pipe.transformer.empty_conditions(1)
     a = pipe.synthesize(text_f, text_f_c, noise, 2)[0]
     b = pipe.synthesize(text_f, text_f_c, noise, 2, 4.5, *empty)[0]
@@ -348,3 +338,31 @@ def test_our_train_checkpoint(tmp_path, text_encoder_dir):
     assert sf.info(out).frames == 16000
     with pytest.raises(SystemExit, match="does not exist"):
         sample.main([f"--ckpt={tmp_path / 'missing.pt'}", "a dog barks"])
+
+
+def test_a_prompts_audio_depends_on_the_seed_alone(pipe):
+    """Sample k of a prompt starts from seed + k: neither the other prompts nor batch_size change it."""
+    kw = dict(duration=1.0, steps=2, progress=False)
+    alone, _ = sample.generate(["a dog barks"], pipe, **kw)
+    second, _ = sample.generate(["thunder", "a dog barks"], pipe, batch_size=1, **kw)
+    several, _ = sample.generate(["a dog barks"], pipe, num_samples=2, batch_size=2, **kw)
+    torch.testing.assert_close(second[1], alone[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(several[0], alone[0], atol=1e-5, rtol=0)
+    assert not torch.allclose(several[1], alone[0])
+
+
+def test_wrong_inputs_are_refused_by_name(tmp_path, published_dir, text_encoder_dir):
+    vae_only = tmp_path / "vae.pt"
+    torch.save({"vae_args": tiny_vae().args, "model": tiny_vae().state_dict()}, vae_only)
+    with pytest.raises(ValueError, match="VAE checkpoint"):
+        sample.load_pipeline(str(vae_only), device="cpu")
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        sample.load_pipeline(str(text), device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="not available"):
+            sample.pick_device("cuda")
+    for bad in (['""'.strip('"')], ["a", "--out=x.mp3"]):
+        with pytest.raises(SystemExit):
+            cli(tmp_path, published_dir, text_encoder_dir, *bad)

@@ -119,15 +119,28 @@ def test_lr_schedule_is_warmup_then_released_steps():
 
 @pytest.mark.parametrize('arg, message', [
     ('--no_such_setting=1', 'unknown setting'),
-    ('--max_iters=lots', 'expects a int'),
-    ('--resume=1', 'expects a bool'),
+    ('--max_iters=lots', 'expects int'),
+    ('--max_iters=2.5', 'expects int'),
+    ('--resume=1', 'expects bool'),
     ('config/does_not_exist.py', 'not found'),
+    ('--stage=bogus', "--stage='bogus' is not one of: vae, pretrain, grpo"),
+    ('--mel=8k', 'is not one of: 16k, 44k'),
+    ('--dtype=float16', 'is not one of: float32, bfloat16'),
+    ('--batch_size=0', 'must be at least 1'),
 ])
 def test_bad_settings_are_refused_by_name(arg, message):
     import train
     train = importlib.reload(train)
-    with pytest.raises((ValueError, FileNotFoundError), match=message):
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
         train.configure([arg])
+        train.check_settings()
+
+
+def test_command_line_errors_are_one_line_not_a_traceback(tmp_path):
+    out = subprocess.run([sys.executable, 'train.py', '--stage=vae', '--vae=tiny', '--mel=16k',
+                          f'--out_dir={tmp_path}'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr.startswith('error: no --manifest given')
+    assert 'Traceback' not in out.stderr
 
 
 def test_missing_manifest_and_missing_vae_are_explained(tmp_path):
