@@ -59,6 +59,31 @@ def read_manifest(path, split=None):
     return rows
 
 
+
+def read_prompts(path, split=None):
+    """Prompts as [(id, prompt)] from a text file (one a line, id None), a TTA-Bench JSON list of
+    {"id", "prompt_text", ...}, or a JSONL manifest (its captions, id = audio_id; `split` keeps that split's rows,
+    and split="train" every row not marked "val"). Empty prompts are skipped.
+    Raises FileNotFoundError for a missing file, ValueError for a JSON file of another shape."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompts file {path!r} does not exist")
+    if path.endswith(".jsonl"):
+        rows = read_manifest(path)
+        rows = [r for r in rows if split is None or r.get("split") == split or
+                (split == "train" and r.get("split") != "val")]
+        items = [(r["audio_id"], r["caption"]) for r in rows]
+    elif path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            entries = json.load(f)
+        if not isinstance(entries, list) or not all(isinstance(x, dict) and "prompt_text" in x for x in entries):
+            raise ValueError(f'{path}: expected a JSON list of {{"id": ..., "prompt_text": ...}} as in TTA-Bench')
+        items = [(str(x.get("id", i)), x["prompt_text"]) for i, x in enumerate(entries)]
+    else:
+        with open(path, encoding="utf-8") as f:
+            items = [(None, line) for line in f]
+    return [(pid, p.strip()) for pid, p in items if p and p.strip()]
+
 def _parse_manifest_line(line, path, lineno):
     where = f"{path}, line {lineno}"
     fix = ('each line must be one JSON object such as {"audio_id": "x", "audio_path": "audio/x.flac", '

@@ -674,24 +674,3 @@ RELEASED_FROZEN = {
 
 
 # ---------------------------------------------------------------- prompts
-
-def read_prompts(path, split=None) -> list:
-    """Captions for GRPO from a JSONL manifest (its `caption` field; only rows whose `split` equals `split`, or
-    that are not 'val' when split is 'train') or a text file (one caption a line). Duplicates are dropped,
-    order kept, so every caption is one group. Raises FileNotFoundError / ValueError for a missing or empty file.
-    """
-    if path.endswith(".jsonl"):
-        from data import read_manifest
-        rows = read_manifest(path)
-        if split == "train":
-            rows = [r for r in rows if r.get("split") != "val"]
-        elif split is not None:
-            rows = [r for r in rows if r.get("split") == split]
-        captions = [r["caption"] for r in rows]
-    else:
-        with open(path) as f:
-            captions = [line.strip() for line in f]
-    captions = list(dict.fromkeys(c for c in captions if c and c.strip()))
-    if not captions and split != "val":
-        raise ValueError(f"no captions in {path!r}" + (f" (split {split!r})" if split else ""))
-    return captions

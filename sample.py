@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data import DownloadError, cache_dir, hf_file
+from data import DownloadError, cache_dir, hf_file, read_prompts
 
 PUBLISHED_REPO = 'AndreasXi/Resonate'  # the Hugging Face repository the released code downloads from
 VOCODER_DIR = 'bigvgan_v2_44khz_128band_512x'
@@ -381,23 +381,6 @@ def check_duration(duration, pipe):
 # -----------------------------------------------------------------------------
 # command line
 
-def read_prompts(path):
-    """[(id, prompt)] from a text file (one prompt a line; id None) or a TTA-Bench JSON list of
-    {"id", "prompt_text", ...} (entries with an empty prompt are skipped). Raises ValueError for a JSON file
-    of another shape, FileNotFoundError for a missing file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'--prompts-file {path!r} does not exist')
-    with open(path, encoding='utf-8') as f:
-        text = f.read()
-    if not path.endswith('.json'):
-        return [(None, line.strip()) for line in text.splitlines() if line.strip()]
-    items = json.loads(text)
-    if not isinstance(items, list) or not all(isinstance(x, dict) and 'prompt_text' in x for x in items):
-        raise ValueError(f'{path}: expected a JSON list of {{"id": ..., "prompt_text": ...}} as in TTA-Bench')
-    return [(safe_name(str(x.get('id', i))), x['prompt_text'].strip()) for i, x in enumerate(items)
-            if x['prompt_text'].strip()]
-
-
 def safe_name(text, limit=80):
     """A file name from a prompt: ASCII letters, digits, '-' and '_' only, at most `limit` characters."""
     return re.sub(r'[^A-Za-z0-9-]+', '_', text).strip('_-')[:limit].rstrip('_-') or 'sample'
@@ -504,7 +487,7 @@ def main(argv=None):
     written = set()
     for i, wave in enumerate(audio):
         pid, prompt = items[i // args.num_samples]
-        name = pid or safe_name(prompt)
+        name = safe_name(pid) if pid else safe_name(prompt)
         if args.num_samples > 1:
             name += f'_{i % args.num_samples}'
         path = unused_path(args.out or os.path.join(args.out_dir, name + '.wav'), args.overwrite, written)

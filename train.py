@@ -464,6 +464,12 @@ def train_pretrain(s):
     trainer.train(loss_fn, eval_fn)
 
 
+def captions(path, split):
+    """The distinct prompts of a prompts file or manifest (see data.read_prompts), in order: one group each."""
+    from data import read_prompts
+    return list(dict.fromkeys(p for _, p in read_prompts(path, split)))
+
+
 def train_grpo(s):
     """Flow-GRPO from --init_from (our ckpt.pt, or the published Resonate_PT.pth when empty) against --reward.
 
@@ -484,10 +490,12 @@ def train_grpo(s):
     extra = ({k: init[k] for k in ('model_args', 'text_encoder', 'mel', 'vae_args', 'vae')} if 'model_args' in init
              else {'model_args': asdict(policy.cfg), 'published_base': init_from or 'Resonate_PT.pth'})
     val_src = val_prompt_file or val_manifest or manifest
-    val_prompts = grpo.read_prompts(val_src, None if val_prompt_file or val_manifest else 'val') if val_src else []
+    val_prompts = captions(val_src, None if val_prompt_file or val_manifest else 'val') if val_src else []
     val_prompts = val_prompts[:grpo_eval_prompts]
-    prompts = [p for p in grpo.read_prompts(prompt_file or manifest, None if prompt_file else 'train')
+    prompts = [p for p in captions(prompt_file or manifest, None if prompt_file else 'train')
                if p not in set(val_prompts)]  # held-out captions are never trained on
+    if not prompts:
+        raise ValueError(f'no training prompts in {prompt_file or manifest!r} (held-out captions excluded)')
     text, reward_fn = TextFeatures(pipe.text_encoder), build_reward(reward, device=s.device)
     if lora_rank:  # the frozen base with adapters off is the reference model: no second copy
         params, ref = grpo.apply_lora(policy, lora_rank, lora_alpha), policy

