@@ -28,7 +28,7 @@ from flow import euler_sample, guided_velocity, sde_step_with_logprob
 
 @dataclass
 class GRPOConfig:
-    """Flow-GRPO hyper-parameters; defaults are the released Resonate run (config/GRPO_*.yaml).
+    """Flow-GRPO hyper-parameters; defaults are the released Resonate run (the released repository's config/GRPO_*.yaml, SPEC figures).
 
     Per epoch and process: num_batches_per_epoch rollout batches of sample_batch_size clips; across processes
     each rollout batch holds world_size * sample_batch_size / group_size captions, group_size clips each. The
