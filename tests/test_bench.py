@@ -32,8 +32,6 @@ def test_speed_report_counts_both_cfg_branches():
     parts = guided["parts"]
     assert set(parts) == {"text", "transformer", "vae", "vocoder"}
     assert parts["transformer"]["calls"] == 2 and all(p["flops"] > 0 for p in parts.values())
-    total = sum(p["per_generated_second"] for p in parts.values())
-    assert guided["seconds_per_generated_second"] == pytest.approx(total)
     # CFG runs the conditional and unconditional branches as one batch of two: twice the FLOPs of cfg = 1
     bench.configure(["--cfg=1.0", "--parts=transformer"])
     plain = bench.main([])
