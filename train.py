@@ -170,9 +170,8 @@ class Setup:
 
     def __init__(self):
         self.ddp = int(os.environ.get('RANK', -1)) != -1
-        dev = device
-        if dev == 'auto':
-            dev = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+        from sample import pick_device
+        dev = str(pick_device(device))
         if self.ddp:
             init_process_group(backend='nccl' if dev.startswith('cuda') else 'gloo')
             self.rank, self.world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
@@ -207,6 +206,11 @@ class Setup:
 
 
 
+def step_generator(step, salt=0):
+    """A CPU generator seeded by (seed, step, salt): the same on every rank and in a resumed run."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 7919 + salt)
+
+
 def draw_step(step, n_clips, n, latent_shape, salt=0):
     """Every random number of one optimizer step, for all `n` samples of the global batch.
 
@@ -214,7 +218,7 @@ def draw_step(step, n_clips, n, latent_shape, salt=0):
     slice; a resumed or re-split run therefore sees exactly the same clips, crops, noise, t and dropped captions.
     latent_shape: (E, N) latent channels and frames, the VAE's layout. Returns a dict of tensors with leading n.
     """
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 7919 + salt)
+    g = step_generator(step, salt)
     return {'index': torch.randint(n_clips, (n,), generator=g),
             'crop': torch.rand(n, generator=g),  # where in a long clip the window starts, as a fraction
             'posterior_eps': torch.randn(n, *latent_shape, generator=g),  # z = mean + std * eps
@@ -248,7 +252,8 @@ def latent_frames(mel_cfg):
 class Trainer:
     """What the stages share: optimizer, LR schedule, EMA, DDP, gradient accumulation, evaluation, checkpoints.
 
-    A stage supplies `loss_fn(model, draws) -> (loss, logs)` for its slice of the step's draws and
+    A stage supplies `loss_fn(model, draws) -> (loss, logs)` for its slice of the step's draws (logs: a dict, or
+    a function returning one when computing it would cost a device sync on steps that print nothing) and
     `eval_fn(model) -> loss`. `extra_state` is stored in the checkpoint so sample.py can rebuild from it alone."""
 
     def __init__(self, s, model, ckpt_name, extra_state, latent_shape, dataset, betas=None, wd=None):
@@ -315,6 +320,7 @@ class Trainer:
                 self.end_epoch()
             if self.step % log_interval == 0 and s.master:
                 dt, t0 = time.time() - t0, time.time()
+                logs = logs() if callable(logs) else logs
                 extra = ''.join(f' {k} {v:.4f}' for k, v in logs.items())
                 print(f'step {self.step}: loss {loss.item():.4f}{extra} grad-norm {norm:.3f} lr {lr:.2e} '
                       f'{dt / log_interval * 1000:.0f} ms/step')
@@ -454,7 +460,7 @@ def train_pretrain(s):
             model, raw.normalize(z), text_f, text_f_c, t=draws['t'].to(s.device),
             noise=draws['noise'].transpose(1, 2).to(s.device), drop_text=draws['drop_text'].to(s.device),
             empty=raw.empty_conditions(len(captions)))
-        return loss, loss_by_t_bin(per_sample, t)
+        return loss, lambda: loss_by_t_bin(per_sample, t)  # computed only on log steps: it syncs the device
 
     val_draws = trainer.val_draws(len(val_set))
 
@@ -555,7 +561,7 @@ def train_grpo(s):
                                     s.rank, s.world_size, s.autocast)
         samples['advantages'], logs = grpo.gather_advantages(samples['rewards'], samples['prompt_ids'], cfg, s.rank)
         if logs['zero_std_share'] < 1:  # otherwise no sample carries signal: nothing to learn from
-            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7919 + 7)
+            g = step_generator(epoch, salt=7)
             steps = grpo.train_epoch(model, ref, optimizer, samples, text, prompts, cfg, g, grpo_micro_batch,
                                      s.autocast)
             for k in steps[0]:
