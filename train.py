@@ -78,6 +78,7 @@ grpo_grad_accum_steps = 2  # minibatches per update
 grpo_num_inner_epochs = 1
 grpo_timestep_fraction = 0.99  # train on the first int(num_steps * fraction) steps
 grpo_advantage_std = 'global'  # 'global' (batch-wide reward std, released) | 'per_prompt' (group std)
+grpo_same_noise = False  # a caption's clips share their starting noise, so only the SDE steps tell them apart
 grpo_adv_clip_max = 5.0
 grpo_clip_range = 1e-4  # PPO ratio clip
 grpo_beta = 0.04  # KL weight
@@ -160,6 +161,20 @@ def load_checkpoint(path, what):
     if not os.path.exists(path):
         raise FileNotFoundError(f'{what} {path!r} does not exist; train it first or give its path (see README)')
     return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def load_resumed(module, state, ckpt, path, strict=True):
+    """module.load_state_dict(state) for --resume; when the weights do not fit (another model size, LoRA rank, ...)
+    raise ValueError naming the settings that differ from those stored in the checkpoint `ckpt` (at `path`)."""
+    try:
+        return module.load_state_dict(state, strict=strict)
+    except RuntimeError as e:
+        saved = ckpt.get('config', {})
+        diff = [f'{k}={saved[k]!r} (now {globals()[k]!r})' for k in config_keys
+                if k != 'resume' and k in saved and saved[k] != globals()[k]]
+        raise ValueError(f'--resume: the weights in {path} do not fit this model ({str(e).splitlines()[1].strip()}); '
+                         f'it was written with {", ".join(diff) or "the same settings"}. Resume with its settings or '
+                         'use a new --out_dir') from None
 
 
 # -----------------------------------------------------------------------------
@@ -279,9 +294,11 @@ class Trainer:
 
     def restore(self):
         ckpt = load_checkpoint(self.ckpt_path, '--resume checkpoint')
-        self.raw.load_state_dict(ckpt['model'])
+        load_resumed(self.raw, ckpt['model'], ckpt, self.ckpt_path)
         self.optimizer.load_state_dict(ckpt['optimizer'])
         if self.ema is not None:
+            if ckpt['ema'] is None:
+                raise ValueError(f'--resume: {self.ckpt_path} was written without an EMA; resume with --ema_decay=0')
             self.ema.load_state_dict(ckpt['ema'])
         self.step, self.best_val = ckpt['step'], ckpt['best_val']
         torch.set_rng_state(ckpt['rng_state'])
@@ -513,9 +530,14 @@ def train_grpo(s):
     if resume:
         ckpt = load_checkpoint(ckpt_path, '--resume checkpoint')
         if lora_rank:  # the frozen base comes from --init_from
-            assert not policy.load_state_dict(ckpt['lora'], strict=False).unexpected_keys, 'LoRA rank/targets differ'
+            if ckpt['lora'] is None or load_resumed(policy, ckpt['lora'], ckpt, ckpt_path, strict=False).unexpected_keys:
+                raise ValueError(f'--resume: {ckpt_path} holds no LoRA adapters of this kind; resume with its '
+                                 f'--lora_rank={ckpt["config"]["lora_rank"]}')
+        elif ckpt['lora'] is not None:
+            raise ValueError(f'--resume: {ckpt_path} holds LoRA adapters; resume with '
+                             f'--lora_rank={ckpt["config"]["lora_rank"]} (or start a new --out_dir)')
         else:
-            policy.load_state_dict(ckpt['model'])
+            load_resumed(policy, ckpt['model'], ckpt, ckpt_path)
         optimizer.load_state_dict(ckpt['optimizer'])
         epoch = ckpt['step']
     start = epoch

@@ -67,6 +67,14 @@ def test_stopped_and_resumed_run_equals_uninterrupted(pretrained, tmp_path, opti
         assert (a["exp_avg"] - b["exp_avg"]).abs().max().item() <= 1e-6
 
 
+def test_resume_with_another_lora_rank_is_refused_by_name(pretrained, tmp_path):
+    run_grpo(pretrained, tmp_path, 1, lora_rank=4)
+    with pytest.raises(ValueError, match="lora_rank=4"):
+        run_grpo(pretrained, tmp_path, 2, resume=True, lora_rank=0)
+    with pytest.raises(ValueError, match=r"lora_rank=4 \(now 8\)"):
+        run_grpo(pretrained, tmp_path, 2, resume=True, lora_rank=8)
+
+
 def test_checkpoint_rebuilds_in_sample_py(pretrained, tmp_path):
     """grpo.pt carries what sample.py needs; with LoRA its 'model' holds the adapters merged into the base."""
     from sample import load_pipeline

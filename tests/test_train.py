@@ -80,6 +80,12 @@ def test_resumed_run_ends_with_the_same_weights(stage, vae_ckpt, tmp_path, capsy
     assert any(not torch.equal(resumed['model'][k], v) for k, v in at_crash['model'].items())
 
 
+def test_resume_with_other_model_settings_names_them(vae_ckpt, tmp_path):
+    (tmp_path / 'vae.pt').write_bytes(open(vae_ckpt, 'rb').read())
+    with pytest.raises(ValueError, match=r"vae='tiny' \(now 'small'\)"):
+        run_in_process(['--stage=vae', '--max_iters=4', '--resume=True', f'--out_dir={tmp_path}', *TINY, '--vae=small'])
+
+
 @pytest.mark.parametrize('stage', ['vae', 'pretrain'])
 def test_two_process_ddp_equals_one_process_with_twice_the_batch(stage, vae_ckpt, tmp_path):
     common = [f'--stage={stage}', '--max_iters=3', '--eval_interval=100', f'--vae_ckpt={vae_ckpt}', *TINY]
