@@ -45,6 +45,7 @@ class GRPOConfig:
     num_inner_epochs: int = 1         # passes over one epoch's rollouts
     timestep_fraction: float = 0.99   # train on the first int(num_steps * fraction) sampling steps
     advantage_std: str = "global"     # "global": batch-wide reward std (released); "per_prompt": group std
+    same_noise: bool = False          # a group's clips share their starting noise (flow_grpo's same_latent)
     adv_clip_max: float = 5.0         # advantages clipped to +-adv_clip_max
     clip_range: float = 1e-4          # PPO ratio clip
     beta: float = 0.04                # weight of the KL penalty to the reference model
@@ -450,6 +451,20 @@ def draw_noise(seed, epoch, sample_index, num_steps, latent_shape) -> torch.Tens
     return torch.stack(out)
 
 
+def rollout_noise(seed, epoch, batch, prompt_ids, n_prompts, cfg: GRPOConfig, latent_shape, rank=0, world_size=1):
+    """(B, num_steps + 1, N, C): draw_noise for this rank's B = sample_batch_size clips of rollout batch `batch`.
+
+    With cfg.same_noise (flow_grpo's same_latent) the clips of one caption (prompt_ids (B,)) share their starting
+    noise, drawn by (seed, epoch, batch, caption id) so that it is equal across processes too; their SDE steps'
+    eps still differ, so reward differences within a group come only from the steps the policy is trained on."""
+    per = cfg.sample_batch_size
+    noise = draw_noise(seed, epoch, batch * world_size * per + rank * per + torch.arange(per), cfg.num_steps,
+                       latent_shape)
+    if cfg.same_noise:  # negative indices: never an index of draw_noise's per-clip draws
+        noise[:, 0] = draw_noise(seed, epoch, -1 - (batch * n_prompts + prompt_ids), 0, latent_shape)[:, 0]
+    return noise
+
+
 @torch.no_grad()
 def decode_audio(pipe, x) -> torch.Tensor:
     """Normalised latents (B, N, C) -> waveform (B, S) in [-1, 1] at pipe.sample_rate: un-normalise, VAE
@@ -472,12 +487,11 @@ def sample_epoch(policy, pipe, reward_fn, text, prompts, cfg: GRPOConfig, epoch,
     prompt_ids (B,) and rewards (B,) fp32, B_rank = num_batches_per_epoch * sample_batch_size.
     """
     device, dtype = policy.latent_mean.device, policy.latent_mean.dtype
-    G, per = world_size * cfg.sample_batch_size, cfg.sample_batch_size
+    per = cfg.sample_batch_size
     batches = []
     for b in range(cfg.num_batches_per_epoch):
         ids = draw_prompt_ids(seed, epoch, b, len(prompts), cfg, world_size)[rank * per:(rank + 1) * per]
-        noise = draw_noise(seed, epoch, b * G + rank * per + torch.arange(per), cfg.num_steps, latent_shape)
-        noise = noise.to(device, dtype)
+        noise = rollout_noise(seed, epoch, b, ids, len(prompts), cfg, latent_shape, rank, world_size).to(device, dtype)
         captions = [prompts[i] for i in ids.tolist()]
         text_f, text_f_c = (x.to(dtype) for x in text(captions, device))
         with autocast or nullcontext():
