@@ -346,11 +346,14 @@ class AudioCaptionDataset(torch.utils.data.Dataset):
         raise ValueError(f"no readable audio file among the {len(self.rows)} rows of the manifest; "
                          "check the audio_path entries (relative paths are resolved against the manifest's folder)")
 
-    def end_epoch_report(self):
-        """Return "skipped K of N files" for the epoch now ending, and start counting afresh."""
-        report = f"skipped {self.num_skipped} of {len(self)} files"
-        if self._skipped:
-            report += ": " + ", ".join(sorted(os.path.basename(self.rows[i]["audio_path"]) for i in self._skipped))
+    def end_epoch_report(self, merge=None):
+        """Return "skipped K of N files: names" for the epoch now ending, and start counting afresh.
+        merge: optional function from this copy's set of bad row indices to the set over all copies (e.g. the
+        union over DDP ranks, each of which read its own share of the rows)."""
+        skipped = merge(self._skipped) if merge else self._skipped
+        report = f"skipped {len(skipped)} of {len(self)} files"
+        if skipped:
+            report += ": " + ", ".join(sorted(os.path.basename(self.rows[i]["audio_path"]) for i in skipped))
         self._skipped = set()
         return report
 

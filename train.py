@@ -219,6 +219,21 @@ class Setup:
             x /= self.world_size
         return x
 
+    def gather(self, x):
+        """(B, ...) of this rank -> (world_size * B, ...) in rank order (the same B on every rank)."""
+        if not self.ddp:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    def union_across_ranks(self, items: set) -> set:
+        if not self.ddp:
+            return items
+        parts = [None] * self.world_size
+        torch.distributed.all_gather_object(parts, items)
+        return set().union(*parts)
+
 
 
 def step_generator(step, salt=0):
@@ -268,7 +283,8 @@ class Trainer:
     """What the stages share: optimizer, LR schedule, EMA, DDP, gradient accumulation, evaluation, checkpoints.
 
     A stage supplies `loss_fn(model, draws) -> (loss, logs)` for its slice of the step's draws (logs: a dict, or
-    a function returning one when computing it would cost a device sync on steps that print nothing) and
+    a function returning one when computing it would cost a device sync on steps that print nothing; tensor
+    values are this rank's batch means, averaged over ranks; floats must already speak for all ranks) and
     `eval_fn(model) -> loss`. `extra_state` is stored in the checkpoint so sample.py can rebuild from it alone."""
 
     def __init__(self, s, model, ckpt_name, extra_state, latent_shape, dataset, betas=None, wd=None):
@@ -335,17 +351,19 @@ class Trainer:
             self.step += 1
             if self.step * s.global_batch // self.n_clips > (self.step - 1) * s.global_batch // self.n_clips:
                 self.end_epoch()
-            if self.step % log_interval == 0 and s.master:
+            if self.step % log_interval == 0:  # the last micro-step's loss and logs, over all ranks
+                logs = {'loss': loss.detach(), **(logs() if callable(logs) else logs)}
+                logs = {k: self.s.mean_across_ranks(v.float()).item() if torch.is_tensor(v) else v
+                        for k, v in logs.items()}
                 dt, t0 = time.time() - t0, time.time()
-                logs = logs() if callable(logs) else logs
-                extra = ''.join(f' {k} {v:.4f}' for k, v in logs.items())
-                print(f'step {self.step}: loss {loss.item():.4f}{extra} grad-norm {norm:.3f} lr {lr:.2e} '
-                      f'{dt / log_interval * 1000:.0f} ms/step')
+                if s.master:
+                    print(f'step {self.step}: ' + ' '.join(f'{k} {v:.4f}' for k, v in logs.items()) +
+                          f' grad-norm {norm:.3f} lr {lr:.2e} {dt / log_interval * 1000:.0f} ms/step')
         self.evaluate(eval_fn)
 
     def end_epoch(self):
         """Once per pass over the training clips: how many unreadable files were skipped (and which)."""
-        report = self.dataset.end_epoch_report()
+        report = self.dataset.end_epoch_report(merge=self.s.union_across_ranks)
         if self.s.master and not report.startswith('skipped 0 '):
             print(f'step {self.step}: epoch {self.step * self.s.global_batch // self.n_clips} {report}')
 
@@ -477,7 +495,8 @@ def train_pretrain(s):
             model, raw.normalize(z), text_f, text_f_c, t=draws['t'].to(s.device),
             noise=draws['noise'].transpose(1, 2).to(s.device), drop_text=draws['drop_text'].to(s.device),
             empty=raw.empty_conditions(len(captions)))
-        return loss, lambda: loss_by_t_bin(per_sample, t)  # computed only on log steps: it syncs the device
+        # computed only on log steps (it syncs the device), over every rank's samples
+        return loss, lambda: loss_by_t_bin(s.gather(per_sample.detach()), s.gather(t))
 
     val_draws = trainer.val_draws(len(val_set))
 

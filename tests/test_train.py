@@ -87,14 +87,22 @@ def test_resume_with_other_model_settings_names_them(vae_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize('stage', ['vae', 'pretrain'])
-def test_two_process_ddp_equals_one_process_with_twice_the_batch(stage, vae_ckpt, tmp_path):
+def test_two_process_ddp_equals_one_process_with_twice_the_batch(stage, vae_ckpt, tmp_path, capsys):
     common = [f'--stage={stage}', '--max_iters=3', '--eval_interval=100', f'--vae_ckpt={vae_ckpt}', *TINY]
     run_in_process([*common, '--batch_size=4', f'--out_dir={tmp_path / "one"}'])
+    log_one = capsys.readouterr().out
     log = run_torchrun([*common, '--batch_size=2', f'--out_dir={tmp_path / "two"}'], nproc=2)
     assert '2 process(es)' in log and 'global batch 4' in log
     name = 'vae.pt' if stage == 'vae' else 'ckpt.pt'
     one, two = weights(tmp_path / 'one' / name), weights(tmp_path / 'two' / name)
     assert_same(one, two, atol=1e-5)
+    # the log speaks for the whole batch, not rank 0's half: the same losses and the same skipped files
+    # (and, for pretrain, the same loss per t bin)
+    losses = [[float(x) for line in re.findall(r'step \d+: (loss .*) grad-norm', text) for x in line.split()[1::2]]
+              for text in (log_one, log)]
+    assert len(losses[0]) >= 3 and losses[0] == pytest.approx(losses[1], abs=2e-4)
+    skips = [re.findall(r'epoch \d+ skipped .*', text) for text in (log_one, log)]
+    assert len(skips[0]) == 2 and skips[0] == skips[1]
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
