@@ -130,6 +130,16 @@ def test_stereo_is_downmixed_to_the_mean(tmp_path):
     np.testing.assert_allclose(w.numpy(), 0.25 * left, atol=1e-6)
 
 
+def test_stereo_channels_that_cancel_out_keep_the_loudest(tmp_path):
+    left = tone(440.0, 16000).numpy()
+    path = str(tmp_path / "antiphase.wav")
+    soundfile.write(path, np.stack([-0.3 * left, 0.9 * left, -0.6 * left], axis=1), 16000, subtype="FLOAT")
+    np.testing.assert_allclose(data.load_audio(path, 16000).numpy(), 0.9 * left, atol=1e-6)
+    soundfile.write(path, np.zeros((1600, 2), dtype=np.float32), 16000, subtype="FLOAT")
+    with pytest.raises(data.AudioError, match="is silent"):
+        data.load_audio(path, 16000)
+
+
 @pytest.mark.parametrize("name, reason", [
     ("corrupt.flac", "could not be decoded"), ("silent.wav", "is silent"),
     ("empty.wav", "holds no samples"), ("missing.flac", "does not exist")])
