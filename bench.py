@@ -165,9 +165,8 @@ def _refilter(voc):
 def bench_speed():
     """Seconds per generated second, FLOPs and FLOP/s of each part of the pipeline on this machine."""
     from flow import guided_velocity
-    dev = torch.device('cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available()
-                       else 'cpu') if device == 'auto' else torch.device(device)
-    dt = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}[dtype]
+    from sample import DTYPES, pick_device
+    dev, dt = pick_device(device), DTYPES[dtype]
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -215,9 +214,15 @@ MODES = {'speed': bench_speed}  # --mode=eval (TTA-Bench) is to come
 
 def main(argv=None):
     configure(sys.argv[1:] if argv is None else argv)
+    from sample import DTYPES
     if mode not in MODES:
         sys.exit(f'error: --mode must be one of {sorted(MODES)}, got {mode!r}')
-    return MODES[mode]()
+    if dtype not in DTYPES:
+        sys.exit(f'error: --dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
+    try:
+        return MODES[mode]()
+    except ValueError as e:  # e.g. --device naming a device this machine lacks
+        sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

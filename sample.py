@@ -31,7 +31,8 @@ PUBLISHED = {  # name -> file in that repository (sizes of the released files, f
     'vocoder_config': f'{VOCODER_DIR}/config.json',
     'vocoder': f'{VOCODER_DIR}/bigvgan_generator.pt'}  # BigVGAN v2, 122 M parameters, ~0.5 GB
 PUBLISHED_TEXT_ENCODER = 'flan-t5-large'  # google/flan-t5-large, fetched by transformers (~3 GB) or a local folder
-DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16,
+          'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}  # train.py's spelling
 
 
 def pick_device(name='auto'):
@@ -431,6 +432,9 @@ def parse_args(argv=None):
                                                          'scores highest')
     p.add_argument('--reward', default='clap', help='reward.build_reward spec for --best-of, e.g. clap, '
                                                    'qwen_omni, loudness:1.0')
+    # train.py's spelling works too: --weights_dir=... is --weights-dir=...
+    argv = [re.sub(r'^--(\w+)', lambda m: '--' + m.group(1).replace('_', '-'), a) if a.startswith('--') else a
+            for a in (sys.argv[1:] if argv is None else argv)]
     args = p.parse_args(argv)
     for name in ('steps', 'num_samples', 'batch_size', 'best_of'):
         if getattr(args, name) < 1:

@@ -94,7 +94,7 @@ lora_alpha = 64.0
 weights_dir = ''  # grpo from published weights: folder holding the VAE, vocoder (and flan-t5-large) files
 # system
 device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:0' | 'mps'
-dtype = 'float32'  # 'float32' | 'bfloat16' (autocast)
+dtype = 'float32'  # 'float32' | 'bfloat16' (autocast); 'fp32' | 'bf16' also accepted
 compile = False  # torch.compile the model
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
@@ -116,6 +116,8 @@ def configure(argv):
             exec(f.read(), globals())
     for arg in overrides:
         set_global(arg)
+    global dtype
+    dtype = {'fp32': 'float32', 'bf16': 'bfloat16'}.get(dtype, dtype)  # sample.py's spelling works too
 
 
 def set_global(arg):

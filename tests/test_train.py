@@ -131,6 +131,14 @@ def test_lr_schedule_is_warmup_then_released_steps():
     assert train.get_lr(80) == pytest.approx(1e-5) and train.get_lr(90) == pytest.approx(1e-6)
 
 
+def test_sample_py_dtype_spelling_is_accepted():
+    import train
+    train = importlib.reload(train)
+    train.configure(['--dtype=bf16'])
+    train.check_settings()
+    assert train.dtype == 'bfloat16'
+
+
 @pytest.mark.parametrize('arg, message', [
     ('--no_such_setting=1', 'unknown setting'),
     ('--max_iters=lots', 'expects int'),
