@@ -221,14 +221,6 @@ class Setup:
             x /= self.world_size
         return x
 
-    def gather(self, x):
-        """(B, ...) of this rank -> (world_size * B, ...) in rank order (the same B on every rank)."""
-        if not self.ddp:
-            return x
-        parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        torch.distributed.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
     def union_across_ranks(self, items: set) -> set:
         if not self.ddp:
             return items
@@ -461,6 +453,7 @@ class TextFeatures:
 
 def train_pretrain(s):
     from flow import flow_matching_loss, loss_by_t_bin
+    from grpo import all_gather  # (B,) per rank -> (world_size * B,)
     from transformer import MODELS, Resonate, load_text_encoder
     vae_model, vae_file, mel_cfg, mel_fn = load_vae(s)
     train_set, val_set = load_data(mel_cfg['sample_rate'])
@@ -498,7 +491,7 @@ def train_pretrain(s):
             noise=draws['noise'].transpose(1, 2).to(s.device), drop_text=draws['drop_text'].to(s.device),
             empty=raw.empty_conditions(len(captions)))
         # computed only on log steps (it syncs the device), over every rank's samples
-        return loss, lambda: loss_by_t_bin(s.gather(per_sample.detach()), s.gather(t))
+        return loss, lambda: loss_by_t_bin(all_gather(per_sample.detach()), all_gather(t))
 
     val_draws = trainer.val_draws(len(val_set))
 
