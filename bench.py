@@ -214,15 +214,18 @@ MODES = {'speed': bench_speed}  # --mode=eval (TTA-Bench) is to come
 
 def main(argv=None):
     configure(sys.argv[1:] if argv is None else argv)
-    from sample import DTYPES
-    if mode not in MODES:
-        sys.exit(f'error: --mode must be one of {sorted(MODES)}, got {mode!r}')
-    if dtype not in DTYPES:
-        sys.exit(f'error: --dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
+    from sample import DTYPES, pick_device
+    from transformer import MODELS
+    from vae import BIGVGAN_CONFIGS, MEL_CONFIGS, VAES
+    for key, allowed in (('mode', MODES), ('dtype', DTYPES), ('size', MODELS), ('vae', VAES), ('mel', MEL_CONFIGS),
+                         ('vocoder', [*BIGVGAN_CONFIGS, 'griffin-lim'])):
+        if globals()[key] not in allowed:
+            sys.exit(f'error: --{key} must be one of {sorted(allowed)}, got {globals()[key]!r}')
     try:
-        return MODES[mode]()
-    except ValueError as e:  # e.g. --device naming a device this machine lacks
+        pick_device(device)
+    except ValueError as e:  # a device this machine lacks
         sys.exit(f'error: {e}')
+    return MODES[mode]()
 
 
 if __name__ == '__main__':

@@ -181,8 +181,8 @@ class AudioError(ValueError):
 def load_audio(path, sample_rate):
     """Decode an audio file to a mono float32 waveform at `sample_rate`.
 
-    Channels are averaged (mono = mean of channels), except when they cancel out (a polarity-inverted channel):
-    then the loudest channel is kept. The rate is changed with `resample`.
+    Channels are averaged (mono = mean of channels), except when they largely cancel out (a polarity-inverted
+    channel: the mean's peak under a tenth of the loudest channel's) - then the loudest channel is kept. The rate is changed with `resample`.
     Args:
         path: any format libsndfile reads (wav, flac, ogg, ...).
         sample_rate: target rate in Hz.
@@ -203,9 +203,10 @@ def load_audio(path, sample_rate):
         raise AudioError(f"audio file {path} holds no samples; drop it from the manifest")
     mono = data.mean(axis=1)  # (S,)
     peak = float(np.abs(mono).max())  # numpy: cheaper than torch's thread pool for one small reduction
-    if peak < SILENCE_PEAK and data.shape[1] > 1:  # channels in antiphase cancel out: keep the loudest one
-        mono = data[:, np.abs(data).max(axis=0).argmax()]
-        peak = float(np.abs(mono).max())
+    channel_peaks = np.abs(data).max(axis=0)  # (C,)
+    if peak < 0.1 * channel_peaks.max():  # channels in antiphase cancel out (-20 dB or more): keep the loudest
+        mono = data[:, channel_peaks.argmax()]
+        peak = float(channel_peaks.max())
     if peak < SILENCE_PEAK:
         raise AudioError(f"audio file {path} is silent (peak {peak:.1e} < {SILENCE_PEAK:.0e}); drop it from the manifest")
     return resample(torch.from_numpy(np.ascontiguousarray(mono)), sr, sample_rate)

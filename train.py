@@ -165,18 +165,23 @@ def load_checkpoint(path, what):
     return torch.load(path, map_location='cpu', weights_only=True)
 
 
+MODEL_SETTINGS = ('mel', 'vae', 'model', 'text_encoder', 'lora_rank')  # the settings that shape the weights
+
+
 def load_resumed(module, state, ckpt, path, strict=True):
     """module.load_state_dict(state) for --resume; when the weights do not fit (another model size, LoRA rank, ...)
-    raise ValueError naming the settings that differ from those stored in the checkpoint `ckpt` (at `path`)."""
+    raise ValueError naming the model settings that differ from those stored in the checkpoint `ckpt` (at `path`)."""
     try:
         return module.load_state_dict(state, strict=strict)
     except RuntimeError as e:
         saved = ckpt.get('config', {})
-        diff = [f'{k}={saved[k]!r} (now {globals()[k]!r})' for k in config_keys
-                if k != 'resume' and k in saved and saved[k] != globals()[k]]
-        raise ValueError(f'--resume: the weights in {path} do not fit this model ({str(e).splitlines()[1].strip()}); '
-                         f'it was written with {", ".join(diff) or "the same settings"}. Resume with its settings or '
-                         'use a new --out_dir') from None
+        diff = [f'{k}={saved[k]!r} (now {globals()[k]!r})' for k in MODEL_SETTINGS
+                if k in saved and saved[k] != globals()[k]]
+        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e)).rstrip('.')
+        first = first if len(first) <= 160 else first[:160] + ' ...'
+        raise ValueError(f'--resume: the weights in {path} do not fit this model ({first}); it was '
+                         f'written with {", ".join(diff) or "the same model settings"}. Resume with those or use a '
+                         'new --out_dir') from None
 
 
 # -----------------------------------------------------------------------------
@@ -222,12 +227,12 @@ class Setup:
         return x
 
     def union_across_ranks(self, items: set) -> set:
+        """The union of every rank's `items` (small sets of picklable values, e.g. bad row indices)."""
         if not self.ddp:
             return items
         parts = [None] * self.world_size
         torch.distributed.all_gather_object(parts, items)
         return set().union(*parts)
-
 
 
 def step_generator(step, salt=0):
@@ -306,10 +311,11 @@ class Trainer:
         ckpt = load_checkpoint(self.ckpt_path, '--resume checkpoint')
         load_resumed(self.raw, ckpt['model'], ckpt, self.ckpt_path)
         self.optimizer.load_state_dict(ckpt['optimizer'])
+        if (self.ema is None) != (ckpt['ema'] is None):  # never drop or invent an EMA silently
+            raise ValueError(f'--resume: {self.ckpt_path} was written with --ema_decay='
+                             f'{ckpt["config"]["ema_decay"]}; resume with that (or use a new --out_dir)')
         if self.ema is not None:
-            if ckpt['ema'] is None:
-                raise ValueError(f'--resume: {self.ckpt_path} was written without an EMA; resume with --ema_decay=0')
-            self.ema.load_state_dict(ckpt['ema'])
+            load_resumed(self.ema, ckpt['ema'], ckpt, self.ckpt_path)
         self.step, self.best_val = ckpt['step'], ckpt['best_val']
         torch.set_rng_state(ckpt['rng_state'])
         if self.s.master:
@@ -544,12 +550,15 @@ def train_grpo(s):
     if resume:
         ckpt = load_checkpoint(ckpt_path, '--resume checkpoint')
         if lora_rank:  # the frozen base comes from --init_from
-            if ckpt['lora'] is None or load_resumed(policy, ckpt['lora'], ckpt, ckpt_path, strict=False).unexpected_keys:
-                raise ValueError(f'--resume: {ckpt_path} holds no LoRA adapters of this kind; resume with its '
-                                 f'--lora_rank={ckpt["config"]["lora_rank"]}')
+            if ckpt['lora'] is None:
+                raise ValueError(f'--resume: {ckpt_path} was written by full fine-tuning; resume with --lora_rank=0 '
+                                 '(or use a new --out_dir)')
+            if load_resumed(policy, ckpt['lora'], ckpt, ckpt_path, strict=False).unexpected_keys:
+                raise ValueError(f'--resume: the LoRA adapters in {ckpt_path} are not those of this model; resume '
+                                 f'with its --lora_rank={ckpt["config"]["lora_rank"]} (or use a new --out_dir)')
         elif ckpt['lora'] is not None:
             raise ValueError(f'--resume: {ckpt_path} holds LoRA adapters; resume with '
-                             f'--lora_rank={ckpt["config"]["lora_rank"]} (or start a new --out_dir)')
+                             f'--lora_rank={ckpt["config"]["lora_rank"]} (or use a new --out_dir)')
         else:
             load_resumed(policy, ckpt['model'], ckpt, ckpt_path)
         optimizer.load_state_dict(ckpt['optimizer'])

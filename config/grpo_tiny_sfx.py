@@ -1,4 +1,4 @@
-# Flow-GRPO on a CPU: the tiny_sfx model (config/tiny_sfx.py) learns a signal-level reward in about ten minutes.
+# Flow-GRPO on a CPU: the tiny_sfx model (config/tiny_sfx.py) learns a signal-level reward in about eight minutes.
 # The reward, -|level - (-15 dBFS)|, asks for louder clips than the tutorial's model renders through Griffin-Lim
 # (about -31 dBFS); if the epoch-0 held-out reward is already near 0, pick another target_db.
 # Every held-out caption (the manifest's 'val' rows, never trained on) is scored every 20 epochs, two noise seeds.
@@ -16,8 +16,8 @@
 # training on the first 3 of 10 SDE steps, one update per epoch and a 5x learning rate for the small model. With so
 # few clips per update, two variance cuts matter: a group's clips share their starting noise (same_noise) and
 # advantages are scaled by their group's std (per_prompt). With the released choices (own noise per clip,
-# batch-wide std) two 60-epoch runs gained 3.4 and 2.9 (these three: 8.6, 2.1 and 8.5 by epoch 60), and twice the
-# learning rate swung between gains and collapses to near-silent clips.
+# batch-wide std) two 60-epoch runs gained 3.4 and 2.9 (these three, in the order above: 8.6, 2.1 and 8.5 by
+# epoch 60), and twice the learning rate swung between gains and collapses to near-silent clips.
 stage = 'grpo'
 device = 'cpu'
 reward = {'loudness': {'target_db': -15.0}}

@@ -26,7 +26,7 @@ def test_configure_overrides_and_rejects():
             bench.configure(bad)
 
 
-@pytest.mark.parametrize("bad", ["--dtype=int8", "--device=nonsense", "--mode=nope"])
+@pytest.mark.parametrize("bad", ["--dtype=int8", "--device=nonsense", "--mode=nope", "--size=huge", "--vocoder=x"])
 def test_bad_dtype_device_or_mode_exits_with_a_message(bad, capsys):
     with pytest.raises(SystemExit, match=bad.split("=")[0]):
         bench.main([bad, "--parts=text"])

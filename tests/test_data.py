@@ -135,6 +135,8 @@ def test_stereo_channels_that_cancel_out_keep_the_loudest(tmp_path):
     path = str(tmp_path / "antiphase.wav")
     soundfile.write(path, np.stack([-0.3 * left, 0.9 * left, -0.6 * left], axis=1), 16000, subtype="FLOAT")
     np.testing.assert_allclose(data.load_audio(path, 16000).numpy(), 0.9 * left, atol=1e-6)
+    soundfile.write(path, np.stack([0.5 * left, -0.495 * left], axis=1), 16000, subtype="FLOAT")  # 1% apart
+    np.testing.assert_allclose(data.load_audio(path, 16000).numpy(), 0.5 * left, atol=1e-6)
     soundfile.write(path, np.zeros((1600, 2), dtype=np.float32), 16000, subtype="FLOAT")
     with pytest.raises(data.AudioError, match="is silent"):
         data.load_audio(path, 16000)

@@ -82,8 +82,12 @@ def test_resumed_run_ends_with_the_same_weights(stage, vae_ckpt, tmp_path, capsy
 
 def test_resume_with_other_model_settings_names_them(vae_ckpt, tmp_path):
     (tmp_path / 'vae.pt').write_bytes(open(vae_ckpt, 'rb').read())
-    with pytest.raises(ValueError, match=r"vae='tiny' \(now 'small'\)"):
+    with pytest.raises(ValueError, match=r"vae='tiny' \(now 'small'\)") as error:
         run_in_process(['--stage=vae', '--max_iters=4', '--resume=True', f'--out_dir={tmp_path}', *TINY, '--vae=small'])
+    assert 'max_iters' not in str(error.value)  # a longer run is what resuming is for: not named as a cause
+    with pytest.raises(ValueError, match=r"written with --ema_decay=0.0; resume with that"):  # never drop an EMA
+        run_in_process(['--stage=vae', '--max_iters=4', '--resume=True', f'--out_dir={tmp_path}', *TINY,
+                        '--ema_decay=0.9'])
 
 
 @pytest.mark.parametrize('stage', ['vae', 'pretrain'])
