@@ -182,7 +182,8 @@ def load_audio(path, sample_rate):
     """Decode an audio file to a mono float32 waveform at `sample_rate`.
 
     Channels are averaged (mono = mean of channels), except when they largely cancel out (a polarity-inverted
-    channel: the mean's peak under a tenth of the loudest channel's) - then the loudest channel is kept. The rate is changed with `resample`.
+    channel: the mean's peak under a tenth of the loudest channel's); then the loudest channel is kept. The rate
+    is changed with `resample`.
     Args:
         path: any format libsndfile reads (wav, flac, ogg, ...).
         sample_rate: target rate in Hz.

@@ -409,7 +409,8 @@ def write_wav(path, audio, sample_rate):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('prompt', nargs='*', help='caption(s) to generate')
-    p.add_argument('--prompts-file', '--prompt-file', help='one prompt a line, or a TTA-Bench JSON (files named by prompt id)')
+    p.add_argument('--prompts-file', '--prompt-file',
+                   help='one prompt a line, or a TTA-Bench JSON (files named by prompt id)')
     p.add_argument('--ckpt', help='train.py ckpt.pt or a published transformer .pth (default: published weights)')
     p.add_argument('--weights', default='grpo', choices=['grpo', 'pt'], help='which published transformer')
     p.add_argument('--weights-dir', help='folder holding the published files (otherwise cache or download)')
