@@ -531,3 +531,63 @@ def _reason(e):
 def _by_hand(url, dest, what):
     return (f"could not download {url} to {dest}: {what}. To place the file by hand (for example on an offline "
             f"machine), fetch that URL where you have access and copy the file to {dest}")
+
+
+# -----------------------------------------------------------------------------
+# published weights: a local folder, else the standard Hugging Face cache (huggingface_hub downloads into it)
+
+
+class WeightsMissing(FileNotFoundError):
+    """Published files that are neither in the given folder nor in the Hugging Face cache, and could not be
+    downloaded. The message names the repository, each file and where to put it."""
+
+
+def hub_files(repo_id, filenames, weights_dir=None):
+    """{filename: Path} of files of Hugging Face repository `repo_id` (sub-folders kept in the names).
+
+    A file is taken from `weights_dir`/filename when that folder holds it, else from the standard Hugging Face
+    cache, downloading it there with huggingface_hub (which honours HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE and
+    HF_HOME). After the first failed download the remaining files are only looked up in the cache, so an offline
+    machine fails once. Raises WeightsMissing listing every missing file."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    paths, missing, offline = {}, [], False
+    for name in filenames:
+        local = Path(weights_dir).expanduser() / name if weights_dir else None
+        if local is not None and local.is_file():
+            paths[name] = local
+            continue
+        try:
+            paths[name] = Path(hf_hub_download(repo_id, name, local_files_only=offline))
+        except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+            missing.append(name)
+            offline = offline or isinstance(e, LocalEntryNotFoundError)
+    if missing:
+        files = "\n".join(f"    {name}" for name in missing)
+        where = f"the folder {weights_dir} (keeping sub-folders)" if weights_dir else "a folder passed as weights_dir"
+        raise WeightsMissing(f"these files of https://huggingface.co/{repo_id} are not on this machine and could not be "
+                             f"downloaded:\n{files}\nfetch them where you have access (`hf download {repo_id} "
+                             f"{' '.join(missing)}`) and put them in {where}, or into the Hugging Face cache by "
+                             f"running that command here (HF_TOKEN for gated copies, HF_ENDPOINT for a mirror)")
+    return paths
+
+
+def read_weights(path, allow=()):
+    """The dict stored at `path`: a .safetensors file, or a torch file read with weights_only=True, so no code
+    runs from the file. `allow`: the classes beyond tensors and containers that a published file holds
+    (passed to torch.serialization.safe_globals). Raises FileNotFoundError or ValueError naming the path."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        kind = "is a folder" if os.path.isdir(path) else "does not exist"
+        raise FileNotFoundError(f"weights file {path} {kind}; give the path of a .pt/.pth or .safetensors file")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        with torch.serialization.safe_globals(list(allow)):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and safetensors errors alike: not a weights file
+        raise ValueError(f"{path} is not a readable weights file ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a checkpoint or state dict")
+    return state
