@@ -165,7 +165,7 @@ def _refilter(voc):
 def bench_speed():
     """Seconds per generated second, FLOPs and FLOP/s of each part of the pipeline on this machine."""
     from flow import guided_velocity
-    from sample import DTYPES, pick_device
+    from data import DTYPES, pick_device
     dev, dt = pick_device(device), DTYPES[dtype]
     if threads:
         torch.set_num_threads(threads)
@@ -214,7 +214,7 @@ MODES = {'speed': bench_speed}  # --mode=eval (TTA-Bench) is to come
 
 def main(argv=None):
     configure(sys.argv[1:] if argv is None else argv)
-    from sample import DTYPES, pick_device
+    from data import DTYPES, pick_device
     from transformer import MODELS
     from vae import BIGVGAN_CONFIGS, MEL_CONFIGS, VAES
     for key, allowed in (('mode', MODES), ('dtype', DTYPES), ('size', MODELS), ('vae', VAES), ('mel', MEL_CONFIGS),

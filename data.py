@@ -534,6 +534,27 @@ def _by_hand(url, dest, what):
 
 
 # -----------------------------------------------------------------------------
+# devices and precisions, for every script and model
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype names, every script
+
+
+def pick_device(name='auto'):
+    """'auto' -> cuda if available, else mps, else cpu; otherwise that device, which must be available.
+    Raises ValueError naming --device when it is not."""
+    available = {'cuda': torch.cuda.is_available(), 'mps': torch.backends.mps.is_available(), 'cpu': True}
+    if name == 'auto':
+        return torch.device(next(d for d, ok in available.items() if ok))
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f'--device {name!r} is not a device name; use auto, cuda, cuda:N, mps or cpu') from None
+    if not available.get(device.type, False):
+        raise ValueError(f'--device {name!r} is not available on this machine; use --device=auto')
+    return device
+
+
+# -----------------------------------------------------------------------------
 # published weights: a local folder, else the standard Hugging Face cache (huggingface_hub downloads into it)
 
 

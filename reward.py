@@ -17,15 +17,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from data import resample
-
-
-def _default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+from data import pick_device, resample
 
 
 def prepare_audio(audio, sample_rate, target_rate, prompts) -> torch.Tensor:
@@ -60,6 +52,10 @@ class Reward:
 
     def score(self, audio, sample_rate, prompts) -> torch.Tensor:
         raise NotImplementedError
+
+    def score_all(self, audio, sample_rate, prompts) -> dict:
+        """{column: (B,) float32} of every figure this scorer computes (bench.py's columns); default: one, "score"."""
+        return {"score": self.score(audio, sample_rate, prompts)}
 
     def __call__(self, audio, sample_rate, prompts):
         return self.score(audio, sample_rate, prompts)
@@ -124,7 +120,7 @@ class ClapReward(Reward):
         from transformers import ClapModel, ClapProcessor
         self.model = model if model is not None else ClapModel.from_pretrained(model_name_or_path)
         self.processor = processor if processor is not None else ClapProcessor.from_pretrained(model_name_or_path)
-        self.device = torch.device(device) if device is not None else _default_device()
+        self.device = torch.device(device) if device is not None else pick_device()
         self.model.to(self.device, dtype=dtype or torch.float32).eval()
 
     @torch.no_grad()
@@ -232,7 +228,7 @@ class QwenOmniJudge(Reward):
         if feature_extractor is None:
             feature_extractor = WhisperFeatureExtractor.from_pretrained(model_name_or_path)
         self.tokenizer, self.feature_extractor = tokenizer, feature_extractor
-        self.device = torch.device(device) if device is not None else _default_device()
+        self.device = torch.device(device) if device is not None else pick_device()
         self.model.to(self.device).eval()
         if dtype is not None:
             self.model.to(dtype)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data import DownloadError, cache_dir, hf_file, read_prompts
+from data import DTYPES, DownloadError, cache_dir, hf_file, pick_device, read_prompts
 
 PUBLISHED_REPO = 'AndreasXi/Resonate'  # the Hugging Face repository the released code downloads from
 VOCODER_DIR = 'bigvgan_v2_44khz_128band_512x'
@@ -31,25 +31,6 @@ PUBLISHED = {  # name -> file in that repository (sizes of the released files, f
     'vocoder_config': f'{VOCODER_DIR}/config.json',
     'vocoder': f'{VOCODER_DIR}/bigvgan_generator.pt'}  # BigVGAN v2, 122 M parameters, ~0.5 GB
 PUBLISHED_TEXT_ENCODER = 'flan-t5-large'  # google/flan-t5-large, fetched by transformers (~3 GB) or a local folder
-DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16,
-          'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}  # train.py's spelling
-
-
-def pick_device(name='auto'):
-    """'auto' -> cuda if available, else mps, else cpu; otherwise that device, which must be available.
-    Raises ValueError naming --device when it is not."""
-    available = {'cuda': torch.cuda.is_available(), 'mps': torch.backends.mps.is_available(), 'cpu': True}
-    if name == 'auto':
-        return torch.device(next(d for d, ok in available.items() if ok))
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f'--device {name!r} is not a device name; use auto, cuda, cuda:N, mps or cpu') from None
-    if not available.get(device.type, False):
-        raise ValueError(f'--device {name!r} is not available on this machine; use --device=auto')
-    return device
-
-
 @dataclass
 class Pipeline:
     """Everything between a caption and a waveform: text encoder, transformer, VAE, vocoder and the mel settings.

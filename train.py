@@ -192,7 +192,7 @@ class Setup:
 
     def __init__(self):
         self.ddp = int(os.environ.get('RANK', -1)) != -1
-        from sample import pick_device
+        from data import pick_device
         dev = str(pick_device(device))
         if self.ddp:
             init_process_group(backend='nccl' if dev.startswith('cuda') else 'gloo')

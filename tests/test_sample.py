@@ -351,12 +351,6 @@ def test_a_prompts_audio_depends_on_the_seed_alone(pipe):
     assert not torch.allclose(several[1], alone[0])
 
 
-def test_train_py_spelling_of_options_is_accepted():
-    _, args = sample.parse_args(["a_b", "--weights_dir=w_1", "--num_samples=2", "--dtype=bfloat16", "--out-dir=o_2"])
-    assert (args.prompt, args.weights_dir, args.num_samples, args.out_dir) == (["a_b"], "w_1", 2, "o_2")
-    assert sample.DTYPES[args.dtype] is torch.bfloat16
-
-
 def test_wrong_inputs_are_refused_by_name(tmp_path, published_dir, text_encoder_dir):
     vae_only = tmp_path / "vae.pt"
     torch.save({"vae_args": tiny_vae().args, "model": tiny_vae().state_dict()}, vae_only)
