@@ -554,6 +554,14 @@ def pick_device(name='auto'):
     return device
 
 
+def seeded_generator(*keys) -> torch.Generator:
+    """A CPU torch.Generator seeded from a stable hash of `keys` (ints and strings): the same stream on every
+    machine, run and process split. Every random draw the project derives from (seed, step, prompt id, ...)
+    starts here, so no two derivations collide by arithmetic accident."""
+    digest = hashlib.sha256(repr(keys).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
 # -----------------------------------------------------------------------------
 # published weights: a local folder, else the standard Hugging Face cache (huggingface_hub downloads into it)
 
