@@ -12,16 +12,12 @@ import hashlib
 import json
 import math
 import os
-import re
 import warnings
 from pathlib import Path
-from urllib.parse import quote
 
 import numpy as np
-import requests
 import soundfile
 import torch
-from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # manifests
@@ -378,162 +374,6 @@ def collate(items):
 
 
 # -----------------------------------------------------------------------------
-# downloads: published weights and data sets over plain HTTPS (no huggingface_hub)
-
-HF_ENDPOINT = "https://huggingface.co"  # overridden by the HF_ENDPOINT environment variable, as huggingface_hub does
-_SHA256_ETAG = re.compile(r'^(?:W/)?"?([0-9a-fA-F]{64})"?$')  # HF serves an LFS file's sha256 as its ETag
-
-
-class DownloadError(RuntimeError):
-    """A download that failed; the message names the URL, the destination and how to place the file by hand."""
-
-
-def hf_url(repo_id, filename, revision="main"):
-    """URL of `filename` in Hugging Face repository `repo_id` at `revision` (branch, tag or commit).
-
-    The host is $HF_ENDPOINT when set (for mirrors), else https://huggingface.co.
-    """
-    base = os.environ.get("HF_ENDPOINT", HF_ENDPOINT).rstrip("/")
-    return f"{base}/{repo_id}/resolve/{quote(revision, safe='')}/{quote(filename)}"
-
-
-def cache_dir():
-    """Folder for downloaded files: $NANORESONATE_CACHE when set, else ~/.cache/nanoresonate."""
-    return Path(os.environ.get("NANORESONATE_CACHE") or "~/.cache/nanoresonate").expanduser()
-
-
-def hf_file(repo_id, filename, local_dir=None, revision="main", sha256=None):
-    """Path of a published file, downloading it into the cache only when it is not already on this machine.
-
-    Looks in order at `local_dir`/`filename` (a folder you filled by hand), then at
-    cache_dir()/<owner>--<name>/<revision>/`filename`, then downloads `hf_url(...)` there with `download`.
-    The cache is keyed by the revision's name, so pin a commit when "main" may move.
-    Raises:
-        DownloadError (see `download`).
-    """
-    if local_dir is not None:
-        local = Path(local_dir).expanduser() / filename
-        if local.is_file():
-            return local
-    cached = cache_dir() / repo_id.replace("/", "--") / revision / filename
-    if cached.is_file():
-        return cached
-    try:
-        return download(hf_url(repo_id, filename, revision), cached, sha256=sha256)
-    except DownloadError as e:
-        raise DownloadError(f"{e}; or pass local_dir=<a folder holding {filename}>") from None
-
-
-def download(url, dest, sha256=None, token=None, chunk_size=1 << 16, timeout=30.0):
-    """Stream `url` to `dest`, resumably, checking its size and sha256; returns `dest` as a Path.
-
-    If `dest` exists it is returned at once (nothing is checked or fetched). Bytes go to `dest`.part first; a
-    .part left by an interrupted run is resumed with an HTTP Range request (a server that answers 200 instead of
-    206 is simply read from the start). The size must match the server's Content-Length / Content-Range, and
-    the content must hash to `sha256` when given, else to a sha256 the server advertises as X-Linked-Etag or ETag
-    (Hugging Face does this for LFS files). Only a verified file is moved to `dest` (os.replace, atomic), so
-    `dest` is never left corrupt.
-    Args:
-        token: sent as "Authorization: Bearer <token>"; defaults to $HF_TOKEN.
-        chunk_size: bytes per read; a broken connection loses at most the chunk being read.
-        timeout: seconds to wait for the server to connect or to send more bytes.
-    Raises:
-        DownloadError naming the URL and `dest`: network failure or HTTP error (a partial .part is kept to resume),
-        or a size/checksum mismatch (the .part is deleted).
-    """
-    dest = Path(dest).expanduser()
-    if dest.is_file():
-        return dest
-    part = dest.with_name(dest.name + ".part")
-    token = token or os.environ.get("HF_TOKEN")
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        total, advertised = _fetch_to_part(url, part, token, chunk_size, timeout)
-    except (requests.RequestException, OSError) as e:
-        got = part.stat().st_size if part.exists() else 0
-        resume = f" after {got} bytes; run again to resume from {part.name}" if got else ""
-        raise DownloadError(_by_hand(url, dest, _reason(e) + resume)) from None
-    _verify_part(url, part, dest, total, sha256 or advertised)
-    os.replace(part, dest)
-    return dest
-
-
-def _fetch_to_part(url, part, token, chunk_size, timeout):
-    """Append the rest of `url` to `part`. Returns (total size in bytes or None, sha256 the server advertised)."""
-    headers = {"Accept-Encoding": "identity"}  # so Content-Length counts the bytes we store
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    offset = part.stat().st_size if part.exists() else 0
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    with requests.get(url, headers=headers, stream=True, timeout=timeout) as resp:
-        if offset and (resp.status_code == 416 or (resp.status_code == 206 and _range_start(resp) != offset)):
-            part.unlink()  # the .part does not fit what the server holds now: start again without a Range
-            return _fetch_to_part(url, part, token, chunk_size, timeout)
-        if resp.status_code >= 400:
-            hint = "; set HF_TOKEN to a token with access" if resp.status_code in (401, 403) else ""
-            raise requests.HTTPError(f"HTTP {resp.status_code} {resp.reason}{hint}")
-        resumed = offset > 0 and resp.status_code == 206  # else a 200 carries the whole file: rewrite the .part
-        offset = offset if resumed else 0
-        size = resp.headers.get("Content-Length")
-        total = offset + int(size) if size is not None and "Content-Encoding" not in resp.headers else None
-        name = part.name.removesuffix(".part")
-        with open(part, "ab" if resumed else "wb") as f, tqdm(
-                total=total, initial=offset, unit="B", unit_scale=True, desc=name, leave=False) as bar:
-            for chunk in resp.iter_content(chunk_size):
-                f.write(chunk)
-                bar.update(len(chunk))
-        return total, _advertised_sha256([*resp.history, resp])
-
-
-def _range_start(resp):
-    match = re.match(r"bytes (\d+)-", resp.headers.get("Content-Range", ""))
-    return int(match.group(1)) if match else None
-
-
-def _advertised_sha256(responses):
-    for resp in responses:
-        for key in ("X-Linked-Etag", "ETag"):
-            match = _SHA256_ETAG.match(resp.headers.get(key, "").strip())
-            if match:
-                return match.group(1).lower()
-    return None
-
-
-def _verify_part(url, part, dest, total, sha256):
-    size = part.stat().st_size
-    if total is not None and size < total:
-        raise DownloadError(_by_hand(url, dest, f"got {size} of {total} bytes; run again to resume"))
-    problem = None
-    if total is not None and size > total:
-        problem = f"got {size} bytes but the server announced {total}"
-    elif sha256 is not None:
-        digest = hashlib.sha256()
-        with open(part, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != sha256.lower():
-            problem = f"sha256 {digest.hexdigest()} does not match the expected {sha256.lower()}"
-    if problem:
-        part.unlink()
-        raise DownloadError(_by_hand(url, dest, f"the downloaded file is corrupt ({problem}); it was deleted"))
-
-
-def _reason(e):
-    # requests nests the useful part ("Connection refused", "IncompleteRead") deep inside urllib3's wrappers
-    while e.args and isinstance(e.args[0], BaseException):
-        e = e.args[0]
-    text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-    match = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
-    return match.group(1) if match else text
-
-
-def _by_hand(url, dest, what):
-    return (f"could not download {url} to {dest}: {what}. To place the file by hand (for example on an offline "
-            f"machine), fetch that URL where you have access and copy the file to {dest}")
-
-
-# -----------------------------------------------------------------------------
 # devices and precisions, for every script and model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype names, every script
@@ -593,11 +433,11 @@ def hub_files(repo_id, filenames, weights_dir=None):
             offline = offline or isinstance(e, LocalEntryNotFoundError)
     if missing:
         files = "\n".join(f"    {name}" for name in missing)
-        where = f"the folder {weights_dir} (keeping sub-folders)" if weights_dir else "a folder passed as weights_dir"
+        where = f"the folder {weights_dir}" if weights_dir else "a folder given as --weights_dir"
         raise WeightsMissing(f"these files of https://huggingface.co/{repo_id} are not on this machine and could not be "
                              f"downloaded:\n{files}\nfetch them where you have access (`hf download {repo_id} "
-                             f"{' '.join(missing)}`) and put them in {where}, or into the Hugging Face cache by "
-                             f"running that command here (HF_TOKEN for gated copies, HF_ENDPOINT for a mirror)")
+                             f"{' '.join(missing)}`) and put them in {where} (keeping sub-folders), or into the Hugging "
+                             f"Face cache by running that command here (HF_TOKEN for gated copies, HF_ENDPOINT for a mirror)")
     return paths
 
 

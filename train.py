@@ -523,10 +523,11 @@ def train_grpo(s):
     from dataclasses import fields
     import grpo
     from reward import build_reward
-    from sample import load_pipeline, read_weights
+    from data import read_weights
+    from sample import load_pipeline
     cfg = grpo.GRPOConfig(**{f.name: globals()[f'grpo_{f.name}'] for f in fields(grpo.GRPOConfig)})
     cfg.check(s.world_size)
-    pipe = load_pipeline(init_from or None, weights_dir or None, device=str(s.device), published='pt')
+    pipe = load_pipeline(init_from or None, weights_dir or None, device=str(s.device), weights='pt')
     policy = pipe.transformer.requires_grad_(True)
     policy.grad_checkpointing = grpo_checkpointing
     init = read_weights(init_from) if init_from else {}
@@ -652,8 +653,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    from data import DownloadError
     try:
         main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, DownloadError) as e:  # the user's input: say what to fix, no traceback
+    except (ValueError, OSError) as e:  # the user's input: say what to fix, no traceback
         sys.exit(f'error: {e}')

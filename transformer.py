@@ -340,6 +340,14 @@ class Resonate(nn.Module):
         with torch.device(device or "cpu"):
             return cls(cfg)
 
+    @classmethod
+    def from_pretrained(cls, state: dict) -> "Resonate":
+        """From a released-format state dict (`Resonate_GRPO.pth`, `Resonate_PT.pth`, read with
+        data.read_weights), its size read from the shapes; built on the meta device and assigned."""
+        net = cls.from_config(config_from_state_dict(state), device="meta")
+        load_released_state_dict(net, state)
+        return net
+
     def initialize_weights(self):
         """Xavier linears, N(0, 0.02) timestep MLP, and zeros for every adaLN and the output conv (adaLN-Zero,
         DiT), so each block starts as the identity and the untrained model predicts zero velocity."""
@@ -440,26 +448,44 @@ def _checkpointed(block, *args):
 # -----------------------------------------------------------------------------
 # loading released weights
 
-# Released checkpoint key -> our key: none needed, every name is identical. Older released checkpoints may also
-# carry recomputable tables (timestep frequencies, RoPE rotations) that we rebuild on the fly; they are dropped.
+# Released checkpoint keys are ours (no key map). Older released checkpoints also carry recomputable tables
+# (timestep frequencies, RoPE rotations) that we rebuild on the fly; they are dropped.
 RELEASED_EXTRA_KEYS = ("t_embed.freqs", "latent_rot", "text_rot")
 
 
 def load_released_state_dict(model: Resonate, state_dict: dict) -> None:
-    """Load a released `FluxAudio` state dict (e.g. `Resonate_PT.pth`) into `model`, strictly.
-
-    A model built on the meta device gets the checkpoint tensors assigned (no copy). Raises KeyError listing
-    the missing and unexpected keys if the checkpoint does not match the configuration.
-    """
+    """Load a released `FluxAudio` state dict into `model` strictly; a model on the meta device gets the tensors
+    assigned (no copy). Raises KeyError naming the missing and unexpected keys."""
     state_dict = {k: v for k, v in state_dict.items() if k not in RELEASED_EXTRA_KEYS}
-    ours = set(model.state_dict().keys())
+    ours = set(model.state_dict())
     missing, unexpected = sorted(ours - state_dict.keys()), sorted(state_dict.keys() - ours)
     if missing or unexpected:
-        raise KeyError(f"state dict does not match the model config: missing {missing[:20]}"
-                       f"{' ...' if len(missing) > 20 else ''} ({len(missing)} in all), unexpected "
-                       f"{unexpected[:20]}{' ...' if len(unexpected) > 20 else ''} ({len(unexpected)} in all)")
+        raise KeyError(f"state dict does not fit the model: missing {missing[:5]} ({len(missing)} in all), "
+                       f"unexpected {unexpected[:5]} ({len(unexpected)} in all)")
     on_meta = any(t.is_meta for t in model.state_dict().values())
     model.load_state_dict(state_dict, strict=True, assign=on_meta)
+
+
+def config_from_state_dict(state: dict) -> ResonateConfig:
+    """ResonateConfig of a released-format state dict, read from its shapes (the released files hold no config):
+    widths from the input projections, block counts from the keys, heads from the QK-norm width, the
+    feed-forward ratio from the SwiGLU width. Raises ValueError if the shapes fit no config."""
+    try:
+        D, C, _ = state["audio_input_proj.0.weight"].shape
+        joint = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("joint_blocks."))
+        fused = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("fused_blocks.")), default=-1)
+        head_dim = state["joint_blocks.0.latent_block.attn.q_norm.weight"].shape[0]
+        ffn = state["joint_blocks.0.latent_block.ffn.w1.weight"].shape[0]
+        args = dict(latent_dim=C, text_dim=state["text_input_proj.0.weight"].shape[1],
+                    text_c_dim=state["text_cond_proj.0.weight"].shape[1], hidden_dim=D, depth=joint + fused,
+                    fused_depth=fused, num_heads=D // head_dim, text_seq_len=state["empty_string_feat"].shape[0])
+    except (KeyError, ValueError, IndexError) as e:
+        raise ValueError(f"not a released Resonate transformer state dict ({e!r} missing or malformed)") from None
+    # SwiGLU width = 256 * ceil(int(2/3 * D * ratio) / 256): the released ratio 4 first, then any half-step
+    ratios = [r for r in [4.0] + [x / 2 for x in range(2, 17)] if 256 * math.ceil(int(2 * D * r / 3) / 256) == ffn]
+    if not ratios:
+        raise ValueError(f"feed-forward width {ffn} fits no mlp_ratio for hidden width {D}")
+    return ResonateConfig(**args, mlp_ratio=ratios[0])
 
 
 # -----------------------------------------------------------------------------

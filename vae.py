@@ -14,9 +14,7 @@ State-dict key names follow the released checkpoints (`v1-44.pth`, `bigvgan_gene
 load strictly.
 """
 
-import json
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -93,6 +91,16 @@ def num_mel_frames(num_samples: int, config="44k") -> int:
     cfg = get_mel_config(config)
     pad = (cfg["n_fft"] - cfg["hop_length"]) // 2
     return (num_samples + 2 * pad - cfg["n_fft"]) // cfg["hop_length"] + 1
+
+
+def num_latent_frames(seconds: float, config="44k", cover=False) -> int:
+    """Latent frames N for `seconds` of audio: the mel frames halved by the VAE. Training encodes a clip, so
+    N = num_mel_frames // 2 (10 s at 44.1 kHz -> 430); sampling must cover the duration, so with cover=True N is
+    rounded up as the released sampler does (431; the waveform is then trimmed)."""
+    cfg = get_mel_config(config)
+    if cover:
+        return math.ceil(seconds * cfg["sample_rate"] / cfg["hop_length"] / 2)
+    return num_mel_frames(round(seconds * cfg["sample_rate"]), cfg) // 2
 
 
 def _hann_window(cfg: dict, device=None) -> torch.Tensor:
@@ -198,6 +206,20 @@ def griffin_lim(mel: torch.Tensor, mel_config="44k", n_iter: int = 32, momentum:
         angles = angles / (angles.abs() + 1e-16)
         previous = rebuilt
     return _istft(magnitude * angles, cfg, window)
+
+
+class GriffinLim(nn.Module):
+    """A vocoder without weights, with BigVGAN's interface: mel (B, n_mels, T) -> waveform (B, 1, T * hop) by
+    `griffin_lim`, for small models trained here without a neural vocoder."""
+
+    def __init__(self, mel_config):
+        super().__init__()
+        self.cfg = get_mel_config(mel_config)
+        self.num_mels, self.upsample_factor = self.cfg["n_mels"], self.cfg["hop_length"]
+        self.sampling_rate = self.cfg["sample_rate"]
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        return griffin_lim(mel.float(), self.cfg).unsqueeze(1)
 
 
 # -----------------------------------------------------------------------------
@@ -499,6 +521,26 @@ class MelVAE(nn.Module):
                 m.fold_weight_norm()
         return self
 
+    @classmethod
+    def from_pretrained(cls, state: dict) -> "MelVAE":
+        """From a training-format state dict (the released `v1-44.pth`), sizes read from the shapes; weights
+        normalised once for inference, eval mode. Raises ValueError if it is not a mel VAE state dict."""
+        try:
+            args = dict(data_dim=state["data_mean"].shape[1], embed_dim=state["decoder.conv_in.weight"].shape[1],
+                        hidden_dim=state["decoder.conv_out.weight"].shape[1])
+        except (KeyError, AttributeError, IndexError) as e:
+            raise ValueError(f"not a mel VAE state dict ({e!r} missing)") from None
+        vae = cls(**args)
+        vae.load_state_dict(state)
+        return vae.fold_weight_norm().eval()
+
+    @property
+    def mel_config(self) -> dict:
+        """The MEL_CONFIGS entry this VAE's bins belong to (128 -> 44k, 80 -> 16k)."""
+        configs = {c["n_mels"]: c for c in MEL_CONFIGS.values()}
+        assert self.data_dim in configs, f"no mel config has {self.data_dim} bins"
+        return configs[self.data_dim]
+
 
 def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator = None,
                      eps: torch.Tensor = None) -> torch.Tensor:
@@ -756,6 +798,15 @@ class BigVGAN(nn.Module):
             raise KeyError(f"BigVGAN config lacks {missing}")
         return cls(**{k: config[k] for k in keys if k in config})
 
+    @classmethod
+    def from_pretrained(cls, config: dict, state: dict) -> "BigVGAN":
+        """From the published folder's files: config.json (as a dict) and bigvgan_generator.pt ({"generator":
+        state dict}, weight_g/weight_v naming, folded at load), read with data.read_weights. Eval mode."""
+        model = cls.from_config(config)
+        model.load_state_dict(state.get("generator", state), strict=True)
+        model.sampling_rate = config.get("sampling_rate")
+        return model.eval()
+
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         if mel.ndim != 3 or mel.shape[1] != self.num_mels:
             raise ValueError(f"mel must be (B, {self.num_mels}, T), got shape {tuple(mel.shape)}")
@@ -800,16 +851,3 @@ BIGVGAN_CONFIGS = {
         resblock_kernel_sizes=[3, 7], resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5]], resblock="1",
         activation="snakebeta", snake_logscale=True, use_tanh_at_final=False, use_bias_at_final=False),
 }
-
-
-def load_bigvgan(folder, map_location="cpu") -> BigVGAN:
-    """The published vocoder folder (config.json + bigvgan_generator.pt holding {"generator": state_dict}) ->
-    BigVGAN in eval mode with plain (folded) conv weights. Raises FileNotFoundError if a file is missing."""
-    folder = Path(folder)
-    for name in ("config.json", "bigvgan_generator.pt"):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} not found; expected the bigvgan_v2 folder layout")
-    model = BigVGAN.from_config(json.loads((folder / "config.json").read_text()))
-    checkpoint = torch.load(folder / "bigvgan_generator.pt", map_location=map_location, weights_only=True)
-    model.load_state_dict(checkpoint["generator"], strict=True)
-    return model.eval()

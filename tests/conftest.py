@@ -1,10 +1,38 @@
 """Shared test fixtures."""
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# No test reaches the network or the user's Hugging Face cache: set before huggingface_hub reads them at import.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="nanoresonate_hf_home_")
+os.environ.pop("HF_TOKEN", None)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture
+def hf_cache(monkeypatch, tmp_path):
+    """A fresh, empty Hugging Face cache for one test (and the subprocesses it starts)."""
+    import huggingface_hub.constants
+    cache = tmp_path / "hf_home" / "hub"
+    monkeypatch.setenv("HF_HOME", str(cache.parent))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def put_in_hf_cache(cache, repo_id, folder, revision="0" * 40):
+    """Lay the files of `folder` out as huggingface_hub's cache holds a downloaded repository (refs/main ->
+    snapshots/<revision>/...), as if `hf download repo_id` had run on this machine."""
+    repo = Path(cache, "models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    shutil.copytree(folder, repo / "snapshots" / revision, dirs_exist_ok=True)
+    return repo
 
 
 @pytest.fixture(scope="session", autouse=True)

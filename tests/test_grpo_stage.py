@@ -136,8 +136,8 @@ def test_sample_cli_best_of_writes_the_top_scoring_candidate(pretrained, tmp_pat
     from reward import LoudnessReward
     common = [f"--ckpt={pretrained / 'ckpt.pt'}", "--device=cpu", "--duration=1", "--steps=2", "--seed=3",
               "--vocoder=griffin-lim"]
-    sample.main(["a dog barks", *common, "--num-samples=3", f"--out-dir={tmp_path / 'all'}"])
-    sample.main(["a dog barks", *common, "--best-of=3", "--reward=loudness:1.0", f"--out={tmp_path / 'best.wav'}"])
+    sample.main(["a dog barks", *common, "--num_samples=3", f"--out_dir={tmp_path / 'all'}"])
+    sample.main(["a dog barks", *common, "--best_of=3", "--reward=loudness:1.0", f"--out={tmp_path / 'best.wav'}"])
     candidates = torch.stack([torch.from_numpy(sf.read(tmp_path / "all" / f"a_dog_barks_{i}.wav",
                                                        dtype="float32")[0]) for i in range(3)])
     best = torch.from_numpy(sf.read(tmp_path / "best.wav", dtype="float32")[0])

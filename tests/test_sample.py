@@ -1,14 +1,8 @@
-"""sample.py: the released generation chain (parity), loading published-format files from a folder, the cache or
-a local server, the offline message, and the command line (names, overwrite, seeds, WAV format)."""
+"""sample.py: the released generation chain (parity), loading published-format files from a folder or the Hugging
+Face cache, and the command line (names, overwrite, seeds, WAV format)."""
 
-import http.server
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
-import threading
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,29 +10,15 @@ import pytest
 import soundfile as sf
 import torch
 
+import data
 import sample
-from transformer import MODELS, Resonate, ResonateConfig, load_released_state_dict
-from vae import MEL_CONFIGS, BigVGAN, MelVAE
+from conftest import put_in_hf_cache
+from transformer import MODELS, Resonate, ResonateConfig, config_from_state_dict, load_released_state_dict
+from vae import MEL_CONFIGS, BigVGAN, MelVAE, num_latent_frames
 
 FIXTURES = Path(__file__).parent / "fixtures"
-ROOT = Path(__file__).parent.parent
 TOL = 1e-4
 TEXT_DIM = 32  # width of the tiny text encoder below
-
-
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch, tmp_path):
-    """No test may reach the network or the user's cache."""
-    for key in ("HF_TOKEN", "HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("NANORESONATE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
-
-
-def closed_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -----------------------------------------------------------------------------
@@ -63,15 +43,15 @@ def test_pipeline_matches_released_chain():
 
 def test_transformer_config_is_read_from_shapes():
     fx = torch.load(FIXTURES / "pipeline_a.pt", weights_only=True)
-    cfg = sample.transformer_config(fx["transformer_state_dict"])
+    cfg = config_from_state_dict(fx["transformer_state_dict"])
     for key, value in fx["transformer_config"].items():
         if key != "latent_seq_len":  # only a default length, not in the weights
             assert getattr(cfg, key) == value, key
     manifest = json.loads((FIXTURES / "manifest_transformer_fluxaudio_m_44k.json").read_text())
     full = {k: torch.empty(v, device="meta") for k, v in manifest["shapes"].items()}
-    assert sample.transformer_config(full) == MODELS["resonate_m_44k"]()
+    assert config_from_state_dict(full) == MODELS["resonate_m_44k"]()
     with pytest.raises(ValueError, match="not a released Resonate transformer"):
-        sample.transformer_config({"foo": torch.zeros(1)})
+        config_from_state_dict({"foo": torch.zeros(1)})
 
 
 # -----------------------------------------------------------------------------
@@ -136,7 +116,7 @@ def published_dir(tmp_path_factory):
 def test_load_published_from_folder(published_dir, text_encoder_dir):
     pipe = sample.load_pipeline(weights_dir=published_dir, device="cpu", text_encoder=text_encoder_dir)
     ref = tiny_transformer()
-    assert pipe.transformer.cfg == sample.transformer_config(ref.state_dict())
+    assert pipe.transformer.cfg == config_from_state_dict(ref.state_dict())
     for k, v in ref.state_dict().items():
         assert torch.equal(pipe.transformer.state_dict()[k], v), k
     assert pipe.vae.embed_dim == 4 and pipe.vae.hidden_dim == 16 and pipe.sample_rate == 16000
@@ -146,7 +126,7 @@ def test_load_published_from_folder(published_dir, text_encoder_dir):
     with torch.no_grad():
         assert (pipe.vae.decode(z) - tiny_vae().eval().decode(z)).abs().max() <= 1e-5
     # 'pt' picks the other transformer file
-    pt = sample.load_pipeline(weights_dir=published_dir, device="cpu", published="pt", text_encoder=text_encoder_dir)
+    pt = sample.load_pipeline(weights_dir=published_dir, device="cpu", weights="pt", text_encoder=text_encoder_dir)
     assert torch.equal(pt.transformer.latent_mean, tiny_transformer(seed=5).latent_mean)
     assert not torch.equal(pt.transformer.final_layer.conv.weight, pipe.transformer.final_layer.conv.weight)
 
@@ -169,67 +149,19 @@ def test_mismatched_files_are_rejected(published_dir, text_encoder_dir, tmp_path
         sample.load_pipeline(weights_dir=bad, device="cpu", text_encoder=text_encoder_dir)
 
 
-def test_offline_with_nothing_cached_names_the_files_and_the_folder(tmp_path):
-    with pytest.raises(sample.WeightsMissing) as info:
-        sample.load_pipeline(device="cpu")
-    message = str(info.value)
-    for f in ("Resonate_GRPO.pth", "v1-44.pth", "bigvgan_v2_44khz_128band_512x/config.json",
-              "bigvgan_v2_44khz_128band_512x/bigvgan_generator.pt"):
-        assert f in message
-    assert str(tmp_path / "cache" / "AndreasXi--Resonate" / "main") in message and "--weights-dir" in message
-    # the command line prints that message and exits non-zero, with no traceback
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, str(ROOT / "sample.py"), "rain on a tin roof", "--device=cpu"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
-    assert run.returncode != 0
-    assert "Resonate_GRPO.pth" in run.stderr and "v1-44.pth" in run.stderr
-    assert "Traceback" not in run.stderr
+def test_offline_with_nothing_cached_names_every_file(tmp_path, hf_cache):
+    with pytest.raises(data.WeightsMissing) as info:
+        sample.load_pipeline(device="cpu", weights_dir=tmp_path)
+    for f in ("Resonate_GRPO.pth", "v1-44.pth", sample.PUBLISHED["vocoder_config"], sample.PUBLISHED["vocoder"]):
+        assert f in str(info.value)
 
 
-class FolderServer:
-    """Serves a folder at <url>/AndreasXi/Resonate/resolve/main/<file>, as the Hub does, on 127.0.0.1."""
-
-    def __init__(self, folder):
-        self.requests = []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                server.requests.append(self.path)
-                prefix = f"/{sample.PUBLISHED_REPO}/resolve/main/"
-                path = Path(folder) / self.path[len(prefix):]
-                if not self.path.startswith(prefix) or not path.is_file():
-                    self.send_error(404)
-                    return
-                body = path.read_bytes()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
-
-
-def test_published_files_are_downloaded_once_into_the_cache(published_dir, text_encoder_dir, monkeypatch, tmp_path):
-    server = FolderServer(published_dir)
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    try:
-        pipe = sample.load_pipeline(device="cpu", text_encoder=text_encoder_dir)
-        cached = tmp_path / "cache" / "AndreasXi--Resonate" / "main"
-        for f in ("Resonate_GRPO.pth", "v1-44.pth", sample.PUBLISHED["vocoder"], sample.PUBLISHED["vocoder_config"]):
-            assert (cached / f).read_bytes() == (published_dir / f).read_bytes()
-        assert len(server.requests) == 4
-        sample.load_pipeline(device="cpu", text_encoder=text_encoder_dir)
-        assert len(server.requests) == 4  # the second load reads the cache
-        assert torch.equal(pipe.transformer.latent_std, tiny_transformer().latent_std)
-    finally:
-        server.httpd.shutdown()
-        server.httpd.server_close()
+def test_files_in_the_hugging_face_cache_are_used_without_a_download(published_dir, text_encoder_dir, hf_cache):
+    """A user who downloaded the repository with `hf download` (or an earlier run) downloads nothing."""
+    put_in_hf_cache(hf_cache, sample.PUBLISHED_REPO, published_dir)
+    pipe = sample.load_pipeline(device="cpu", text_encoder=text_encoder_dir)  # HF_HUB_OFFLINE=1 (conftest)
+    assert torch.equal(pipe.transformer.latent_std, tiny_transformer().latent_std)
+    assert isinstance(pipe.vocoder, BigVGAN)
 
 
 # -----------------------------------------------------------------------------
@@ -255,7 +187,7 @@ def test_generate_shapes_seeds_and_negative(pipe):
     assert not torch.equal(neg, audio[:2])
     # the empty-string features stored in the checkpoint are the default unconditional branch
     text_f, text_f_c = pipe.text_encoder.encode(["rain on a tin roof"])
-    noise = sample.make_noise([0], pipe.latent_frames(1.0), 4)
+    noise = sample.make_noise([0], num_latent_frames(1.0, pipe.mel_cfg, cover=True), 4)
     empty = pipe.transformer.empty_conditions(1)
     a = pipe.synthesize(text_f, text_f_c, noise, 2)[0]
     b = pipe.synthesize(text_f, text_f_c, noise, 2, 4.5, *empty)[0]
@@ -271,28 +203,28 @@ def test_duration_limits(pipe):
     with pytest.raises(SystemExit) as info:
         sample.main(["x", "--duration=60"])
     assert info.value.code == 2
-    assert pipe.latent_frames(10.0) == 313  # rounds up, as the released sampler (431 for 10 s at 44.1 kHz)
+    assert num_latent_frames(10.0, pipe.mel_cfg, cover=True) == 313  # rounds up, as the released sampler (431 for 10 s at 44.1 kHz)
 
 
 def test_read_prompts_and_safe_names(tmp_path):
     text = tmp_path / "p.txt"
     text.write_text("rain on a tin roof\n\n  a dog barks  \n")
-    assert sample.read_prompts(str(text)) == [(None, "rain on a tin roof"), (None, "a dog barks")]
-    items = sample.read_prompts(str(FIXTURES / "tta_bench_3.json"))
+    assert data.read_prompts(str(text)) == [(None, "rain on a tin roof"), (None, "a dog barks")]
+    items = data.read_prompts(str(FIXTURES / "tta_bench_3.json"))
     assert [i for i, _ in items] == ["prompt_0001", "prompt_0002", "prompt_0003"]
     assert items[1][1] == "Banging followed by a distant train horn blowing"
     bad = tmp_path / "bad.json"
     bad.write_text('{"prompt_text": "x"}')
     with pytest.raises(ValueError, match="TTA-Bench"):
-        sample.read_prompts(str(bad))
+        data.read_prompts(str(bad))
     assert sample.safe_name('../../etc/passwd: "rain", 100%!') == "etc_passwd_rain_100"
     assert sample.safe_name("???") == "sample" and len(sample.safe_name("a" * 300)) == 80
     assert sample.safe_name("café au lait") == "caf_au_lait"
 
 
 def cli(tmp_path, published_dir, text_encoder_dir, *args):
-    sample.main([f"--weights-dir={published_dir}", f"--text-encoder={text_encoder_dir}", "--device=cpu",
-                 "--duration=1.5", "--steps=2", f"--out-dir={tmp_path / 'out'}", *args])
+    sample.main([f"--weights_dir={published_dir}", f"--text_encoder={text_encoder_dir}", "--device=cpu",
+                 "--duration=1.5", "--steps=2", f"--out_dir={tmp_path / 'out'}", *args])
 
 
 def test_cli_writes_named_16_bit_wavs_without_overwriting(tmp_path, published_dir, text_encoder_dir, capsys):
@@ -314,8 +246,8 @@ def test_cli_writes_named_16_bit_wavs_without_overwriting(tmp_path, published_di
 
 
 def test_cli_prompts_file_by_id_and_num_samples(tmp_path, published_dir, text_encoder_dir):
-    cli(tmp_path, published_dir, text_encoder_dir, f"--prompts-file={FIXTURES / 'tta_bench_3.json'}",
-        "--batch-size=2", "--num-samples=2")
+    cli(tmp_path, published_dir, text_encoder_dir, f"--prompts_file={FIXTURES / 'tta_bench_3.json'}",
+        "--batch_size=2", "--num_samples=2")
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == [f"prompt_000{i}_{j}.wav" for i in (1, 2, 3) for j in (0, 1)]
     with pytest.raises(SystemExit):  # --out names a single file
@@ -358,11 +290,11 @@ def test_wrong_inputs_are_refused_by_name(tmp_path, published_dir, text_encoder_
         sample.load_pipeline(str(vae_only), device="cpu")
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable checkpoint"):
+    with pytest.raises(ValueError, match="not a readable weights file"):
         sample.load_pipeline(str(text), device="cpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="not available"):
-            sample.pick_device("cuda")
+            data.pick_device("cuda")
     for bad in (['""'.strip('"')], ["a", "--out=x.mp3"]):
         with pytest.raises(SystemExit):
             cli(tmp_path, published_dir, text_encoder_dir, *bad)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import vae as V
+from data import read_weights
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOL = 1e-4
@@ -311,15 +312,15 @@ def test_bigvgan_published_round_trip_and_strictness():
         again.load_state_dict(broken, strict=True)
 
 
-def test_load_bigvgan_folder(tmp_path):
+def test_bigvgan_from_the_published_files(tmp_path):
     fx = load("bigvgan_a.pt")
     (tmp_path / "config.json").write_text(json.dumps({**fx["config"], "sampling_rate": 16000, "lr": 1e-4}))
     torch.save({"generator": fx["state_dict_weight_g_v"]}, tmp_path / "bigvgan_generator.pt")
-    model = V.load_bigvgan(tmp_path)
+    model = V.BigVGAN.from_pretrained(json.loads((tmp_path / "config.json").read_text()),
+                                      read_weights(tmp_path / "bigvgan_generator.pt"))
+    assert model.sampling_rate == 16000 and not model.training
     with torch.no_grad():
         assert max_err(model(fx["inputs"]["mel"]), fx["outputs"]["waveform"]) <= TOL
-    with pytest.raises(FileNotFoundError):
-        V.load_bigvgan(tmp_path / "missing")
 
 
 def test_bigvgan_rejects_unsupported_config_and_bad_mel():
