@@ -10,6 +10,7 @@ Python: `generate(["rain on a tin roof"])` returns (B, samples) float audio in [
 """
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -17,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import soundfile as sf
 from tqdm import tqdm
 
-from data import DTYPES, hub_files, pick_device, read_prompts, read_weights
+from data import DTYPES, check_writable, hub_files, pick_device, read_prompts, read_weights, warn_if_slow_bf16
 from flow import euler_sample
 from reward import build_reward
 from transformer import Resonate, ResonateConfig, load_text_encoder
@@ -56,7 +58,7 @@ class Pipeline:
         return self.transformer.cfg.max_latent_len * 2 * self.mel_cfg['hop_length'] / self.sample_rate
 
     @torch.no_grad()
-    def synthesize(self, text_f, text_f_c, noise, num_steps=25, cfg=4.5, negative_text_f=None,
+    def synthesize(self, text_f, text_f_c, noise, num_steps=25, cfg_strength=4.5, negative_text_f=None,
                    negative_text_f_c=None, progress=False):
         """The released chain: Euler + CFG from noise -> un-normalise -> VAE decode -> vocoder.
 
@@ -64,7 +66,7 @@ class Pipeline:
         negative_*: features for the unconditional branch (default: the stored empty-string features).
         Returns latents (B, N, C) un-normalised, mel (B, n_mels, 2N) and waveform (B, 1, 2N * hop_length)
         float32 in [-1, 1]."""
-        x = euler_sample(self.transformer, noise, text_f, text_f_c, num_steps=num_steps, cfg=cfg,
+        x = euler_sample(self.transformer, noise, text_f, text_f_c, num_steps=num_steps, cfg=cfg_strength,
                          negative_text_f=negative_text_f, negative_text_f_c=negative_text_f_c, progress=progress)
         latents = self.transformer.unnormalize(x)  # (B, N, C)
         mel = self.vae.decode(latents.transpose(1, 2).to(_dtype_of(self.vae)))  # (B, n_mels, 2N)
@@ -152,50 +154,59 @@ def make_noise(seeds, frames, channels):
                         for s in seeds])
 
 
-def generate(prompts, pipeline=None, duration=10.0, steps=25, cfg=4.5, negative=None, seed=42, num_samples=1,
-             batch_size=8, progress=True, **load_kwargs):
-    """Text -> audio. prompts: list of captions. Returns (audio (len(prompts) * num_samples, S) float32 CPU
-    tensor in [-1, 1] with S = round(duration * sample_rate), sample_rate in Hz); the samples of prompt i are rows i * num_samples ... (i + 1) *
-    num_samples - 1. Without `pipeline`, `load_pipeline(**load_kwargs)` builds one (the published GRPO weights).
+def check_settings(prompts, duration=10.0, steps=25, cfg_strength=4.5, seed=42, num_samples=1, batch_size=8,
+                   longest=math.inf):
+    """Raise ValueError naming the setting and its range for anything `generate` cannot honour; the command
+    line checks the same before loading a model (the longest duration is the model's, checked once loaded)."""
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError(f'prompts must be a non-empty list of non-empty captions, got {prompts!r:.80}')
+    for name, value in (('steps', steps), ('num_samples', num_samples), ('batch_size', batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f'--{name} must be a whole number of at least 1, got {value!r}')
+    if not 0 <= seed < 2 ** 63:
+        raise ValueError(f'--seed must be between 0 and 2**63 - 1, got {seed}')
+    if not math.isfinite(cfg_strength):
+        raise ValueError(f'--cfg_strength must be a finite number (4.5 as released), got {cfg_strength}')
+    if not 1.0 <= duration <= longest:
+        raise ValueError(f'--duration must be between 1 and {longest:.1f} seconds for this model, got {duration}')
 
-    duration in seconds (1 to the model's longest, 47.5 s for the released model), steps = NFE of the Euler
-    sampler (the conditional and unconditional branches share one batched forward), cfg = guidance scale,
-    negative = a caption whose features replace the empty-string features of the unconditional branch.
-    Sample k of every prompt starts from noise seeded with seed + k, so a prompt's audio depends on the seed
-    alone, not on the other prompts or on batch_size.
-    Raises ValueError for a duration out of range, an empty prompt list or a pipeline without text encoder."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not prompts:
-        raise ValueError('no prompts given')
+
+def generate(prompts, pipeline=None, duration=10.0, steps=25, cfg_strength=4.5, negative=None, seed=42,
+             num_samples=1, batch_size=8, progress=True, **load_kwargs):
+    """Text -> audio: (audio (len(prompts) * num_samples, S) float32 CPU tensor in [-1, 1], S = round(duration *
+    sample_rate); sample_rate in Hz). The samples of prompt i are rows i * num_samples ... (i + 1) * num_samples - 1.
+    Without `pipeline`, `load_pipeline(**load_kwargs)` builds one (the published GRPO weights).
+
+    duration in seconds (1 to the model's longest, 47.5 s for the released model); steps = NFE of the Euler sampler
+    (both CFG branches share one batched forward); cfg_strength = guidance scale; negative = a caption whose
+    features replace the empty-string features of the unconditional branch. Sample k of every prompt starts from
+    noise seeded with seed + k, so a prompt's audio depends on the seed alone, not on the other prompts or on
+    batch_size. Raises ValueError for a setting out of range (see check_settings) and when the model produces
+    non-finite audio (non-finite weights)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if pipeline is None:  # fail before the slow load
+        check_settings(prompts, duration, steps, cfg_strength, seed, num_samples, batch_size)
     pipe = pipeline or load_pipeline(**load_kwargs)
-    check_duration(duration, pipe)
-    if pipe.text_encoder is None:
-        raise ValueError('this pipeline has no text encoder; call Pipeline.synthesize with text features')
+    check_settings(prompts, duration, steps, cfg_strength, seed, num_samples, batch_size, pipe.max_duration())
+    assert pipe.text_encoder is not None, 'a pipeline without text encoder: call Pipeline.synthesize'
     jobs = [p for p in prompts for _ in range(num_samples)]
     frames = num_latent_frames(duration, pipe.mel_cfg, cover=True)
     model = pipe.transformer
     device, dtype = model.latent_mean.device, model.latent_mean.dtype
-    neg = [x.to(device, dtype) for x in pipe.text_encoder.encode([negative])] if negative else None
+    neg = [x.to(device, dtype) for x in pipe.text_encoder.encode([negative])] if negative else (None, None)
     out = []
     batches = range(0, len(jobs), batch_size)
     for start in tqdm(batches, desc='batches', disable=not progress or len(batches) == 1):
         batch = jobs[start:start + batch_size]
         text_f, text_f_c = (x.to(device, dtype) for x in pipe.text_encoder.encode(batch))  # (B, 77, Dt), (B, Dc)
         seeds = [seed + j % num_samples for j in range(start, start + len(batch))]  # sample k of a prompt: seed + k
-        noise = make_noise(seeds, frames, model.cfg.latent_dim)
-        noise = noise.to(device, dtype)
-        _, _, wave = pipe.synthesize(text_f, text_f_c, noise, steps, cfg, *(neg or (None, None)),
-                                     progress=progress)
+        noise = make_noise(seeds, frames, model.cfg.latent_dim).to(device, dtype)
+        _, _, wave = pipe.synthesize(text_f, text_f_c, noise, steps, cfg_strength, *neg, progress=progress)
         out.append(wave[:, 0, :round(duration * pipe.sample_rate)].cpu())  # (B, S) exactly `duration` long
-    return torch.cat(out), pipe.sample_rate
-
-
-def check_duration(duration, pipe):
-    """Raise ValueError unless 1 s <= duration <= the model's longest clip."""
-    longest = pipe.max_duration()
-    if not 1.0 <= duration <= longest:
-        raise ValueError(f'--duration must be between 1 and {longest:.1f} seconds for this model, got {duration}')
+    audio = torch.cat(out)
+    if not torch.isfinite(audio).all():
+        raise ValueError('the model produced non-finite audio: its weights hold NaN or inf (check the checkpoint)')
+    return audio, pipe.sample_rate
 
 
 # -----------------------------------------------------------------------------
@@ -219,27 +230,31 @@ def unused_path(path, overwrite, taken=()):
 
 
 def write_wav(path, audio, sample_rate):
-    """Write (S,) float audio in [-1, 1] as a 16-bit PCM WAV."""
-    import soundfile as sf
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    sf.write(path, audio.clamp(-1, 1).numpy(), sample_rate, subtype='PCM_16')
+    """Write (S,) float audio in [-1, 1] as a 16-bit PCM WAV, atomically: a temp file beside it, then renamed, so
+    an interrupted write never leaves a truncated `path`."""
+    tmp = f'{path}.tmp{os.getpid()}.wav'
+    try:
+        sf.write(tmp, audio.clamp(-1, 1).numpy(), sample_rate, subtype='PCM_16')
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('prompt', nargs='*', help='caption(s) to generate')
-    p.add_argument('--prompts_file',
-                   help='one prompt a line, or a TTA-Bench JSON (files named by prompt id)')
+    p.add_argument('--prompts_file', help='one prompt a line, or a TTA-Bench JSON (files named by prompt id)')
     p.add_argument('--ckpt', help='train.py ckpt.pt or a published transformer .pth (default: published weights)')
     p.add_argument('--weights', default='grpo', choices=['grpo', 'pt'], help='which published transformer')
     p.add_argument('--weights_dir', help='folder holding the published files (otherwise cache or download)')
-    p.add_argument('--text_encoder', help='text encoder name or folder (default: the checkpoint\'s / FLAN-T5-large)')
+    p.add_argument('--text_encoder', help="text encoder name or folder (default: the checkpoint's / FLAN-T5-large)")
     p.add_argument('--vocoder', default='auto', choices=['auto', 'bigvgan', 'griffin-lim'])
     p.add_argument('--out', help='output WAV (one prompt and one sample only)')
     p.add_argument('--out_dir', default='samples', help='folder for outputs named after the prompts')
-    p.add_argument('--duration', type=float, default=10.0, help='seconds, 1 to 47')
+    p.add_argument('--duration', type=float, default=10.0, help='seconds, 1 to 47.5 for the released model')
     p.add_argument('--steps', type=int, default=25, help='Euler steps')
-    p.add_argument('--cfg', type=float, default=4.5, help='classifier-free guidance scale')
+    p.add_argument('--cfg_strength', type=float, default=4.5, help='classifier-free guidance scale')
     p.add_argument('--negative', help='negative prompt for the unconditional branch (default: the stored '
                                       'empty-string features)')
     p.add_argument('--seed', type=int, default=42)
@@ -250,15 +265,9 @@ def parse_args(argv=None):
     p.add_argument('--overwrite', action='store_true', help='replace existing files')
     p.add_argument('--best_of', type=int, default=1, help='generate N candidates per sample, keep the one --reward '
                                                          'scores highest')
-    p.add_argument('--reward', default='clap', help='reward.build_reward spec for --best-of, e.g. clap, '
+    p.add_argument('--reward', default='clap', help='reward.build_reward spec for --best_of, e.g. clap, '
                                                    'qwen_omni, loudness:1.0')
-    args = p.parse_args(argv)
-    for name in ('steps', 'num_samples', 'batch_size', 'best_of'):
-        if getattr(args, name) < 1:
-            p.error(f'--{name} must be at least 1')
-    if not 1.0 <= args.duration <= 47.5:  # the model may allow less; checked again once it is loaded
-        p.error(f'--duration must be between 1 and 47.5 seconds, got {args.duration}')
-    return p, args
+    return p, p.parse_args(argv)
 
 
 def best_of(audio, sample_rate, prompts, n, reward):
@@ -266,53 +275,58 @@ def best_of(audio, sample_rate, prompts, n, reward):
 
     audio: (P * n, S) with the candidates of output i in rows i * n ... i * n + n - 1 (as `generate` orders
     num_samples); prompts: P captions; reward: an object with reward.py's score(audio, sample_rate, prompts).
-    Returns audio (P, S) and scores (P, n). Raises ValueError if the rows are not P * n."""
-    if audio.shape[0] != len(prompts) * n:
-        raise ValueError(f'best_of: {audio.shape[0]} clips for {len(prompts)} prompts x {n} candidates')
+    Returns audio (P, S) and scores (P, n)."""
+    assert audio.shape[0] == len(prompts) * n, 'best_of: rows must be prompts x candidates'
     scores = reward.score(audio, sample_rate, [p for p in prompts for _ in range(n)]).float().cpu().view(-1, n)
     best = scores.argmax(1)  # (P,)
     return audio.view(len(prompts), n, -1)[torch.arange(len(prompts)), best], scores
+
+
+def output_paths(args, items):
+    """The WAV path of every output, checked before any work: --out must name a .wav file (not a folder) and the
+    folders must be writable. Existing files get -1, -2, ... unless --overwrite."""
+    if args.out and (len(items) * args.num_samples != 1 or not args.out.lower().endswith('.wav')):
+        raise ValueError('--out names one .wav file, for one prompt and one sample: use --out_dir otherwise')
+    if args.out and os.path.isdir(args.out):
+        raise ValueError(f'--out {args.out} is a folder; name a .wav file, or use --out_dir={args.out}')
+    check_writable(os.path.dirname(os.path.abspath(args.out)) if args.out else args.out_dir,
+                   '--out' if args.out else '--out_dir')
+    paths = []
+    for i in range(len(items) * args.num_samples):
+        pid, prompt = items[i // args.num_samples]
+        name = safe_name(pid) if pid else safe_name(prompt)
+        name += f'_{i % args.num_samples}' if args.num_samples > 1 else ''
+        paths.append(unused_path(args.out or os.path.join(args.out_dir, name + '.wav'), args.overwrite, paths))
+    return paths
 
 
 def main(argv=None):
     p, args = parse_args(argv)
     try:
         items = [(None, x) for x in args.prompt] + (read_prompts(args.prompts_file) if args.prompts_file else [])
-    except (ValueError, OSError) as e:
-        p.error(str(e))
-    if any(not x.strip() for x in args.prompt):
-        p.error('a prompt is empty: give a caption such as "rain on a tin roof"')
-    if args.prompts_file and len(items) == len(args.prompt):
-        p.error(f'--prompts_file {args.prompts_file} holds no prompts')
-    if not items:
-        p.error('give a prompt, e.g. python sample.py "rain on a tin roof", or --prompts_file')
-    if args.out and len(items) * args.num_samples != 1:
-        p.error('--out names one file: use --out_dir for several prompts or samples')
-    if args.out and not args.out.lower().endswith('.wav'):
-        p.error(f'--out {args.out!r} must name a .wav file')
-    try:
+        if not items:
+            raise ValueError('give a prompt, e.g. python sample.py "rain on a tin roof", or --prompts_file')
+        prompts = [x for _, x in items]
+        check_settings(prompts, args.duration, args.steps, args.cfg_strength, args.seed,
+                       args.num_samples * args.best_of, args.batch_size)
+        paths = output_paths(args, items)
+        reward = build_reward(args.reward, device=None if args.device == 'auto' else args.device) \
+            if args.best_of > 1 else None  # loaded first: a missing reward model fails before the work
+        warn_if_slow_bf16(args.device, args.dtype)
         pipe = load_pipeline(args.ckpt, args.weights_dir, args.device, args.dtype, args.weights, args.text_encoder,
                              args.vocoder)
-        check_duration(args.duration, pipe)
-        audio, sr = generate([x for _, x in items], pipe, args.duration, args.steps, args.cfg, args.negative,
-                             args.seed, args.num_samples * args.best_of, args.batch_size)
-        if args.best_of > 1:
-            prompts = [x for _, x in items for _ in range(args.num_samples)]
-            audio, scores = best_of(audio, sr, prompts, args.best_of, build_reward(args.reward, device=args.device
-                                                                                   if args.device != 'auto' else None))
-            print(f'best of {args.best_of} by {args.reward}: mean score {scores.max(1).values.mean():.4f} '
-                  f'(all candidates {scores.mean():.4f})')
+        audio, sr = generate(prompts, pipe, args.duration, args.steps, args.cfg_strength, args.negative, args.seed,
+                             args.num_samples * args.best_of, args.batch_size)
     except (ValueError, OSError) as e:  # WeightsMissing is an OSError
         sys.exit(f'error: {e}')
-    written = set()
-    for i, wave in enumerate(audio):
-        pid, prompt = items[i // args.num_samples]
-        name = safe_name(pid) if pid else safe_name(prompt)
-        if args.num_samples > 1:
-            name += f'_{i % args.num_samples}'
-        path = unused_path(args.out or os.path.join(args.out_dir, name + '.wav'), args.overwrite, written)
+    except KeyboardInterrupt:
+        sys.exit('interrupted: nothing was written')
+    if reward is not None:
+        audio, scores = best_of(audio, sr, [x for x in prompts for _ in range(args.num_samples)], args.best_of, reward)
+        print(f'best of {args.best_of} by {args.reward}: mean score {scores.max(1).values.mean():.4f} '
+              f'(all candidates {scores.mean():.4f})')
+    for path, wave in zip(paths, audio):
         write_wav(path, wave, sr)
-        written.add(path)
         print(f'wrote {path} ({wave.numel() / sr:.2f} s at {sr} Hz)')
 
 

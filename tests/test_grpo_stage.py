@@ -126,7 +126,7 @@ def test_best_of_keeps_the_candidate_the_reward_prefers():
     kept, scores = best_of(audio, 16000, ["a", "b"], 3, LoudnessReward(target_db=0.0))
     assert scores.shape == (2, 3)
     assert torch.equal(kept, audio[[1, 4]])  # the loudest of each group: closest to 0 dBFS
-    with pytest.raises(ValueError, match="candidates"):
+    with pytest.raises(AssertionError, match="candidates"):
         best_of(audio, 16000, ["a"], 3, LoudnessReward())
 
 
