@@ -465,15 +465,6 @@ def rollout_noise(seed, epoch, batch, prompt_ids, n_prompts, cfg: GRPOConfig, la
     return noise
 
 
-@torch.no_grad()
-def decode_audio(pipe, x) -> torch.Tensor:
-    """Normalised latents (B, N, C) -> waveform (B, S) in [-1, 1] at pipe.sample_rate: un-normalise, VAE
-    decode (B, E, N) -> mel, vocode (sample.Pipeline's chain)."""
-    latents = pipe.transformer.unnormalize(x.float().to(pipe.transformer.latent_mean.dtype))
-    mel = pipe.vae.decode(latents.transpose(1, 2).float())  # (B, n_mels, 2N)
-    return pipe.vocoder(mel).clamp(-1, 1)[:, 0].float()
-
-
 def sample_epoch(policy, pipe, reward_fn, text, prompts, cfg: GRPOConfig, epoch, seed, latent_shape, rank=0,
                  world_size=1, autocast=None):
     """This rank's rollouts of one epoch, decoded and scored.
@@ -497,7 +488,7 @@ def sample_epoch(policy, pipe, reward_fn, text, prompts, cfg: GRPOConfig, epoch,
         with autocast or nullcontext():
             out = rollout(policy, noise[:, 0], text_f, text_f_c, cfg.num_steps, cfg.cfg_strength, cfg.noise_level,
                           keep_steps=cfg.num_train_steps, step_noise=noise[:, 1:])
-        audio = decode_audio(pipe, out.pop("sample"))
+        audio = pipe.decode(out.pop("sample"))[2][:, 0]  # (B, S)
         rewards = torch.as_tensor(reward_fn(audio, pipe.sample_rate, captions)).float().to(device)
         batches.append({**out, "prompt_ids": ids.to(device), "rewards": rewards})
     return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
@@ -580,7 +571,7 @@ def evaluate_reward(policy, pipe, reward_fn, text, prompts, seed, num_steps=25, 
         text_f, text_f_c = (x.to(dtype) for x in text(captions, device))
         with autocast or nullcontext():
             x = euler_sample(policy, noise, text_f, text_f_c, num_steps=num_steps, cfg=cfg_strength)
-        rewards = torch.as_tensor(reward_fn(decode_audio(pipe, x), pipe.sample_rate, captions))
+        rewards = torch.as_tensor(reward_fn(pipe.decode(x)[2][:, 0], pipe.sample_rate, captions))
         total += torch.stack([rewards.double().sum(), torch.tensor(float(len(idx)), dtype=torch.float64)]).to(device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(total)

@@ -68,7 +68,13 @@ class Pipeline:
         float32 in [-1, 1]."""
         x = euler_sample(self.transformer, noise, text_f, text_f_c, num_steps=num_steps, cfg=cfg_strength,
                          negative_text_f=negative_text_f, negative_text_f_c=negative_text_f_c, progress=progress)
-        latents = self.transformer.unnormalize(x)  # (B, N, C)
+        return self.decode(x)
+
+    @torch.no_grad()
+    def decode(self, x):
+        """Normalised latents (B, N, C) -> un-normalised latents (B, N, C), mel (B, n_mels, 2N) and waveform
+        (B, 1, 2N * hop_length) float32 in [-1, 1]."""
+        latents = self.transformer.unnormalize(x.to(self.transformer.latent_mean.dtype))  # (B, N, C)
         mel = self.vae.decode(latents.transpose(1, 2).to(_dtype_of(self.vae)))  # (B, n_mels, 2N)
         wave = self.vocoder(mel.to(_dtype_of(self.vocoder, mel.dtype)))  # (B, 1, S)
         return latents, mel, wave.float().clamp(-1, 1)
