@@ -7,7 +7,6 @@ A manifest is JSONL, one clip a line, in the format of the released Resonate tra
 Relative `audio_path`s are resolved against the manifest's own folder; extra keys (`split`, `source`) are kept.
 """
 
-import functools
 import hashlib
 import json
 import math
@@ -99,23 +98,23 @@ def _parse_manifest_line(line, path, lineno):
 
 
 # -----------------------------------------------------------------------------
-# resampling: band-limited windowed-sinc interpolation, polyphase for rational rate ratios
+# resampling: Hann-windowed sinc interpolation, as torchaudio.functional.resample with its defaults
 
-RESAMPLE_ZEROS = 40  # sinc zero crossings on each side of the kernel centre; more = a narrower transition band
-RESAMPLE_ROLLOFF = 0.95  # low-pass cutoff as a fraction of the lower Nyquist, so the transition band ends near it
-RESAMPLE_BETA = 8.0  # Kaiser window shape; about 80 dB of stop-band attenuation
-_MAX_KERNEL_TAPS = 1 << 25  # guards against near-coprime rates (44100 -> 44101) that need a huge polyphase bank
+RESAMPLE_ZEROS = 6  # sinc zero crossings on each side of the kernel centre (torchaudio's lowpass_filter_width)
+RESAMPLE_ROLLOFF = 0.99  # low-pass cutoff as a fraction of the lower Nyquist (torchaudio's rolloff)
+_MAX_BANK_TAPS = 1 << 20  # a larger polyphase bank (near-coprime rates, 44101 -> 16000) is evaluated per output
 
 
 def resample(wave, orig_sr, new_sr):
-    """Change the sample rate of `wave` with a band-limited (Kaiser-windowed sinc) interpolator.
+    """Change the sample rate of `wave`, reproducing torchaudio.functional.resample with its default arguments
+    (sinc_interp_hann, lowpass_filter_width 6, rolloff 0.99), which the released metrics use.
 
-    The rate ratio is reduced to orig/new by their gcd, so the result is exact for rational ratios such as
-    44100 -> 16000 (441/160): output sample n sits at input time n * orig / new, and
-        y[n] = sum_k x[k] * 2 fc * sinc(2 fc (n orig/new - k)) * kaiser((n orig/new - k) / W),
-    with cutoff fc = RESAMPLE_ROLLOFF * min(orig, new) / (2 orig) cycles per input sample (anti-aliasing at the
-    lower Nyquist) and half-width W = RESAMPLE_ZEROS / (2 fc) input samples (J. O. Smith, "Digital Audio
-    Resampling", ccrma.stanford.edu/~jos/resample). The signal is zero outside its ends.
+    The ratio is reduced to orig/new by the gcd. Output sample n sits at input time n * orig / new and
+        y[n] = sum_i x[i] * (fc / orig) * sinc(u) * cos(pi u / (2 Z))^2,   u = fc (i / orig - n / new) in [-Z, Z],
+    with cutoff fc = RESAMPLE_ROLLOFF * min(orig, new), Z = RESAMPLE_ZEROS, and x zero outside its ends
+    (J. O. Smith, "Digital Audio Resampling", ccrma.stanford.edu/~jos/resample). Rates whose polyphase bank
+    (new phases x (orig + 2 half-widths) taps) is small run as one strided conv1d; others gather the taps around
+    each output sample in chunks, with the same kernel values, so any pair of integer rates works in bounded memory.
 
     Args:
         wave: (..., S) float tensor, any device.
@@ -123,8 +122,7 @@ def resample(wave, orig_sr, new_sr):
     Returns:
         (..., ceil(S * new_sr / orig_sr)) tensor, same dtype and device; `wave` itself when the rates agree.
     Raises:
-        ValueError for non-positive or non-integer rates, or rates whose reduced ratio needs an impractically
-        large filter bank (resample through a common rate such as 48000 instead).
+        ValueError for non-positive or non-integer rates.
     """
     for name, sr in (("orig_sr", orig_sr), ("new_sr", new_sr)):
         if int(sr) != sr or sr <= 0:
@@ -133,35 +131,47 @@ def resample(wave, orig_sr, new_sr):
     orig, new = int(orig_sr) // g, int(new_sr) // g
     if orig == new:
         return wave
-    kernel, half = _resample_kernel(orig, new)  # (new, 1, K), K = orig + 2 * half
-    kernel = kernel.to(device=wave.device, dtype=wave.dtype)
     *lead, S = wave.shape
+    half = math.ceil(RESAMPLE_ZEROS * orig / (RESAMPLE_ROLLOFF * min(orig, new)))  # kernel half-width, input samples
     n_out = -(-S * new // orig)  # ceil
-    Q = -(-n_out // new)  # conv frames: each produces `new` output samples from a stride of `orig` inputs
-    pad_right = (Q - 1) * orig + kernel.shape[-1] - S - half
-    x = torch.nn.functional.pad(wave.reshape(-1, 1, S), (half, pad_right))  # (B, 1, S')
-    y = torch.nn.functional.conv1d(x, kernel, stride=orig)  # (B, new, Q)
-    y = y.transpose(1, 2).reshape(-1, Q * new)[:, :n_out]  # interleave the polyphase outputs
-    return y.reshape(*lead, n_out)
+    x = wave.reshape(-1, S).to(torch.promote_types(wave.dtype, torch.float32))  # (B, S)
+    direct = new * (orig + 2 * half) > _MAX_BANK_TAPS
+    y = (_resample_direct if direct else _resample_polyphase)(x, orig, new, half, n_out)  # (B, n_out)
+    return y.to(wave.dtype).reshape(*lead, n_out)
 
 
-@functools.lru_cache(maxsize=8)
-def _resample_kernel(orig, new):
-    fc = 0.5 * RESAMPLE_ROLLOFF * min(orig, new) / orig  # cycles per input sample
-    width = RESAMPLE_ZEROS / (2 * fc)  # kernel half-width in input samples
-    half = math.ceil(width)
-    if new * (orig + 2 * half) > _MAX_KERNEL_TAPS:
-        raise ValueError(f"resampling ratio {orig}/{new} needs a {new}-phase filter bank that is too large; "
-                         "resample in two steps through a common rate such as 48000 Hz")
-    phase = torch.arange(new, dtype=torch.float64)[:, None] * orig / new  # (new, 1) output position in a block
-    offsets = torch.arange(-half, orig + half, dtype=torch.float64)[None, :]  # (1, K) input index in a block
-    tau = phase - offsets  # (new, K) distance from each output sample to each input sample
-    r = (tau / width).clamp(-1, 1)
-    window = torch.special.i0(RESAMPLE_BETA * torch.sqrt(1 - r * r)) / torch.special.i0(
-        torch.tensor(RESAMPLE_BETA, dtype=torch.float64))
-    window = torch.where(tau.abs() <= width, window, torch.zeros_like(window))
-    kernel = 2 * fc * torch.sinc(2 * fc * tau) * window
-    return kernel[:, None, :].float(), half
+def _sinc_kernel(offset, phase, orig, new, dtype):
+    """Weight of input sample block_start + `offset` for the output of phase `phase` (n mod new) of that block.
+
+    A block is `orig` inputs and `new` outputs, so t = offset / orig - phase / new stays small and the kernel is
+    the same for every block, whichever path evaluates it (and rounds as torchaudio's float32 kernel does).
+    """
+    fc = RESAMPLE_ROLLOFF * min(orig, new)
+    u = ((offset.to(dtype) / orig - phase.to(dtype) / new) * fc).clamp(-RESAMPLE_ZEROS, RESAMPLE_ZEROS)
+    return torch.sinc(u) * torch.cos(u * (math.pi / (2 * RESAMPLE_ZEROS))) ** 2 * (fc / orig)
+
+
+def _resample_polyphase(x, orig, new, half, n_out):
+    """Output block q, phase j = conv of the inputs q * orig - half ... q * orig + orig + half - 1 with bank[j]."""
+    offsets = torch.arange(-half, orig + half, device=x.device)
+    phases = torch.arange(new, device=x.device)[:, None]
+    bank = _sinc_kernel(offsets, phases, orig, new, x.dtype)[:, None]  # (new, 1, orig + 2 half)
+    y = torch.nn.functional.conv1d(torch.nn.functional.pad(x[:, None], (half, half + orig)), bank, stride=orig)
+    return y.transpose(1, 2).reshape(x.shape[0], -1)[:, :n_out]  # (B, new, Q) -> interleaved (B, n_out)
+
+
+def _resample_direct(x, orig, new, half, n_out):
+    """Each output n from the 2 half + 2 inputs around n * orig / new (all the kernel reaches), in chunks."""
+    taps = torch.arange(-half, half + 2, device=x.device)
+    chunk = max(1, (1 << 22) // (x.shape[0] * taps.numel()))  # outputs per step: bounds the (B, N, taps) gather
+    padded = torch.nn.functional.pad(x, (half, half + 1))
+    out = []
+    for first in range(0, n_out, chunk):
+        n = torch.arange(first, min(first + chunk, n_out), device=x.device)[:, None]  # (N, 1)
+        i = n * orig // new + taps  # (N, taps) input indices, -half ... S + half
+        weights = _sinc_kernel(i - n // new * orig, n % new, orig, new, x.dtype)
+        out.append((padded[:, i + half] * weights).sum(-1))  # (B, N)
+    return torch.cat(out, dim=-1)
 
 
 # -----------------------------------------------------------------------------

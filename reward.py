@@ -7,17 +7,19 @@ that rate with data.resample. Higher is better.
 
     QwenOmniJudge          Resonate's training reward: an audio LLM asked whether the clip matches the caption
     ClapReward             cosine of CLAP text and audio embeddings
+    AudioboxAesthetics     Meta's Audiobox Aesthetics (CE, CU, PC, PQ) of the clip alone; `score` gives one axis
     LoudnessReward         signal-level rewards needing no download, for tests and CPU runs
     SpectralCentroidReward
     build_reward("loudness:1.0,clap:0.5")  -> WeightedSum of rewards from the REWARDS registry
 """
 
 import inspect
+import re
 
 import torch
 import torch.nn.functional as F
 
-from data import pick_device, resample
+from data import hub_files, pick_device, read_weights, resample
 
 
 def prepare_audio(audio, sample_rate, target_rate, prompts) -> torch.Tensor:
@@ -146,6 +148,196 @@ class ClapReward(Reward):
 def _pooled(features):
     """transformers 4.x returns the projected embedding, 5.x an output whose pooler_output holds it."""
     return features if torch.is_tensor(features) else features.pooler_output
+
+
+# ---------------------------------------------------------------- Audiobox Aesthetics
+
+AES_AXES = ("CE", "CU", "PC", "PQ")  # content enjoyment, content usefulness, production complexity, production quality
+AES_REPO, AES_FILE = "facebook/audiobox-aesthetics", "checkpoint.pt"  # audiobox_aesthetics/utils.py, DEFAULT_CKPT_FNAME
+# The WavLM (base size) backbone the package builds for every checkpoint (audiobox_aesthetics/model/aes.py,
+# DEFAULT_AUDIO_CFG): the fields that shape the weights or the forward pass. The checkpoint does not store it.
+AES_WAVLM = {"extractor_mode": "default", "conv_feature_layers": "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2",
+             "conv_bias": False, "encoder_layers": 12, "encoder_embed_dim": 768, "encoder_ffn_embed_dim": 3072,
+             "encoder_attention_heads": 12, "activation_fn": "gelu", "layer_norm_first": False, "conv_pos": 128,
+             "conv_pos_groups": 16, "relative_position_embedding": True, "num_buckets": 320, "max_distance": 800,
+             "gru_rel_pos": True, "normalize": False}
+# Official AesMultiOutput state-dict names -> ours (transformers' WavLMModel under `wavlm`, the heads under
+# `heads`), rewritten by every rule in turn. The one map from the published names onto our modules.
+AES_KEY_MAP = [
+    (r"^wavlm_model\.mask_emb$", "wavlm.masked_spec_embed"),
+    (r"conv_layers\.(\d+)\.0\.", r"conv_layers.\1.conv."),  # blocks: Sequential(conv, dropout, [norm,] gelu)
+    (r"conv_layers\.0\.2\.", "conv_layers.0.layer_norm."),  # the group norm of the first conv block
+    (r"^wavlm_model\.layer_norm\.", "wavlm.feature_projection.layer_norm."),
+    (r"^wavlm_model\.post_extract_proj\.", "wavlm.feature_projection.projection."),
+    (r"pos_conv\.0\.weight_g$", "pos_conv_embed.conv.parametrizations.weight.original0"),  # weight norm, dim=2
+    (r"pos_conv\.0\.weight_v$", "pos_conv_embed.conv.parametrizations.weight.original1"),
+    (r"pos_conv\.0\.bias$", "pos_conv_embed.conv.bias"),
+    (r"self_attn\.grep_a$", "attention.gru_rel_pos_const"),
+    (r"self_attn\.grep_linear\.", "attention.gru_rel_pos_linear."),
+    (r"self_attn\.relative_attention_bias\.", "attention.rel_attn_embed."),  # first layer only, in both
+    (r"self_attn\.", "attention."),
+    (r"self_attn_layer_norm\.", "layer_norm."),
+    (r"fc1\.", "feed_forward.intermediate_dense."),
+    (r"fc2\.", "feed_forward.output_dense."),
+    (r"^wavlm_model\.", "wavlm."),
+    (r"^proj_layer\.", "heads."),
+]
+
+
+def aes_key(name: str) -> str:
+    """Our state-dict name for an official Audiobox Aesthetics one (through AES_KEY_MAP)."""
+    for pattern, replacement in AES_KEY_MAP:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def _wavlm_config(cfg: dict):
+    """transformers' WavLMConfig for the package's (unilm) WavLM config dict."""
+    from transformers import WavLMConfig
+    assert cfg["extractor_mode"] == "default" and not cfg["layer_norm_first"] and not cfg["normalize"], cfg
+    assert cfg["relative_position_embedding"] and cfg["gru_rel_pos"], "transformers' WavLM always has both"
+    convs = []  # "[(512,10,5)] + [(512,3,2)] * 4" -> [(dim, kernel, stride), ...], read without eval
+    for term in cfg["conv_feature_layers"].split("+"):
+        dim, kernel, stride, times = re.fullmatch(r"\s*\[\((\d+),\s*(\d+),\s*(\d+)\)\]\s*(?:\*\s*(\d+))?\s*",
+                                                  term).groups()
+        convs += [(int(dim), int(kernel), int(stride))] * int(times or 1)
+    dims, kernels, strides = zip(*convs)
+    return WavLMConfig(
+        hidden_size=cfg["encoder_embed_dim"], num_hidden_layers=cfg["encoder_layers"],
+        num_attention_heads=cfg["encoder_attention_heads"], intermediate_size=cfg["encoder_ffn_embed_dim"],
+        hidden_act=cfg["activation_fn"], feat_extract_norm="group", conv_dim=dims, conv_kernel=kernels,
+        conv_stride=strides, conv_bias=cfg["conv_bias"], num_conv_pos_embeddings=cfg["conv_pos"],
+        num_conv_pos_embedding_groups=cfg["conv_pos_groups"], num_buckets=cfg["num_buckets"],
+        max_bucket_distance=cfg["max_distance"])
+
+
+def _aes_head(dim: int, cfg: dict) -> torch.nn.Sequential:
+    """The package's create_mlp_block: (proj_num_layer - 1) x [Linear, LayerNorm?, GELU, Dropout?], Linear."""
+    assert cfg["proj_act_fn"] == "gelu", cfg["proj_act_fn"]
+    layers = []
+    for _ in range(cfg["proj_num_layer"] - 1):
+        layers += [torch.nn.Linear(dim, dim), *[torch.nn.LayerNorm(dim)] * bool(cfg["proj_ln"]), torch.nn.GELU(),
+                   *[torch.nn.Dropout(cfg["proj_dropout"])] * bool(cfg["proj_dropout"])]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(dim, cfg["output_dim"]))
+
+
+class AesModel(torch.nn.Module):
+    """The Audiobox Aesthetics network (the package's AesMultiOutput) on transformers' WavLM.
+
+    Per axis: softmax-weighted sum of the L = layers + 1 hidden states (the encoder input after its layer norm,
+    then every layer's output, as the package's layer_results), mean over the unpadded frames, L2 normalisation,
+    an MLP head. Two details of the package's WavLM that transformers' WavLMModel.forward does differently, so the
+    encoder is driven here layer by layer: a frame is padding only when all of its W // T samples are (transformers
+    counts frames from the unpadded length through the conv arithmetic, which gives fewer), and the hidden states
+    are collected directly instead of through output_hidden_states hooks.
+    Args:
+        wavlm_config: the package's WavLM config dict (AES_WAVLM for the published model).
+        model_cfg: the AesMultiOutput fields stored in the checkpoint (nth_layer, proj_num_layer, ...).
+    """
+    def __init__(self, wavlm_config: dict, model_cfg: dict):
+        from transformers import WavLMModel
+        super().__init__()
+        assert model_cfg["use_weighted_layer_sum"] and model_cfg["normalize_embed"], model_cfg
+        self.wavlm = WavLMModel(_wavlm_config(wavlm_config))
+        dim, L = self.wavlm.config.hidden_size, model_cfg["nth_layer"]
+        assert L == self.wavlm.config.num_hidden_layers + 1, "the package's layer sum only works on all the states"
+        self.layer_weights = torch.nn.ParameterDict({a: torch.nn.Parameter(torch.full((L,), 1 / L)) for a in AES_AXES})
+        self.heads = torch.nn.ModuleDict({a: _aes_head(dim, model_cfg) for a in AES_AXES})
+
+    @classmethod
+    def from_official(cls, wavlm_config, model_cfg, state_dict):
+        """Built on the meta device, then filled strictly with official-name weights (through AES_KEY_MAP)."""
+        with torch.device("meta"):
+            model = cls(wavlm_config, model_cfg)
+        model.load_state_dict({aes_key(k): v for k, v in state_dict.items()}, assign=True)
+        return model
+
+    def hidden_states(self, wav, valid):
+        """(N, W) 16 kHz windows, (N, W) bool True on real samples -> (N, T, D, L) states, (N, T) bool frames."""
+        wavlm, encoder = self.wavlm, self.wavlm.encoder
+        x = wavlm.feature_extractor(wav).transpose(1, 2)  # (N, T, C)
+        N, T, _ = x.shape
+        frames = valid[:, : wav.shape[1] // T * T].reshape(N, T, -1).any(-1)  # the tail W mod T is dropped
+        x, _ = wavlm.feature_projection(x)  # layer norm, projection: (N, T, D)
+        x = x.masked_fill(~frames[..., None], 0.0)
+        x = encoder.layer_norm(x + encoder.pos_conv_embed(x))
+        states, position_bias = [x], None  # the relative position bias comes from layer 0, shared by the rest
+        for layer in encoder.layers:
+            x, position_bias = layer(x, attention_mask=frames, position_bias=position_bias)
+            states.append(x)
+        return torch.stack(states, dim=-1), frames
+
+    def forward(self, wav, valid) -> dict:
+        """(N, W) windows and their (N, W) sample mask -> {axis: (N,)} predictions in normalised units."""
+        states, frames = self.hidden_states(wav, valid)
+        keep = frames[..., None].float()  # (N, T, 1)
+        preds = {}
+        for axis, head in self.heads.items():
+            embed = states @ self.layer_weights[axis].softmax(-1)  # (N, T, D)
+            embed = (embed * keep).sum(1) / keep.sum(1).clamp(min=1)  # mean over the real frames
+            preds[axis] = head(F.normalize(embed, dim=-1)).squeeze(-1)
+        return preds
+
+
+class AudioboxAesthetics(Reward):
+    """Meta Audiobox Aesthetics (Tjandra et al., arXiv 2502.05139; package audiobox-aesthetics 0.0.4,
+    AesPredictor.forward): CE, CU, PC and PQ of each clip, on a 1-10 scale, the caption unused.
+
+    As released: 16 kHz (data.resample is torchaudio's resampler), 10 s windows with a 10 s hop, the last one
+    zero-padded and masked; each window's predictions are de-normalised (x * std + mean) and averaged with weights
+    = the fraction of the window that holds audio. Always float32, whatever the surrounding autocast, as the
+    package's precision "32". Unlike the package, clips arrive mono (B, S) and of one length (the package averages
+    the channels after resampling: the same up to rounding, resampling being linear).
+    Args:
+        model: an AesModel with its weights; target_transform: {axis: {"mean", "std"}} of the training targets.
+        axis: the figure `score` returns (default PQ, production quality).
+        device: where to run (default: best available); max_windows: 10 s windows per forward pass (memory).
+    """
+    sample_rate = 16000
+    WINDOW_SECONDS = 10
+
+    def __init__(self, model, target_transform, axis="PQ", device=None, max_windows=16):
+        if axis not in AES_AXES:
+            raise ValueError(f"axis must be one of {', '.join(AES_AXES)}, got {axis!r}")
+        self.device = torch.device(device) if device is not None else pick_device()
+        self.model = model.to(self.device, torch.float32).eval()
+        self.target_transform = {a: (float(target_transform[a]["mean"]), float(target_transform[a]["std"]))
+                                 for a in AES_AXES}
+        self.axis, self.max_windows = axis, max_windows
+
+    @classmethod
+    def from_pretrained(cls, weights_dir=None, device=None, axis="PQ", max_windows=16, wavlm_config=AES_WAVLM):
+        """The published scorer: `checkpoint.pt` of facebook/audiobox-aesthetics (about 416 MB), from `weights_dir`
+        or the Hugging Face cache (data.hub_files; raises data.WeightsMissing). The file holds only plain
+        containers and float32 tensors, so no class is allowed beyond them: {"state_dict": {"model." + official
+        name: tensor}, "model_cfg": the AesMultiOutput fields, "target_transform": {axis: {"mean", "std"}}}."""
+        ckpt = read_weights(hub_files(AES_REPO, [AES_FILE], weights_dir)[AES_FILE])
+        state = {re.sub(r"^model\.", "", k): v for k, v in ckpt["state_dict"].items()}  # as the package strips it
+        model = AesModel.from_official(wavlm_config, ckpt["model_cfg"], state)
+        return cls(model, ckpt["target_transform"], axis, device, max_windows)
+
+    @torch.no_grad()
+    def score_all(self, audio, sample_rate, prompts) -> dict:
+        """{"CE", "CU", "PC", "PQ": (B,) float32} for (B, S) clips at `sample_rate` Hz."""
+        out_device = audio.device
+        audio = prepare_audio(audio, sample_rate, self.sample_rate, prompts).to(self.device)
+        B, S = audio.shape
+        W = self.WINDOW_SECONDS * self.sample_rate
+        n = -(-S // W)  # windows per clip
+        windows = F.pad(audio, (0, n * W - S)).reshape(B * n, W)  # (B n, W), clip-major
+        valid = (torch.arange(n * W, device=self.device) < S).reshape(n, W).repeat(B, 1)  # (B n, W)
+        fill = valid.float().mean(-1).view(B, n)  # each window's weight
+        with torch.autocast(self.device.type, enabled=False):
+            preds = [self.model(windows[i:i + self.max_windows], valid[i:i + self.max_windows])
+                     for i in range(0, B * n, self.max_windows)]
+        scores = {}
+        for axis, (mean, std) in self.target_transform.items():
+            per_window = torch.cat([p[axis] for p in preds]).view(B, n) * std + mean
+            scores[axis] = ((per_window * fill).sum(1) / fill.sum(1)).to(out_device)
+        return scores
+
+    def score(self, audio, sample_rate, prompts):
+        return self.score_all(audio, sample_rate, prompts)[self.axis]
 
 
 # ---------------------------------------------------------------- Qwen2.5-Omni judge
@@ -303,6 +495,7 @@ REWARDS = {
     "centroid": SpectralCentroidReward,
     "clap": ClapReward,
     "qwen_omni": QwenOmniJudge,
+    "aes": AudioboxAesthetics.from_pretrained,
     # the names the released configs use
     "clapscore": ClapReward,
     "qwen25_omni_semantic_align_score": QwenOmniJudge,

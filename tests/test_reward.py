@@ -6,19 +6,25 @@ special tokens; the real tokenizer, weights and chat template are not available 
 """
 
 import copy
+import json
 import math
+from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor, PreTrainedTokenizerFast,
                           Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration,
                           WhisperFeatureExtractor)
 from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import _get_feat_extract_output_lengths
 
+import data
 from data import resample
-from reward import (REWARDS, ClapReward, LoudnessReward, QwenOmniJudge, SpectralCentroidReward, WeightedSum,
-                    audio_token_count, build_reward, yes_no_score)
+from reward import (AES_AXES, AES_WAVLM, REWARDS, AesModel, AudioboxAesthetics, ClapReward, LoudnessReward,
+                    QwenOmniJudge, SpectralCentroidReward, WeightedSum, aes_key, audio_token_count, build_reward,
+                    yes_no_score)
 
 SR = 16000
 PROMPTS = ["a dog barks", "rain falls on a tin roof while thunder rumbles", "birds"]
@@ -109,6 +115,100 @@ def test_clap_scores_are_cosines_and_batch_independent(clap):
     one_by_one = torch.cat([clap.score(audio[i:i + 1], 22050, PROMPTS[i:i + 1]) for i in range(3)])
     assert (scores - one_by_one).abs().max() < 1e-5
     assert (scores - clap.score(audio, 22050, PROMPTS[::-1])).abs().max() > 1e-4  # the caption matters
+
+
+# ---------------------------------------------------------------- Audiobox Aesthetics (tiny, random)
+
+AES_FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def aes_fx():
+    """fixtures/aes_a.pt: audiobox-aesthetics 0.0.4 on a tiny seeded WavLM, its inputs, outputs and windows."""
+    return torch.load(AES_FIXTURES / "aes_a.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def aes(aes_fx):
+    model = AesModel.from_official(aes_fx["wavlm_config"], aes_fx["model_cfg"], aes_fx["state_dict"])
+    return AudioboxAesthetics(model, aes_fx["target_transform"], device="cpu")
+
+
+def test_aes_matches_the_package_clip_by_clip(aes, aes_fx):
+    for clip, expected in zip(aes_fx["inputs"], aes_fx["outputs"]):
+        mono = clip["waveform"].mean(0, keepdim=True)  # ours takes mono clips; the package averages after resampling
+        scores = aes.score_all(mono, clip["sample_rate"], [""])
+        assert set(scores) == set(AES_AXES) and scores["PQ"].shape == (1,) and scores["PQ"].dtype == torch.float32
+        for axis in AES_AXES:
+            assert abs(scores[axis].item() - expected[axis]) < 1e-4, axis
+        assert torch.equal(aes.score(mono, clip["sample_rate"], [""]), scores["PQ"])
+
+
+def test_aes_windows_masks_and_layer_results_match_the_package(aes, aes_fx):
+    W = aes.WINDOW_SECONDS * aes.sample_rate
+    windows, valid = [], []
+    for clip in aes_fx["inputs"]:  # 10 s windows, 10 s hop, the last zero-padded, in clip order
+        wave = resample(clip["waveform"].mean(0), clip["sample_rate"], aes.sample_rate)
+        for start in range(0, wave.shape[0], W):
+            piece = wave[start:start + W]
+            windows.append(F.pad(piece, (0, W - piece.shape[0])))
+            valid.append(torch.arange(W) < piece.shape[0])
+    windows, valid = torch.stack(windows), torch.stack(valid)
+    torch.testing.assert_close(valid.float().mean(-1), torch.tensor(aes_fx["window_weights"]))
+    with torch.no_grad():
+        states, frames = aes.model.hidden_states(windows, valid)
+        preds = aes.model(windows, valid)
+    assert torch.equal(~frames, aes_fx["window_padding_mask"])
+    for axis in AES_AXES:
+        torch.testing.assert_close(preds[axis], aes_fx["window_preds_raw"][axis], rtol=0, atol=1e-4)
+    w = aes_fx["debug_window"]
+    layer_results = states[w, frames[w]].permute(2, 0, 1)  # (L, T_real, D), as the package's layer_results
+    torch.testing.assert_close(layer_results, aes_fx["layer_results_debug_window"], rtol=0, atol=1e-4)
+
+
+def test_aes_batch_equals_clip_by_clip(aes, aes_fx):
+    clip = aes_fx["inputs"][2]
+    mono = clip["waveform"].mean(0)
+    batch = aes.score_all(torch.stack([mono, 0.3 * mono.flip(0)]), clip["sample_rate"], ["a", "b"])
+    for b, wave in enumerate([mono, 0.3 * mono.flip(0)]):
+        alone = aes.score_all(wave[None], clip["sample_rate"], ["a"])
+        for axis in AES_AXES:
+            torch.testing.assert_close(batch[axis][b], alone[axis][0], rtol=0, atol=1e-5)
+
+
+def test_aes_full_size_has_the_published_keys_and_shapes():
+    manifest = json.loads((AES_FIXTURES / "manifest_aes_full.json").read_text())
+    assert {k: manifest["wavlm_config"][k] for k in AES_WAVLM} == AES_WAVLM  # the package's default backbone
+    with torch.device("meta"):
+        model = AesModel(AES_WAVLM, manifest["constructor"])
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert ours == {aes_key(k): shape for k, shape in manifest["shapes"].items()}
+    assert sum(v.numel() for v in model.state_dict().values()) == manifest["num_parameters"]
+
+
+def test_aes_loads_a_folder_in_the_published_format(aes_fx, tmp_path):
+    # checkpoint.pt as published: "model."-prefixed names, the AesMultiOutput fields, the target statistics
+    torch.save({"state_dict": OrderedDict(("model." + k, v) for k, v in aes_fx["state_dict"].items()),
+                "model_cfg": dict(aes_fx["model_cfg"]), "target_transform": aes_fx["target_transform"]},
+               tmp_path / "checkpoint.pt")
+    spec = {"aes": {"weights_dir": str(tmp_path), "axis": "CE", "wavlm_config": aes_fx["wavlm_config"]}}
+    reward = build_reward(spec, device="cpu")  # REWARDS["aes"] = AudioboxAesthetics.from_pretrained
+    clip, expected = aes_fx["inputs"][1], aes_fx["outputs"][1]
+    mono = clip["waveform"].mean(0, keepdim=True)
+    assert abs(reward.score(mono, clip["sample_rate"], [""]).item() - expected["CE"]) < 1e-4
+    with pytest.raises(ValueError, match="axis must be one of"):
+        AudioboxAesthetics.from_pretrained(tmp_path, "cpu", axis="quality", wavlm_config=aes_fx["wavlm_config"])
+
+
+def test_aes_offline_without_weights_names_repo_and_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    import huggingface_hub.constants as hub  # read from the environment once, at import: set them here too
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(data.WeightsMissing) as info:
+        AudioboxAesthetics.from_pretrained(device="cpu")
+    assert "facebook/audiobox-aesthetics" in str(info.value) and "checkpoint.pt" in str(info.value)
 
 
 # ---------------------------------------------------------------- Qwen2.5-Omni judge (tiny, random)
