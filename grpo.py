@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from data import seeded_generator
 from flow import euler_sample, guided_velocity, sde_step_with_logprob
 
 
@@ -434,7 +435,7 @@ def draw_prompt_ids(seed, epoch, batch, n_prompts, cfg: GRPOConfig, world_size=1
     if m > n_prompts:
         raise ValueError(f"a rollout batch needs {m} distinct captions but the prompt list has {n_prompts}; "
                          f"lower sample_batch_size or raise group_size")
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7919 + batch * 104_729 + 3)
+    g = seeded_generator(seed, 'prompts', epoch, batch)
     ids = torch.randperm(n_prompts, generator=g)[:m].repeat_interleave(cfg.group_size)
     return ids[torch.randperm(G, generator=g)]
 
@@ -446,12 +447,11 @@ def draw_noise(seed, epoch, sample_index, num_steps, latent_shape) -> torch.Tens
     noise does not depend on how the batch is split across processes or on a resume."""
     out = []
     for i in sample_index.tolist():
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 15_485_863 + i * 7919 + 5)
-        out.append(torch.randn(num_steps + 1, *latent_shape, generator=g))
+        out.append(torch.randn(num_steps + 1, *latent_shape, generator=seeded_generator(seed, 'noise', epoch, i)))
     return torch.stack(out)
 
 
-def rollout_noise(seed, epoch, batch, prompt_ids, n_prompts, cfg: GRPOConfig, latent_shape, rank=0, world_size=1):
+def rollout_noise(seed, epoch, batch, prompt_ids, cfg: GRPOConfig, latent_shape, rank=0, world_size=1):
     """(B, num_steps + 1, N, C): draw_noise for this rank's B = sample_batch_size clips of rollout batch `batch`.
 
     With cfg.same_noise (flow_grpo's same_latent) the clips of one caption (prompt_ids (B,)) share their starting
@@ -460,8 +460,9 @@ def rollout_noise(seed, epoch, batch, prompt_ids, n_prompts, cfg: GRPOConfig, la
     per = cfg.sample_batch_size
     noise = draw_noise(seed, epoch, batch * world_size * per + rank * per + torch.arange(per), cfg.num_steps,
                        latent_shape)
-    if cfg.same_noise:  # negative indices: never an index of draw_noise's per-clip draws
-        noise[:, 0] = draw_noise(seed, epoch, -1 - (batch * n_prompts + prompt_ids), 0, latent_shape)[:, 0]
+    if cfg.same_noise:
+        noise[:, 0] = torch.stack([torch.randn(*latent_shape, generator=seeded_generator(seed, 'group', epoch, batch, i))
+                                   for i in prompt_ids.tolist()])
     return noise
 
 
@@ -482,7 +483,7 @@ def sample_epoch(policy, pipe, reward_fn, text, prompts, cfg: GRPOConfig, epoch,
     batches = []
     for b in range(cfg.num_batches_per_epoch):
         ids = draw_prompt_ids(seed, epoch, b, len(prompts), cfg, world_size)[rank * per:(rank + 1) * per]
-        noise = rollout_noise(seed, epoch, b, ids, len(prompts), cfg, latent_shape, rank, world_size).to(device, dtype)
+        noise = rollout_noise(seed, epoch, b, ids, cfg, latent_shape, rank, world_size).to(device, dtype)
         captions = [prompts[i] for i in ids.tolist()]
         text_f, text_f_c = (x.to(dtype) for x in text(captions, device))
         with autocast or nullcontext():
@@ -565,8 +566,8 @@ def evaluate_reward(policy, pipe, reward_fn, text, prompts, seed, num_steps=25, 
     total = torch.zeros(2, device=device, dtype=torch.float64)  # sum of rewards, count
     for start in range(0, len(mine), batch_size):
         idx = mine[start:start + batch_size]
-        noise = torch.stack([torch.randn(N, C, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
-                             for i in idx]).to(device, dtype)
+        noise = torch.stack([torch.randn(N, C, generator=seeded_generator(seed, 'eval', i)) for i in idx])
+        noise = noise.to(device, dtype)
         captions = [prompts[i] for i in idx]
         text_f, text_f_c = (x.to(dtype) for x in text(captions, device))
         with autocast or nullcontext():

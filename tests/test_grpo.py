@@ -236,7 +236,7 @@ def test_prompt_groups_and_noise_do_not_depend_on_the_process_split():
 def test_same_noise_shares_only_the_starting_noise_of_a_group(same_noise):
     cfg = GRPOConfig(group_size=3, sample_batch_size=3, num_steps=2, same_noise=same_noise)
     ids = draw_prompt_ids(seed=1, epoch=2, batch=1, n_prompts=9, cfg=cfg, world_size=2)  # 6 clips, 2 captions
-    noise = torch.cat([rollout_noise(1, 2, 1, ids[r * 3:(r + 1) * 3], 9, cfg, (5, 2), rank=r, world_size=2)
+    noise = torch.cat([rollout_noise(1, 2, 1, ids[r * 3:(r + 1) * 3], cfg, (5, 2), rank=r, world_size=2)
                        for r in range(2)])
     assert noise.shape == (6, 3, 5, 2)
     for i in range(6):
@@ -244,7 +244,7 @@ def test_same_noise_shares_only_the_starting_noise_of_a_group(same_noise):
             assert not torch.equal(noise[i, 1:], noise[j, 1:])  # each clip's SDE steps have their own eps
             assert torch.equal(noise[i, 0], noise[j, 0]) == (same_noise and ids[i] == ids[j])
     # one process holding the whole batch draws the same noise
-    one = rollout_noise(1, 2, 1, ids, 9, GRPOConfig(group_size=3, sample_batch_size=6, num_steps=2,
+    one = rollout_noise(1, 2, 1, ids, GRPOConfig(group_size=3, sample_batch_size=6, num_steps=2,
                                                     same_noise=same_noise), (5, 2))
     assert torch.equal(one, noise)
 
