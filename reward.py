@@ -6,8 +6,8 @@ and an attribute `sample_rate`, the rate its judge listens at (None: works at an
 that rate with data.resample (MSClapScore: with torchaudio's kernel, as msclap does). Higher is better.
 
     QwenOmniJudge          Resonate's training reward: an audio LLM asked whether the clip matches the caption
-    MSClapScore            CLAPScore: cosine of Microsoft CLAP 2023 text and audio embeddings
-    ClapReward             cosine of CLAP text and audio embeddings
+    MSClapScore            CLAPScore: cosine of Microsoft CLAP 2023 text and audio embeddings ("clap")
+    ClapReward             cosine of LAION-CLAP text and audio embeddings ("laion_clap")
     LoudnessReward         signal-level rewards needing no download, for tests and CPU runs
     SpectralCentroidReward
     build_reward("loudness:1.0,clap:0.5")  -> WeightedSum of rewards from the REWARDS registry
@@ -624,11 +624,9 @@ class WeightedSum(Reward):
 REWARDS = {
     "loudness": LoudnessReward,
     "centroid": SpectralCentroidReward,
-    "clap": ClapReward,
+    "clap": MSClapScore,
+    "laion_clap": ClapReward,
     "qwen_omni": QwenOmniJudge,
-    # the names the released configs use
-    "clapscore": ClapReward,
-    "qwen25_omni_semantic_align_score": QwenOmniJudge,
 }
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2Tokenizer
 
 from conftest import FIXTURES
-from reward import (HTSAT_2023, MSCLAP_D_PROJ, MSCLAP_KEY_MAP, MSClap, MSClapScore,
+from reward import (HTSAT_2023, MSCLAP_D_PROJ, MSCLAP_KEY_MAP, REWARDS, ClapReward, MSClap, MSClapScore,
                     crop_start, rename_key, seven_seconds, stft_kernels, torchaudio_resample)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,6 +216,10 @@ def test_score_is_the_cosine_with_seeded_crops(loaded):
     tiled = [seven_seconds(torchaudio_resample(w[None], 16000, 44100)) for w in short]
     assert (scorer.score(short, 16000, CAPTIONS[:2]) - F.cosine_similarity(
         loaded.embed_audio(torch.stack(tiled)), loaded.embed_text(*loaded.tokenize(CAPTIONS[:2])))).abs().max() < 1e-5
+
+
+def test_registry_names():
+    assert REWARDS["clap"] is MSClapScore and REWARDS["laion_clap"] is ClapReward and "clapscore" not in REWARDS
 
 
 def test_offline_with_nothing_cached_names_the_repository_and_file(tmp_path):
