@@ -3,23 +3,26 @@
 Every reward is an object with
     score(audio (B, S) float, sample_rate: int, prompts: list[str]) -> (B,) float32 tensor
 and an attribute `sample_rate`, the rate its judge listens at (None: works at any rate). Audio is resampled to
-that rate with data.resample. Higher is better.
+that rate with data.resample (torchaudio's kernel, as the released metrics use). Higher is better.
 
     QwenOmniJudge          Resonate's training reward: an audio LLM asked whether the clip matches the caption
-    ClapReward             cosine of CLAP text and audio embeddings
     AudioboxAesthetics     Meta's Audiobox Aesthetics (CE, CU, PC, PQ) of the clip alone; `score` gives one axis
+    MSClapScore            CLAPScore: cosine of Microsoft CLAP 2023 text and audio embeddings ("clap")
+    ClapReward             cosine of LAION-CLAP text and audio embeddings ("laion_clap")
     LoudnessReward         signal-level rewards needing no download, for tests and CPU runs
     SpectralCentroidReward
     build_reward("loudness:1.0,clap:0.5")  -> WeightedSum of rewards from the REWARDS registry
 """
 
 import inspect
+import math
 import re
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from data import hub_files, pick_device, read_weights, resample
+from data import hub_files, pick_device, read_weights, resample, seeded_generator
 
 
 def prepare_audio(audio, sample_rate, target_rate, prompts) -> torch.Tensor:
@@ -99,7 +102,7 @@ class SpectralCentroidReward(Reward):
         return -torch.log2(centroid.clamp_min(1.0) / self.target_hz).abs()
 
 
-# ---------------------------------------------------------------- CLAP
+# ---------------------------------------------------------------- LAION-CLAP
 
 class ClapReward(Reward):
     """Cosine similarity of CLAP text and audio embeddings, at 48 kHz.
@@ -340,6 +343,305 @@ class AudioboxAesthetics(Reward):
         return self.score_all(audio, sample_rate, prompts)[self.axis]
 
 
+# ---------------------------------------------------------------- Microsoft CLAP 2023 (CLAPScore)
+# msclap 1.3.4 (github.com/microsoft/CLAP, msclap/): CLAPWrapper.py (audio and text recipes), models/clap.py
+# (projections, GPT-2 pooling), models/htsat.py (the audio encoder) and models/config.py (HTSAT's settings).
+
+MSCLAP_REPO, MSCLAP_FILE = "microsoft/msclap", "CLAP_weights_2023.pth"
+GPT2_REPO, GPT2_FILES = "gpt2", ("config.json", "vocab.json", "merges.txt")  # the weights are in MSCLAP_FILE
+MSCLAP_RATE, MSCLAP_SECONDS, MSCLAP_TEXT_LEN = 44100, 7, 77  # config_2023.yml: sampling_rate, duration, text_len
+MSCLAP_D_PROJ = 1024  # config_2023.yml: d_proj, the joint embedding size
+# HTSATWrapper ignores config_2023.yml's audio settings: it builds HTSAT_Swin_Transformer with its defaults and the
+# mel front end of models/config.py, made for 32 kHz AudioSet (the filterbank spans 50 Hz - 14 kHz at 32 kHz: the
+# stored melW) although the audio arrives at 44.1 kHz.
+HTSAT_2023 = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(4, 8, 16, 32), window_size=8, spec_size=256,
+                  patch_size=4, mlp_ratio=4.0, num_classes=527, n_fft=1024, hop=320, mel_bins=64)
+# Official names -> ours, the first matching prefix replaced (and back for the manifest test).
+MSCLAP_KEY_MAP = {
+    "audio_encoder.base.htsat.spectrogram_extractor.stft.conv_real.weight": "audio.stft_real",
+    "audio_encoder.base.htsat.spectrogram_extractor.stft.conv_imag.weight": "audio.stft_imag",
+    "audio_encoder.base.htsat.logmel_extractor.melW": "audio.melW",
+    "audio_encoder.base.htsat.": "audio.",
+    "audio_encoder.projection.": "audio_proj.",
+    "caption_encoder.base.": "text.",
+    "caption_encoder.projection.": "text_proj.",
+}
+
+
+def rename_key(key, key_map=MSCLAP_KEY_MAP):
+    """`key` with its first matching prefix in key_map replaced (official -> ours; pass the inverted map back)."""
+    old = next((k for k in key_map if key.startswith(k)), None)
+    return key if old is None else key_map[old] + key[len(old):]
+
+
+def seven_seconds(wave, start=None) -> torch.Tensor:
+    """msclap's audio rule (CLAPWrapper.load_audio_into_tensor) for a (C, S) clip at 44.1 kHz -> (308700,):
+    the channels are concatenated (no downmix), then a result of 7 s or less is tiled and cut to 7 s (exactly 7 s
+    included), a longer one cropped to 7 s from sample `start`. Raises ValueError when a long clip has no start."""
+    flat, span = wave.reshape(-1), MSCLAP_SECONDS * MSCLAP_RATE
+    if flat.numel() <= span:
+        return flat.repeat(math.ceil(span / flat.numel()))[:span]
+    if start is None:
+        raise ValueError(f"a clip of {flat.numel()} samples is longer than 7 s: give the start of its 7 s crop")
+    return flat[start:start + span]
+
+
+def crop_start(num_samples: int, seed, prompt_id):
+    """Start of the 7 s crop of a clip of `num_samples` (channels concatenated, 44.1 kHz); None when it is tiled.
+    msclap draws it with the unseeded random.randrange(num_samples - 7 s); we draw from the same range with
+    data.seeded_generator(seed, prompt_id), so a clip scores the same on every run."""
+    span = MSCLAP_SECONDS * MSCLAP_RATE
+    if num_samples <= span:
+        return None
+    return int(torch.randint(num_samples - span, (), generator=seeded_generator(seed, prompt_id)))
+
+
+def stft_kernels(n_fft: int):
+    """torchlibrosa's STFT as two conv1d kernels (n_fft // 2 + 1, 1, n_fft): cos and -sin times a periodic Hann
+    window. They are fixed, so a state dict may omit them."""
+    n = torch.arange(n_fft, dtype=torch.float64)
+    angle = 2 * math.pi * torch.arange(n_fft // 2 + 1, dtype=torch.float64)[:, None] * n / n_fft
+    window = torch.hann_window(n_fft, periodic=True, dtype=torch.float64)
+    return (torch.cos(angle) * window)[:, None].float(), (-torch.sin(angle) * window)[:, None].float()
+
+
+def shifted_window_mask(res: int, window: int, shift: int) -> torch.Tensor:
+    """(num_windows, N, N) additive mask of shifted-window attention (Swin): -100 between two tokens of one window
+    that the cyclic shift brought from different regions of the (res, res) grid, else 0. N = window ** 2."""
+    region = torch.zeros(res, res)
+    cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    for i, (rows, cols) in enumerate((r, c) for r in cuts for c in cuts):
+        region[rows, cols] = i
+    region = region.view(res // window, window, res // window, window).transpose(1, 2).reshape(-1, window * window)
+    return torch.where(region[:, None, :] == region[:, :, None], 0.0, -100.0)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside each window, with a learned bias per relative position and head."""
+    def __init__(self, dim, heads, window):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
+        ij = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+        rel = ij[:, :, None] - ij[:, None, :] + window - 1  # (2, N, N) row and column offsets, from 0
+        self.register_buffer("relative_position_index", rel[0] * (2 * window - 1) + rel[1])
+
+    def forward(self, x, mask=None):  # x (B, nW, N, C) windows; mask (nW, N, N) or None
+        B, nW, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, nW, N, 3, self.heads, C // self.heads).permute(3, 0, 1, 4, 2, 5)
+        bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)  # (heads, N, N)
+        attn = (q * (C // self.heads) ** -0.5) @ k.transpose(-2, -1) + bias  # (B, nW, heads, N, N)
+        if mask is not None:
+            attn = attn + mask[:, None]
+        return self.proj((attn.softmax(-1) @ v).transpose(2, 3).reshape(B, nW, N, C))
+
+
+class SwinBlock(nn.Module):
+    """Pre-norm (shifted-)window attention and MLP on a (res, res) token grid."""
+    def __init__(self, dim, res, heads, window, shift, mlp_ratio):
+        super().__init__()
+        if res <= window:  # the last stage is a single window: no partition, no shift
+            window, shift = res, 0
+        self.res, self.window, self.shift = res, window, shift
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, heads, window)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(dim, hidden), fc2=nn.Linear(hidden, dim)))
+        self.register_buffer("attn_mask", shifted_window_mask(res, window, shift) if shift else None)
+
+    def forward(self, x):  # (B, res * res, C)
+        B, L, C = x.shape
+        r, w, s, n = self.res, self.window, self.shift, self.res // self.window
+        h = self.norm1(x).view(B, r, r, C).roll((-s, -s), (1, 2))
+        h = h.view(B, n, w, n, w, C).transpose(2, 3).reshape(B, n * n, w * w, C)  # (B, nW, N, C)
+        h = self.attn(h, self.attn_mask).view(B, n, n, w, w, C).transpose(2, 3).reshape(B, r, r, C)
+        x = x + h.roll((s, s), (1, 2)).reshape(B, L, C)
+        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
+
+
+class SwinStage(nn.Module):
+    """`depth` blocks, every second one shifted by half a window, then 2 x 2 patch merging (except the last)."""
+    def __init__(self, dim, res, depth, heads, window, mlp_ratio, merge):
+        super().__init__()
+        self.blocks = nn.ModuleList(SwinBlock(dim, res, heads, window, (i % 2) * (window // 2), mlp_ratio)
+                                    for i in range(depth))
+        self.downsample = nn.ModuleDict(dict(norm=nn.LayerNorm(4 * dim),
+                                             reduction=nn.Linear(4 * dim, 2 * dim, bias=False))) if merge else None
+
+    def forward(self, x):  # (B, res * res, C) -> (B, res * res / 4, 2 C) when merging
+        for block in self.blocks:
+            x = block(x)
+        if self.downsample is None:
+            return x
+        B, L, C = x.shape
+        r = math.isqrt(L)
+        x = x.view(B, r, r, C)  # 2 x 2 neighbours side by side in the order (0, 0), (1, 0), (0, 1), (1, 1)
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        x = x.view(B, -1, 4 * C)
+        return self.downsample.reduction(self.downsample.norm(x))
+
+
+class HTSAT(nn.Module):
+    """HTS-AT audio encoder (Chen et al., arXiv 2202.00874) as msclap runs it: log-mel front end, a Swin transformer over the
+    mel image, and the mean of its final tokens (`latent_output`). Arguments: HTSAT_2023."""
+    def __init__(self, embed_dim, depths, num_heads, window_size, spec_size, patch_size, mlp_ratio, num_classes,
+                 n_fft, hop, mel_bins):
+        super().__init__()
+        self.hop, self.spec_size, self.freq_ratio = hop, spec_size, spec_size // mel_bins
+        stft_real, stft_imag = stft_kernels(n_fft)
+        self.register_buffer("stft_real", stft_real)
+        self.register_buffer("stft_imag", stft_imag)
+        self.register_buffer("melW", torch.zeros(n_fft // 2 + 1, mel_bins))  # librosa's Slaney mel filters, loaded
+        self.bn0 = nn.BatchNorm2d(mel_bins)
+        self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv2d(1, embed_dim, patch_size, stride=patch_size),
+                                              norm=nn.LayerNorm(embed_dim)))
+        res, last = spec_size // patch_size, len(depths) - 1
+        self.layers = nn.ModuleList(
+            SwinStage(embed_dim * 2 ** i, res // 2 ** i, depth, heads, window_size, mlp_ratio, merge=i < last)
+            for i, (depth, heads) in enumerate(zip(depths, num_heads)))
+        dim = embed_dim * 2 ** last
+        self.norm = nn.LayerNorm(dim)
+        # AudioSet tagging head: not on the embedding's path, kept so that the published state dict loads strictly
+        self.tscam_conv = nn.Conv2d(dim, num_classes, (res // 2 ** last // self.freq_ratio, 3), padding=(0, 1))
+        self.head = nn.Linear(num_classes, num_classes)
+
+    def logmel(self, wave):  # (B, S) -> (B, S // hop + 1, mel_bins) power in dB
+        pad = self.stft_real.shape[-1] // 2
+        x = F.pad(wave[:, None], (pad, pad), mode="reflect")  # centred frames
+        real, imag = F.conv1d(x, self.stft_real, stride=self.hop), F.conv1d(x, self.stft_imag, stride=self.hop)
+        return 10 * torch.log10(((real ** 2 + imag ** 2).transpose(1, 2) @ self.melW).clamp_min(1e-10))
+
+    def forward(self, wave):  # (B, S) 7 s at 44.1 kHz -> (B, C)
+        x = self.bn0(self.logmel(wave).transpose(1, 2)[..., None])[..., 0]  # (B, M, T), normalised per mel bin
+        B, M, T = x.shape
+        assert T <= self.freq_ratio * self.spec_size, "HTSAT takes at most 1024 frames (10.24 s at 32 kHz)"
+        # stretch to 1024 frames, then stack the 4 time quarters along frequency: a (spec_size, spec_size) image
+        x = F.interpolate(x[:, None], (M, self.freq_ratio * self.spec_size), mode="bicubic", align_corners=True)
+        x = x.view(B, 1, M, self.freq_ratio, -1).transpose(2, 3).reshape(B, 1, self.spec_size, -1)
+        x = self.patch_embed.norm(self.patch_embed.proj(x).flatten(2).transpose(1, 2))  # (B, L, C)
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x).mean(1)
+
+
+class Projection(nn.Module):
+    """msclap's projection into the joint space: h = linear1(x); layer_norm(h + linear2(gelu(h)))."""
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.linear1, self.linear2 = nn.Linear(d_in, d_out, bias=False), nn.Linear(d_out, d_out, bias=False)
+        self.layer_norm = nn.LayerNorm(d_out)
+
+    def forward(self, x):
+        h = self.linear1(x)
+        return self.layer_norm(h + self.linear2(F.gelu(h)))
+
+
+class MSClap(nn.Module):
+    """Microsoft CLAP 2023 (Elizalde et al., arXiv 2309.05767): HTSAT audio and GPT-2 text encoders, each projected
+    into a `d_proj`-dimensional joint space. Built from HTSAT's arguments (HTSAT_2023), a transformers GPT2Config
+    and, for tokenize(), a GPT-2 tokenizer whose pad token is '!'."""
+    def __init__(self, htsat: dict, gpt2_config, d_proj=MSCLAP_D_PROJ, tokenizer=None):
+        super().__init__()
+        from transformers import GPT2Model
+        self.audio = HTSAT(**htsat)
+        self.audio_proj = Projection(self.audio.norm.normalized_shape[0], d_proj)
+        self.text = GPT2Model(gpt2_config)
+        self.text_proj = Projection(gpt2_config.n_embd, d_proj)
+        self.logit_scale = nn.Parameter(torch.zeros(()))  # training temperature; the score is the plain cosine
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(cls, weights_dir=None, device=None, htsat=HTSAT_2023, d_proj=MSCLAP_D_PROJ):
+        """The published model: microsoft/msclap's CLAP_weights_2023.pth (~0.65 GB) and gpt2's config and
+        tokenizer files, from `weights_dir` (a folder holding them) or the Hugging Face cache (downloading them).
+        Built on the meta device and filled from the file. Raises data.WeightsMissing when files are missing."""
+        from transformers import GPT2Config, GPT2Tokenizer
+        clap = hub_files(MSCLAP_REPO, [MSCLAP_FILE], weights_dir)[MSCLAP_FILE]
+        gpt2 = hub_files(GPT2_REPO, GPT2_FILES, weights_dir)
+        # CLAPWrapper.load_clap reads {"model": state dict} with a bare torch.load, which torch >= 2.6 (within
+        # msclap's torch < 3 pin) runs with weights_only=True: msclap works there only if the file holds tensors
+        # and containers alone, so nothing is allowed (anything more fails in read_weights, naming the file)
+        state = read_weights(clap)
+        if "model" not in state:
+            raise ValueError(f"{clap} is not msclap's checkpoint: it has no 'model' entry")
+        tokenizer = GPT2Tokenizer(vocab=str(gpt2["vocab.json"]), merges=str(gpt2["merges.txt"]), pad_token="!")
+        with torch.device("meta"):
+            model = cls(htsat, GPT2Config.from_json_file(gpt2["config.json"]), d_proj, tokenizer)
+        model.load_official(state["model"])
+        return model.to(pick_device() if device is None else device).eval()
+
+    def load_official(self, state):
+        """Load a state dict with msclap's key names, strictly, through MSCLAP_KEY_MAP. GPT-2's causal-mask
+        buffers that older transformers saved (h.N.attn.bias, .masked_bias) are dropped, as msclap's non-strict
+        load skips them; the fixed STFT kernels are computed when the state omits them."""
+        state = {rename_key(k): v for k, v in state.items()
+                 if not (k.startswith("caption_encoder.base.h.") and k.endswith((".attn.bias", ".attn.masked_bias")))}
+        real, imag = stft_kernels(self.audio.stft_real.shape[-1])
+        state.setdefault("audio.stft_real", real)
+        state.setdefault("audio.stft_imag", imag)
+        self.load_state_dict(state, strict=True, assign=True)
+
+    @torch.no_grad()
+    def embed_audio(self, clips):  # (B, 308700) 7 s clips at 44.1 kHz -> (B, d_proj)
+        return self.audio_proj(self.audio(clips))
+
+    @torch.no_grad()
+    def embed_text(self, input_ids, attention_mask):  # (B, L) -> (B, d_proj)
+        hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, D)
+        # msclap pools at (number of ids other than 0) - 1. 0 is '!', the pad: each '!' inside a caption moves the
+        # pooled position one token earlier than its <|endoftext|>
+        last = (input_ids != 0).sum(-1) - 1
+        return self.text_proj(hidden[torch.arange(len(last), device=last.device), last])
+
+    def tokenize(self, prompts):
+        """msclap's text recipe (CLAPWrapper.preprocess_text): caption + ' <|endoftext|>', GPT-2 BPE, padded with
+        '!' to 77 tokens. '!' is registered as the (special) pad token, so each '!' of a caption is id 0 too. Longer
+        captions are not cut (msclap pads to max_length without truncating); the batch is padded to its longest.
+        -> input_ids, attention_mask (B, max(77, longest)) int64."""
+        tokens = self.tokenizer([p + " <|endoftext|>" for p in prompts], padding=True, return_tensors="pt")
+        extra = max(0, MSCLAP_TEXT_LEN - tokens["input_ids"].shape[1])
+        return (F.pad(tokens["input_ids"], (0, extra), value=self.tokenizer.pad_token_id),
+                F.pad(tokens["attention_mask"], (0, extra)))
+
+
+class MSClapScore(Reward):
+    """CLAPScore as TTA-Bench computes it: cosine of Microsoft CLAP 2023 audio and text embeddings, at 44.1 kHz.
+
+    Each (mono) clip is resampled as msclap does (torchaudio's default kernel: data.resample), then tiled or
+    cropped to 7 s (seven_seconds). msclap's crop start is unseeded; ours comes from (seed, prompt id), `ids`
+    (default: the prompt text), so a clip scores the same on every run. score_clips takes explicit crop starts.
+
+    Args:
+        weights_dir: a folder holding CLAP_weights_2023.pth and gpt2's files (default: the Hugging Face cache).
+        device: where to run (default: best available); seed: of the 7 s crops.
+        model: an already built MSClap (tests), instead of loading.
+    """
+    sample_rate = MSCLAP_RATE
+
+    def __init__(self, weights_dir=None, device=None, seed=0, *, model=None):
+        self.model = model if model is not None else MSClap.from_pretrained(weights_dir, device)
+        self.seed = seed
+
+    def score(self, audio, sample_rate, prompts, ids=None):
+        audio = prepare_audio(audio, sample_rate, None, prompts)
+        if sample_rate != MSCLAP_RATE:
+            audio = resample(audio, int(sample_rate), MSCLAP_RATE)
+        ids = prompts if ids is None else ids
+        if len(ids) != len(prompts):
+            raise ValueError(f"need one id per prompt: {len(prompts)} prompts, {len(ids)} ids")
+        starts = [crop_start(audio.shape[-1], self.seed, i) for i in ids]
+        return self.score_clips(list(audio[:, None]), prompts, starts)
+
+    def score_clips(self, clips, prompts, crop_starts):
+        """(B,) cosines of B clips, each (C, S) at 44.1 kHz, cropped at crop_starts (None: tiled), and prompts."""
+        device = self.model.logit_scale.device
+        audio = torch.stack([seven_seconds(c, s) for c, s in zip(clips, crop_starts)])  # (B, 7 s)
+        audio = self.model.embed_audio(audio.to(device))
+        text = self.model.embed_text(*(t.to(device) for t in self.model.tokenize(prompts)))
+        return (F.normalize(audio.float(), dim=-1) * F.normalize(text.float(), dim=-1)).sum(-1).to(clips[0].device)
+
+
 # ---------------------------------------------------------------- Qwen2.5-Omni judge
 
 def yes_no_score(logits, yes_id: int, no_id: int) -> torch.Tensor:
@@ -493,12 +795,10 @@ class WeightedSum(Reward):
 REWARDS = {
     "loudness": LoudnessReward,
     "centroid": SpectralCentroidReward,
-    "clap": ClapReward,
+    "clap": MSClapScore,
+    "laion_clap": ClapReward,
     "qwen_omni": QwenOmniJudge,
     "aes": AudioboxAesthetics.from_pretrained,
-    # the names the released configs use
-    "clapscore": ClapReward,
-    "qwen25_omni_semantic_align_score": QwenOmniJudge,
 }
 
 
