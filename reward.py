@@ -780,16 +780,17 @@ class WeightedSum(Reward):
         terms: {name: (reward, weight)}.
     """
     def __init__(self, terms):
-        if not terms:
-            raise ValueError("WeightedSum needs at least one reward")
+        assert terms, "WeightedSum needs at least one reward"
         self.terms = dict(terms)
 
-    def score(self, audio, sample_rate, prompts, return_components=False):
-        """(B,) weighted sum; with return_components, also {name: (B,) unweighted score} for logging."""
-        components = {name: reward.score(audio, sample_rate, prompts).float().to(audio.device)
-                      for name, (reward, _) in self.terms.items()}
-        total = sum(weight * components[name] for name, (_, weight) in self.terms.items())
-        return (total, components) if return_components else total
+    def score_all(self, audio, sample_rate, prompts):
+        """{name: (B,) unweighted score} of every term, for logging, and "score", their weighted sum."""
+        parts = {name: reward.score(audio, sample_rate, prompts).float().to(audio.device)
+                 for name, (reward, _) in self.terms.items()}
+        return {**parts, "score": sum(weight * parts[name] for name, (_, weight) in self.terms.items())}
+
+    def score(self, audio, sample_rate, prompts):
+        return self.score_all(audio, sample_rate, prompts)["score"]
 
 
 REWARDS = {

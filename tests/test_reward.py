@@ -67,8 +67,9 @@ def test_rewards_reject_bad_input():
 def test_build_reward_weighted_sum_and_components():
     audio = torch.stack([tone(300, 0.05), tone(2000, 0.3)])
     reward = build_reward("loudness:1.0, centroid:0.5")
-    total, parts = reward.score(audio, SR, ["a", "b"], return_components=True)
-    assert set(parts) == {"loudness", "centroid"}
+    parts = reward.score_all(audio, SR, ["a", "b"])
+    total = parts.pop("score")
+    assert set(parts) == {"loudness", "centroid"} and torch.equal(total, reward.score(audio, SR, ["a", "b"]))
     assert torch.allclose(total, parts["loudness"] + 0.5 * parts["centroid"])
     same = build_reward({"loudness": 1.0, "centroid": {"weight": 0.5}})
     assert torch.allclose(same.score(audio, SR, ["a", "b"]), total)
