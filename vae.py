@@ -1,13 +1,7 @@
 """
-The audio side of Resonate: waveform <-> log-mel <-> VAE latent.
-
-1. the log-mel front end (`MelSpectrogram`) and its rough inverse (`griffin_lim`),
-2. the mel VAE (`MelVAE`, `vae_loss`): MMAudio's 1-D conv VAE built from EDM2 magnitude-preserving layers
-   (Karras et al. 2024, arXiv 2312.02696),
-3. the BigVGAN v2 vocoder (`BigVGAN`): mel -> waveform (Lee et al. 2023, arXiv 2206.04658).
-
-Generation runs latent (B, E, N) -> MelVAE.decode -> mel (B, n_mels, 2N) -> BigVGAN -> waveform (B, 1, S).
-Key names follow the released checkpoints (`v1-44.pth`, `bigvgan_generator.pt`), so they load strictly.
+The audio side of Resonate: waveform <-> log-mel (1. `MelSpectrogram`) <-> latent (2. `MelVAE`, MMAudio's VAE of
+EDM2 layers, arXiv 2312.02696), and latent (B, E, N) -> mel (B, n_mels, 2N) -> waveform (B, 1, S) by 3. `BigVGAN`
+(arXiv 2206.04658). Key names are those of the released `v1-44.pth` and `bigvgan_generator.pt`.
 """
 
 import inspect
@@ -119,11 +113,8 @@ class MelSpectrogram(nn.Module):
 
 def griffin_lim(mel: torch.Tensor, mel_config="44k", n_iter: int = 32, momentum: float = 0.99,
                 generator: torch.Generator = None) -> torch.Tensor:
-    """Waveform without a trained vocoder: log-mel (B, n_mels, T) of `MelSpectrogram(mel_config)` -> (B, T * hop).
-
-    The mel is mapped to a linear magnitude by the filterbank's pseudo-inverse (clamped at 0), and a phase is
-    found by fast Griffin-Lim (Perraudin et al. 2013) from a random start drawn from `generator` (seed 0 if None).
-    """
+    """Log-mel (B, n_mels, T) of `MelSpectrogram(mel_config)` -> waveform (B, T * hop) without a vocoder: the
+    filterbank's pseudo-inverse, then fast Griffin-Lim (Perraudin et al. 2013) from a random phase (`generator`)."""
     cfg = get_mel_config(mel_config)
     assert mel.ndim == 3 and mel.shape[1] == cfg["n_mels"], f"mel {tuple(mel.shape)} for {cfg['n_mels']} bins"
     device = mel.device
@@ -178,13 +169,9 @@ def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
 
 
 class MPConv1d(nn.Module):
-    """EDM2 magnitude-preserving conv, 'same' padding, no bias: (B, C_in, T) -> (B, C_out, T).
-
-    The stored `weight` is raw (what checkpoints hold); the conv applies w = normalize(weight) / sqrt(fan_in),
-    unit norm per output channel (EDM2 eq. 47, 66). In train mode the stored weight is also renormalised in
-    place each call (forced weight normalisation). `fold_weight_norm()` stores w once for inference, as the
-    released loader does; a folded module still saves the raw format, and loading unfolds it.
-    """
+    """EDM2 conv, 'same' padding, no bias: (B, C_in, T) -> (B, C_out, T). It applies w = normalize(weight) /
+    sqrt(fan_in) (EDM2 eq. 47, 66), and in train mode renormalises the stored weight in place (forced weight
+    normalisation). `fold_weight_norm()` stores w once for inference; the state dict keeps the raw format."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
         super().__init__()
@@ -358,12 +345,9 @@ class Decoder(nn.Module):
 
 
 class MelVAE(nn.Module):
-    """MMAudio's mel VAE (released `v1-16.pth`, `v1-44.pth`): log-mel (B, n_mels, T) <-> latent (B, E, T // 2).
-
-    The mel is normalised per bin by the buffers `data_mean`, `data_std` (1, n_mels, 1), saved with the weights
-    (fresh: 0 and 1; see `set_mel_stats`). Time is halved with floor, as released: for odd T the last frame has
-    no latent of its own (10 s at 44.1 kHz: 861 mel frames -> 430). Call `fold_weight_norm()` once for inference.
-    """
+    """MMAudio's mel VAE (released `v1-16.pth`, `v1-44.pth`): log-mel (B, n_mels, T) <-> latent (B, E, T // 2),
+    T halved with floor as released (861 mel frames -> 430). The mel is normalised per bin by the saved buffers
+    `data_mean`, `data_std` (1, n_mels, 1); see `set_mel_stats`. Call `fold_weight_norm()` once for inference."""
 
     def __init__(self, data_dim: int, embed_dim: int, hidden_dim: int):
         super().__init__()
@@ -593,14 +577,9 @@ def _merge_weight_norm_on_load(module, state_dict, prefix, *args):
 
 
 class BigVGAN(nn.Module):
-    """BigVGAN v2 generator (arXiv 2206.04658), inference only: log-mel (B, num_mels, T) -> waveform
-    (B, 1, T * prod(upsample_rates)) in [-1, 1].
-
-    conv_pre -> per rate u: transposed conv (x u, channels halve) -> mean of the AMP blocks -> anti-aliased
-    SnakeBeta -> conv_post -> clamp (v2 drops the final tanh and bias). The convs hold plain weights; loading
-    takes the published weight_g/weight_v (or parametrizations) naming and merges each pair. Raises ValueError
-    for configs other than resblock "1" with SnakeBeta.
-    """
+    """BigVGAN v2 generator, inference only: log-mel (B, num_mels, T) -> waveform (B, 1, T * prod(upsample_rates))
+    in [-1, 1]. Plain conv weights; loading merges the published (weight_g, weight_v) pairs. Raises ValueError
+    for configs other than resblock "1" with SnakeBeta."""
 
     def __init__(self, num_mels: int, upsample_rates, upsample_kernel_sizes, upsample_initial_channel: int,
                  resblock_kernel_sizes, resblock_dilation_sizes, resblock: str = "1",
