@@ -1,7 +1,10 @@
 """
-The audio side of Resonate: waveform <-> log-mel (1. `MelSpectrogram`) <-> latent (2. `MelVAE`, MMAudio's VAE of
-EDM2 layers, arXiv 2312.02696), and latent (B, E, N) -> mel (B, n_mels, 2N) -> waveform (B, 1, S) by 3. `BigVGAN`
-(arXiv 2206.04658). Key names are those of the released `v1-44.pth` and `bigvgan_generator.pt`.
+The audio side of Resonate, in three parts:
+  1. waveform -> log-mel (`MelSpectrogram`), and back without a vocoder (`griffin_lim`),
+  2. log-mel <-> latent: MMAudio's mel VAE of EDM2 magnitude-preserving layers (`MelVAE`, arXiv 2312.02696),
+  3. log-mel -> waveform: the BigVGAN v2 vocoder (`BigVGAN`, arXiv 2206.04658).
+Generation runs latent (B, E, N) -> mel (B, n_mels, 2N) -> waveform (B, 1, S). Key names are those of the
+released `v1-44.pth` and `bigvgan_generator.pt`.
 """
 
 import inspect
