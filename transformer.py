@@ -1,21 +1,12 @@
-"""The Resonate generator: a Flux-style MMDiT over mel-VAE latents, plus its text encoder.
+"""The Resonate generator (released `FluxAudio`, arXiv 2603.11661): a Flux-style MMDiT over mel-VAE latents
+(Esser et al. 2024, arXiv 2403.03206; adaLN-Zero from DiT), and its frozen text encoder.
 
-Architecture (released `FluxAudio`, paper arXiv 2603.11661; MMDiT from Esser et al. 2024, "Scaling Rectified
-Flow Transformers", arXiv 2403.03206; adaLN-Zero from Peebles & Xie 2023, DiT):
+    latent (B, N, C)   -- conv, SwiGLU   --> audio (B, N, D) --+--> joint blocks: audio and text attend together
+    text_f (B, 77, Dt) -- linear, SwiGLU --> text (B, 77, D) --+    --> single-stream blocks (audio) --> (B, N, C)
+    c (B, 1, D) = MLP(sinusoid(t)) + MLP(text_f_c) modulates every block (adaLN)
 
-    latent (B, N, C) --conv input projection--> audio stream (B, N, D) --+
-    text_f (B, 77, Dt) --linear + SwiGLU-------> text stream (B, 77, D) --+-> joint blocks (two streams attend
-                                                                            jointly; the last one updates only
-                                                                            the audio) -> single-stream blocks
-                                                                            (audio only) -> adaLN + conv
-                                                                            -> velocity (B, N, C)
-    c (B, 1, D) = MLP(sinusoid(t)) + MLP(text_f_c)
-
-Every block is modulated by c (adaLN). Audio-stream projections and feed-forwards are 1-D convolutions over
-time; positions also enter through RoPE, applied to audio and text separately (each stream counts from 0).
-
-Our module and parameter names are identical to the released ones, so released state dicts load with no key
-map (see `load_released_state_dict`).
+The audio stream's projections convolve over time; RoPE counts positions in each stream from 0. Module names
+are the released ones, so released state dicts load with no key map.
 """
 
 import math
@@ -38,21 +29,16 @@ TIME_FREQ_DIM = 256  # sinusoidal features of t before the MLP
 
 @dataclass
 class ResonateConfig:
-    """Constructor arguments of `Resonate`; saved in checkpoints so a model can be rebuilt from the file alone.
-
-    `depth` counts ALL blocks and `fused_depth` the single-stream ones (released naming), so the number of
-    joint two-stream blocks is `depth - fused_depth` (full size: 52 - 36 = 16 joint + 36 single).
-    `latent_seq_len` is only the default number of latent frames to sample; any N <= `max_latent_len` works.
-    """
+    """Constructor arguments of `Resonate`, saved in checkpoints. Raises ValueError for inconsistent sizes."""
     latent_dim: int  # C, VAE latent channels
     text_dim: int  # Dt, per-token text feature width
     text_c_dim: int  # Dc, pooled text feature width
     hidden_dim: int  # D
-    depth: int  # joint + single blocks
-    fused_depth: int  # single-stream blocks
+    depth: int  # ALL blocks (released naming): depth - fused_depth joint blocks, then fused_depth single ones
+    fused_depth: int
     num_heads: int
     mlp_ratio: float = 4.0
-    latent_seq_len: int = 430  # default N: 10 s at 44.1 kHz (hop 512, x2 downsampling)
+    latent_seq_len: int = 430  # only the default N to sample: 10 s at 44.1 kHz (hop 512, x2 downsampling)
     text_seq_len: int = 77
     use_rope: bool = True
     max_latent_len: int = 2048  # longest audio RoPE covers, as released (2048 frames ~ 47.6 s at 44.1 kHz)
@@ -61,10 +47,9 @@ class ResonateConfig:
         if not 0 <= self.fused_depth < self.depth:
             raise ValueError(f"need 0 <= fused_depth < depth (at least one joint block), "
                              f"got depth={self.depth}, fused_depth={self.fused_depth}")
-        if self.hidden_dim % self.num_heads:
-            raise ValueError(f"hidden_dim={self.hidden_dim} must be divisible by num_heads={self.num_heads}")
-        if (self.hidden_dim // self.num_heads) % 2:
-            raise ValueError(f"head dim {self.hidden_dim // self.num_heads} must be even for RoPE")
+        if self.hidden_dim % (2 * self.num_heads):
+            raise ValueError(f"hidden_dim={self.hidden_dim} must be a multiple of 2 * num_heads={self.num_heads} "
+                             f"(an even head dim for RoPE)")
 
 
 def _resonate_m_44k(**overrides) -> ResonateConfig:
@@ -111,11 +96,8 @@ def _projection(dim_in: int, dim_out: int, kernel_size: int, bias: bool) -> nn.M
 
 
 class SwiGLU(nn.Module):
-    """Gated feed-forward w2(silu(w1 x) * w3 x) (Shazeer 2020, "GLU Variants Improve Transformer").
-
-    The hidden width is 2/3 of `hidden_dim` rounded up to a multiple of 256 (the SD3/LLaMA rule the released
-    weights use). kernel_size > 1 makes the three projections convolutions over time. (B, N, D) -> (B, N, D).
-    """
+    """w2(silu(w1 x) * w3 x) (Shazeer 2020), hidden width 2/3 of `hidden_dim` rounded up to a multiple of 256 (the
+    LLaMA rule of the released weights); kernel_size > 1 convolves over time. (B, N, D) -> (B, N, D)."""
 
     def __init__(self, dim: int, hidden_dim: int, kernel_size: int = 1, multiple_of: int = 256):
         super().__init__()
@@ -152,11 +134,8 @@ class ModulationOut:
 
 
 class Modulation(nn.Sequential):
-    """adaLN: c (B, 1, D) -> SiLU -> Linear -> one or two (shift, scale[, gate]) sets.
-
-    `n` = 2 gives one ungated (shift, scale); `n` = 6 gives (attention set, feed-forward set). A Sequential so
-    the weights are stored as `adaLN_modulation.1.*`, the released names.
-    """
+    """adaLN: c (B, 1, D) -> SiLU -> Linear -> [(shift, scale)] for n = 2, [attention set, feed-forward set] of
+    (shift, scale, gate) for n = 6. A Sequential for the released names (`adaLN_modulation.1.*`)."""
 
     def __init__(self, dim: int, n: int):
         assert n in (2, 6), n
@@ -171,13 +150,12 @@ class Modulation(nn.Sequential):
 
 
 def modulate(x, m: ModulationOut):
-    """adaLN: x * (1 + scale) + shift; x (B, N, D), shift/scale (B, 1, D). One fused pass over x (addcmul):
-    on a CPU every full-size elementwise pass is a parallel region, and those dominate a busy machine."""
-    return torch.addcmul(m.shift, x, 1 + m.scale)
+    """x * (1 + scale) + shift; x (B, N, D), shift and scale (B, 1, D)."""
+    return torch.addcmul(m.shift, x, 1 + m.scale)  # one pass over x: elementwise passes dominate on a CPU
 
 
 def rope_tables(length: int, head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of RoPE angles pos * theta^(-2i/head_dim) (Su et al. 2021, RoFormer); each (length, head_dim/2) fp32."""
+    """cos, sin of the RoPE angles pos * theta^(-2i/head_dim) (Su et al. 2021), each (length, head_dim / 2) fp32."""
     i = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
     freqs = 1.0 / ROPE_THETA ** (i / head_dim)  # (hd/2,)
     angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * freqs  # (L, hd/2)
@@ -185,11 +163,9 @@ def rope_tables(length: int, head_dim: int, device=None) -> tuple[torch.Tensor, 
 
 
 def apply_rope(x, rope):
-    """Rotate adjacent channel pairs (x[2i], x[2i+1]) of x (B, H, N, hd) by the angles in `rope`; fp32 math.
-
-    Each pair is a complex number x[2i] + i x[2i+1] multiplied by cos + i sin: one pass instead of a
-    stack of real multiplies and adds."""
+    """Rotate the channel pairs (x[2i], x[2i+1]) of x (B, H, N, hd) by the angles of `rope`, in fp32."""
     cos, sin = rope  # (N, hd/2)
+    # each pair as the complex number x[2i] + i x[2i+1], times cos + i sin: one pass
     pairs = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))  # (B, H, N, hd/2) complex
     return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2).to(x.dtype)
 
@@ -228,13 +204,9 @@ class QKVAttention(nn.Module):
 
 
 class StreamBlock(nn.Module):
-    """One stream of a transformer block with adaLN-Zero conditioning (DiT); also the single-stream block.
-
-    Split into `pre_attention` and `post_attention` so a joint block can run attention over two streams at
-    once. kernel_size 3 makes the output projection and feed-forward convolutions over time (audio stream);
-    kernel_size 1 keeps them linear (text stream). A `pre_only` block only supplies keys and values: its
-    stream is not updated, so it has no output projection or feed-forward.
-    """
+    """One stream of a block with adaLN-Zero (DiT), and the single-stream block. Split around attention so a
+    joint block can attend over two streams; kernel_size 3 convolves over time (audio), 1 is linear (text). A
+    `pre_only` block only supplies keys and values (the last text block). (B, N, D) -> (B, N, D)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, kernel_size: int, pre_only: bool = False):
         super().__init__()
@@ -248,12 +220,11 @@ class StreamBlock(nn.Module):
             self.ffn = SwiGLU(dim, int(dim * mlp_ratio), kernel_size)
 
     def pre_attention(self, x, c, rope):
-        """x (B, N, D), c (B, 1, D) -> (q, k, v) each (B, H, N, hd), modulation sets."""
+        # x (B, N, D), c (B, 1, D) -> (q, k, v) each (B, H, N, hd), modulation sets
         mods = self.adaLN_modulation(c)
         return self.attn(modulate(self.norm1(x), mods[0]), rope), mods
 
     def post_attention(self, x, attn_out, mods):
-        """Gated residual updates; x, attn_out (B, N, D) -> (B, N, D)."""
         if self.pre_only:
             return x
         msa, mlp = mods
@@ -274,8 +245,7 @@ class JointBlock(nn.Module):
         self.text_block = StreamBlock(dim, num_heads, mlp_ratio, kernel_size=1, pre_only=text_pre_only)
 
     def forward(self, latent, text, c, latent_rope, text_rope):
-        """latent (B, N, D), text (B, L, D), c (B, 1, D) -> updated (latent, text)."""
-        N = latent.shape[1]
+        N = latent.shape[1]  # latent (B, N, D), text (B, L, D), c (B, 1, D)
         (lq, lk, lv), latent_mods = self.latent_block.pre_attention(latent, c, latent_rope)
         (tq, tk, tv), text_mods = self.text_block.pre_attention(text, c, text_rope)
         out = attention(torch.cat([lq, tq], 2), torch.cat([lk, tk], 2), torch.cat([lv, tv], 2))  # (B, N+L, D)
@@ -302,13 +272,9 @@ class FinalLayer(nn.Module):
 
 
 class Resonate(nn.Module):
-    """Flow-matching velocity network (released `FluxAudio`).
-
-    Buffers saved with the weights: `latent_mean`, `latent_std` (1, 1, C) to normalise VAE latents, and the
-    text encoder's features of the empty caption, `empty_string_feat` (77, Dt) and `empty_string_feat_c` (Dc,),
-    used as the unconditional branch of CFG and for text dropout in training. They default to mean 0, std 1 and
-    zeros: set them with `set_latent_stats` / `set_empty_string` before training from scratch.
-    """
+    """The velocity network (released `FluxAudio`). Saved with the weights: `latent_mean`, `latent_std` (1, 1, C)
+    and the empty caption's features `empty_string_feat` (77, Dt), `empty_string_feat_c` (Dc,) for CFG and text
+    dropout; fresh they are 0, 1 and zeros (see `set_latent_stats`, `set_empty_string`)."""
 
     def __init__(self, cfg: ResonateConfig):
         super().__init__()
@@ -329,9 +295,7 @@ class Resonate(nn.Module):
         self.register_buffer("latent_std", torch.ones(1, 1, C))
         self.register_buffer("empty_string_feat", torch.zeros(cfg.text_seq_len, cfg.text_dim))
         self.register_buffer("empty_string_feat_c", torch.zeros(cfg.text_c_dim))
-        # activation checkpointing: keep only each block's inputs for backward and recompute the rest, trading
-        # one extra forward for most of the activation memory (set by the trainer; no effect without gradients)
-        self.grad_checkpointing = False
+        self.grad_checkpointing = False  # recompute each block in backward (set by the trainer)
         self.initialize_weights()
 
     @classmethod
@@ -349,8 +313,7 @@ class Resonate(nn.Module):
         return net
 
     def initialize_weights(self):
-        """Xavier linears, N(0, 0.02) timestep MLP, and zeros for every adaLN and the output conv (adaLN-Zero,
-        DiT), so each block starts as the identity and the untrained model predicts zero velocity."""
+        # adaLN-Zero (DiT): every block starts as the identity and the untrained model predicts zero velocity
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -365,98 +328,65 @@ class Resonate(nn.Module):
         nn.init.zeros_(self.final_layer.conv.weight)
         nn.init.zeros_(self.final_layer.conv.bias)
 
-    def num_params(self) -> int:
-        """Trainable parameters (buffers excluded)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
-    # --- latent normalisation and stored text features
-
-    def normalize(self, x):
-        """VAE latents (B, N, C) -> normalised latents the network works on (not in place)."""
+    def normalize(self, x):  # VAE latents (B, N, C) -> the normalised latents the network works on
         return (x - self.latent_mean) / self.latent_std
 
     def unnormalize(self, x):
-        """Normalised latents (B, N, C) -> VAE latents (not in place)."""
         return x * self.latent_std + self.latent_mean
 
     @torch.no_grad()
     def set_latent_stats(self, mean, std):
-        """Store per-channel latent statistics, mean and std each (C,)."""
+        """Per-channel statistics of the VAE latents, mean and std each (C,)."""
         self.latent_mean.copy_(mean.reshape(1, 1, -1))
         self.latent_std.copy_(std.reshape(1, 1, -1))
 
     @torch.no_grad()
     def set_empty_string(self, text_f, text_f_c):
-        """Store the text encoder's features of "" : text_f (77, Dt) or (1, 77, Dt), text_f_c (Dc,) or (1, Dc)."""
+        """The text encoder's features of "": text_f (77, Dt) or (1, 77, Dt), text_f_c (Dc,) or (1, Dc)."""
         self.empty_string_feat.copy_(text_f.reshape(self.empty_string_feat.shape))
         self.empty_string_feat_c.copy_(text_f_c.reshape(self.empty_string_feat_c.shape))
 
     def empty_conditions(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Empty-caption features expanded to the batch: (B, 77, Dt), (B, Dc) (views, do not write into them)."""
+        """Empty-caption features as (B, 77, Dt), (B, Dc) views (do not write into them)."""
         return (self.empty_string_feat.expand(batch_size, -1, -1),
                 self.empty_string_feat_c.expand(batch_size, -1))
 
-    # --- forward
-
-    def _check_inputs(self, latent, text_f, text_f_c, t):
-        cfg = self.cfg
-        if latent.ndim != 3 or latent.shape[-1] != cfg.latent_dim:
-            raise ValueError(f"latent must be (B, N, {cfg.latent_dim}) channels-last, got {tuple(latent.shape)}; "
-                             f"transpose VAE output (B, C, N) with .transpose(1, 2)")
-        B, N, _ = latent.shape
-        if cfg.use_rope and N > cfg.max_latent_len:
-            raise ValueError(f"latent has {N} frames but RoPE covers at most max_latent_len={cfg.max_latent_len}")
-        if tuple(text_f.shape) != (B, cfg.text_seq_len, cfg.text_dim):
-            raise ValueError(f"text_f must be (B={B}, {cfg.text_seq_len}, {cfg.text_dim}), got "
-                             f"{tuple(text_f.shape)}; pad/truncate captions to {cfg.text_seq_len} tokens")
-        if tuple(text_f_c.shape) != (B, cfg.text_c_dim):
-            raise ValueError(f"text_f_c must be (B={B}, {cfg.text_c_dim}), got {tuple(text_f_c.shape)}")
-        if tuple(t.shape) != (B,):
-            raise ValueError(f"t must be (B={B},) flow times in [0, 1], got {tuple(t.shape)}")
-
     def forward(self, latent, text_f, text_f_c, t):
-        """Velocity v = d x_t / d t at time t (t = 1 is noise, SPEC "Flow matching").
-
-        Args: latent (B, N, C) normalised latents x_t, N <= max_latent_len; text_f (B, 77, Dt) per-token text
-        features; text_f_c (B, Dc) pooled text features; t (B,) in [0, 1].
-        Returns: velocity (B, N, C). Raises ValueError on any shape mismatch.
-        """
-        self._check_inputs(latent, text_f, text_f_c, t)
-        N, L, head_dim = latent.shape[1], text_f.shape[1], self.cfg.hidden_dim // self.cfg.num_heads
-        latent_rope = rope_tables(N, head_dim, latent.device) if self.cfg.use_rope else None
-        text_rope = rope_tables(L, head_dim, latent.device) if self.cfg.use_rope else None
+        """Velocity v = dx_t/dt (t = 1 is noise, arXiv 2603.11661) of normalised latents x_t (B, N, C),
+        N <= max_latent_len, given text_f (B, 77, Dt), text_f_c (B, Dc) and t (B,) in [0, 1] -> (B, N, C)."""
+        cfg = self.cfg
+        B, N, C = latent.shape
+        assert C == cfg.latent_dim, f"latent {tuple(latent.shape)} is not (B, N, {cfg.latent_dim}) channels-last"
+        assert N <= cfg.max_latent_len or not cfg.use_rope, f"{N} frames > max_latent_len={cfg.max_latent_len}"
+        assert text_f.shape == (B, cfg.text_seq_len, cfg.text_dim), f"text_f {tuple(text_f.shape)}"
+        assert text_f_c.shape == (B, cfg.text_c_dim), f"text_f_c {tuple(text_f_c.shape)}"
+        assert t.shape == (B,), f"t {tuple(t.shape)}"
+        head_dim = cfg.hidden_dim // cfg.num_heads
+        latent_rope = rope_tables(N, head_dim, latent.device) if cfg.use_rope else None
+        text_rope = rope_tables(text_f.shape[1], head_dim, latent.device) if cfg.use_rope else None
 
         x = self.audio_input_proj(latent)  # (B, N, D)
         text = self.text_input_proj(text_f)  # (B, L, D)
         c = (self.t_embed(t) + self.text_cond_proj(text_f_c)).unsqueeze(1)  # (B, 1, D)
-        run = _checkpointed if self.grad_checkpointing and torch.is_grad_enabled() else _direct
         for block in self.joint_blocks:
-            x, text = run(block, x, text, c, latent_rope, text_rope)
+            x, text = self._run(block, x, text, c, latent_rope, text_rope)
         for block in self.fused_blocks:
-            x = run(block, x, c, latent_rope)
+            x = self._run(block, x, c, latent_rope)
         return self.final_layer(x, c)  # (B, N, C)
 
-
-def _direct(block, *args):
-    return block(*args)
-
-
-def _checkpointed(block, *args):
-    return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    def _run(self, block, *args):
+        if self.grad_checkpointing and torch.is_grad_enabled():  # keep the block's inputs, recompute the rest
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
 
 # -----------------------------------------------------------------------------
 # loading released weights
 
-# Released checkpoint keys are ours (no key map). Older released checkpoints also carry recomputable tables
-# (timestep frequencies, RoPE rotations) that we rebuild on the fly; they are dropped.
-RELEASED_EXTRA_KEYS = ("t_embed.freqs", "latent_rot", "text_rot")
-
 
 def load_released_state_dict(model: Resonate, state_dict: dict) -> None:
     """Load a released `FluxAudio` state dict into `model` strictly; a model on the meta device gets the tensors
     assigned (no copy). Raises KeyError naming the missing and unexpected keys."""
-    state_dict = {k: v for k, v in state_dict.items() if k not in RELEASED_EXTRA_KEYS}
     ours = set(model.state_dict())
     missing, unexpected = sorted(ours - state_dict.keys()), sorted(state_dict.keys() - ours)
     if missing or unexpected:
@@ -467,9 +397,8 @@ def load_released_state_dict(model: Resonate, state_dict: dict) -> None:
 
 
 def config_from_state_dict(state: dict) -> ResonateConfig:
-    """ResonateConfig of a released-format state dict, read from its shapes (the released files hold no config):
-    widths from the input projections, block counts from the keys, heads from the QK-norm width, the
-    feed-forward ratio from the SwiGLU width. Raises ValueError if the shapes fit no config."""
+    """ResonateConfig of a released-format state dict, read from its shapes (the released files hold no config).
+    Raises ValueError if the shapes fit no config."""
     try:
         D, C, _ = state["audio_input_proj.0.weight"].shape
         joint = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("joint_blocks."))
@@ -503,37 +432,23 @@ def minilm_path() -> str:
 
 
 class TextEncoder(nn.Module):
-    """Frozen Hugging Face text encoder giving the generator's text conditions.
+    """Frozen Hugging Face encoder: a T5 (the released `google/flan-t5-large`, 1024-d) or any encoder-only model
+    (`minilm_path()`, 384-d); a folder loads offline. Raises ValueError for other encoder-decoder models."""
 
-    T5 checkpoints (e.g. the released `google/flan-t5-large`, 1024-d) load as `T5EncoderModel`; any other
-    encoder-only model (e.g. `minilm_path()`, 384-d) loads with `AutoModel`. Captions are tokenised to exactly
-    `max_length` tokens (pad/truncate); text_f is the last hidden state at every position.
-
-    Pooling rule for text_f_c: pool="all" (default) averages over ALL `max_length` positions, padding included.
-    That is a quirk of the released code which its weights were trained with, so we keep it for every encoder.
-    pool="masked" averages over real tokens only (the usual sentence embedding).
-    A folder path loads offline (local_files_only).
-    """
-
-    def __init__(self, name_or_path: str, max_length: int = 77, device=None, dtype=None, pool: str = "all"):
+    def __init__(self, name_or_path: str, max_length: int = 77, device=None, dtype=None):
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
-        if pool not in ("all", "masked"):
-            raise ValueError(f"pool must be 'all' (released) or 'masked', got {pool!r}")
         local = os.path.isdir(name_or_path)
         config = AutoConfig.from_pretrained(name_or_path, local_files_only=local)
-        if config.model_type == "t5":
-            model_cls = T5EncoderModel
-        elif config.is_encoder_decoder:
+        if config.is_encoder_decoder and config.model_type != "t5":
             raise ValueError(f"{name_or_path}: encoder-decoder type {config.model_type!r} is not supported; "
                              f"use a T5 or an encoder-only model")
-        else:
-            model_cls = AutoModel
+        model_cls = T5EncoderModel if config.model_type == "t5" else AutoModel
         kwargs = {"dtype": dtype} if dtype is not None else {}
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local)
         self.model = model_cls.from_pretrained(name_or_path, local_files_only=local, **kwargs)
         self.model.requires_grad_(False).eval().to(device)
-        self.max_length, self.pool = max_length, pool
+        self.max_length = max_length
 
     @property
     def dim(self) -> int:
@@ -544,27 +459,22 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """prompts (list of B str) -> text_f (B, max_length, dim) and text_f_c (B, dim), float32."""
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError("prompts must be a list of strings, e.g. ['a dog barks']")
+        """prompts (list of B str) -> text_f (B, max_length, dim), the last hidden state of every token padded or
+        truncated to max_length, and text_f_c (B, dim), its mean; float32."""
+        assert not isinstance(prompts, str), "prompts must be a list of strings"
         tokens = self.tokenizer(list(prompts), max_length=self.max_length, padding="max_length",
                                 truncation=True, return_tensors="pt").to(self.model.device)
         text_f = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
         text_f = text_f.last_hidden_state.float()  # (B, L, dim)
-        if self.pool == "all":
-            return text_f, text_f.mean(dim=1)  # padding positions included: the released quirk
-        mask = tokens.attention_mask[..., None].float()  # (B, L, 1)
-        return text_f, (text_f * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return text_f, text_f.mean(dim=1)  # padding included: a quirk of the released code its weights learnt
 
 
 TEXT_ENCODER_ALIASES = {"minilm": minilm_path, "flan-t5-large": lambda: "google/flan-t5-large"}
 
 
 def load_text_encoder(name: str, device=None, dtype=None) -> TextEncoder:
-    """A TextEncoder by name: an alias ('minilm' = the bundled all-MiniLM-L6-v2, 'flan-t5-large' as released),
-    a Hugging Face model id, or a local folder.
-
-    Raises OSError with what to do when the model is neither cached nor downloadable (e.g. offline)."""
+    """A TextEncoder by alias ('minilm' = the bundled all-MiniLM-L6-v2, 'flan-t5-large' as released), Hugging
+    Face model id or local folder. Raises OSError with what to do when it is neither cached nor downloadable."""
     path = TEXT_ENCODER_ALIASES[name]() if name in TEXT_ENCODER_ALIASES else name
     try:
         return TextEncoder(path, device=device, dtype=dtype)

@@ -30,9 +30,7 @@ def test_load_is_strict(fx):
     sd["joint_blocks.9.foo"] = torch.zeros(1)
     with pytest.raises(KeyError, match=r"final_layer\.conv\.bias.*joint_blocks\.9\.foo"):
         load_released_state_dict(m, sd)
-    # recomputable tables some released checkpoints carry are not errors
-    sd = {**fx["state_dict"], "t_embed.freqs": torch.zeros(128), "latent_rot": torch.zeros(1)}
-    load_released_state_dict(m, sd)
+    load_released_state_dict(m, fx["state_dict"])
     assert torch.equal(m.latent_std, fx["state_dict"]["latent_std"])
 
 
@@ -44,7 +42,7 @@ def test_full_size_matches_released_manifest():
     m = Resonate.from_config(cfg, device="meta")
     shapes = {k: list(v.shape) for k, v in m.state_dict().items()}
     assert shapes == manifest["shapes"]
-    assert m.num_params() == manifest["num_trainable"] == 468_205_480
+    assert sum(p.numel() for p in m.parameters()) == manifest["num_trainable"] == 468_205_480
     sd = {k: torch.empty(v, device="meta") for k, v in manifest["shapes"].items() if "joint_blocks.3." not in k}
     with pytest.raises(KeyError, match=r"missing \['joint_blocks\.3\."):
         load_released_state_dict(m, sd)  # e.g. a checkpoint of a model with fewer blocks
@@ -93,22 +91,18 @@ def test_rope_depends_only_on_relative_position():
     assert not torch.allclose(score(3, 7), score(3, 9), atol=1e-4)
 
 
-@pytest.mark.parametrize("what, shape, match", [
-    ("latent", (2, 24, 7), "latent must be"),
-    ("text_f", (2, 76, 16), "text_f must be"),
-    ("text_f_c", (2, 16), "text_f_c must be"),
-    ("t", (), "t must be"),
-])
-def test_bad_shapes_raise(model, fx, what, shape, match):
+@pytest.mark.parametrize("what, shape", [("latent", (2, 24, 7)), ("text_f", (2, 76, 16)), ("text_f_c", (2, 16)),
+                                         ("t", (1,))])  # a (1,) t would broadcast silently
+def test_bad_shapes_fail(model, fx, what, shape):
     args = {k: fx["inputs"][k] for k in ("latent", "text_f", "text_f_c", "t")}
     args[what] = torch.zeros(shape)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(AssertionError, match=f"^{what} "):
         model(**args)
 
 
-def test_too_long_latent_raises():
+def test_too_long_latent_fails():
     m = Resonate(MODELS["tiny"](max_latent_len=16))
-    with pytest.raises(ValueError, match="max_latent_len"):
+    with pytest.raises(AssertionError, match="max_latent_len"):
         m(torch.zeros(1, 17, 8), torch.zeros(1, 77, 16), torch.zeros(1, 12), torch.zeros(1))
 
 
@@ -139,15 +133,7 @@ def test_minilm_encoder_shapes_pooling_determinism(minilm):
     f1, f1_c = minilm.encode(prompts[:1])  # batch composition and repeat calls change nothing
     assert torch.allclose(f1, f[:1], atol=1e-5) and torch.allclose(f1_c, f_c[:1], atol=1e-5)
     n_real = len(minilm.tokenizer(prompts[0]).input_ids)  # [CLS] a dog barks [SEP]
-    masked = TextEncoder(minilm_path(), pool="masked")
-    _, m_c = masked.encode(prompts[:1])
-    assert torch.allclose(m_c, f1[:, :n_real].mean(1), atol=1e-5)
-    assert not torch.allclose(m_c, f1_c, atol=1e-3)
-
-
-def test_encoder_rejects_bad_prompts(minilm):
-    with pytest.raises(TypeError, match="list of strings"):
-        minilm.encode("a dog barks")
+    assert not torch.allclose(f1_c, f1[:, :n_real].mean(1), atol=1e-3)  # the released mean includes padding
 
 
 def test_t5_pooled_mean_includes_padding(tmp_path, minilm):
