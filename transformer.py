@@ -11,6 +11,7 @@ are the released ones, so released state dicts load with no key map.
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -464,6 +465,10 @@ class TextEncoder(nn.Module):
         assert not isinstance(prompts, str), "prompts must be a list of strings"
         tokens = self.tokenizer(list(prompts), max_length=self.max_length, padding="max_length",
                                 truncation=True, return_tensors="pt").to(self.model.device)
+        cut = [p for p in prompts if len(self.tokenizer(p).input_ids) > self.max_length]
+        if cut:  # as released, only the first max_length tokens condition the model
+            warnings.warn(f"{len(cut)} caption(s) longer than {self.max_length} tokens are cut there, e.g. "
+                          f"{cut[0][:60]!r}...; what follows does not change the audio", stacklevel=2)
         text_f = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
         text_f = text_f.last_hidden_state.float()  # (B, L, dim)
         return text_f, text_f.mean(dim=1)  # padding included: a quirk of the released code its weights learnt
@@ -476,6 +481,11 @@ def load_text_encoder(name: str, device=None, dtype=None) -> TextEncoder:
     """A TextEncoder by alias ('minilm' = the bundled all-MiniLM-L6-v2, 'flan-t5-large' as released), Hugging
     Face model id or local folder. Raises OSError with what to do when it is neither cached nor downloadable."""
     path = TEXT_ENCODER_ALIASES[name]() if name in TEXT_ENCODER_ALIASES else name
+    if path.startswith(("/", ".", "~")) or path.count("/") > 1:  # a folder, not an owner/name id
+        if not os.path.isdir(os.path.expanduser(path)):
+            raise OSError(f"text encoder folder {path} does not exist; give a folder holding a saved encoder "
+                          f"(config, tokenizer, weights) or a Hugging Face id such as google/flan-t5-large")
+        path = os.path.expanduser(path)
     try:
         return TextEncoder(path, device=device, dtype=dtype)
     except OSError as e:
