@@ -308,10 +308,13 @@ def check_pipeline(pipe):
 # generation
 
 def make_noise(seeds, frames, channels):
-    """Initial noise (B, N, C), item i drawn from its own seed on the CPU: the same seed gives the same audio on
-    every device and whatever else shares the batch."""
-    return torch.stack([torch.randn(frames, channels, generator=torch.Generator().manual_seed(int(s)))
-                        for s in seeds])
+    """Initial noise (B, N, C), item i drawn on the CPU from its own seed or its own torch.Generator (which
+    advances): the same seed gives the same audio on every device and whatever else shares the batch."""
+    return torch.stack([torch.randn(frames, channels, generator=_stream(s)) for s in seeds])
+
+
+def _stream(seed):
+    return seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
 
 
 def generate(prompts, pipeline=None, duration=10.0, steps=25, cfg=4.5, negative=None, seed=42, num_samples=1,
@@ -324,8 +327,10 @@ def generate(prompts, pipeline=None, duration=10.0, steps=25, cfg=4.5, negative=
     sampler (the conditional and unconditional branches share one batched forward), cfg = guidance scale,
     negative = a caption whose features replace the empty-string features of the unconditional branch.
     Sample k of every prompt starts from noise seeded with seed + k, so a prompt's audio depends on the seed
-    alone, not on the other prompts or on batch_size.
-    Raises ValueError for a duration out of range, an empty prompt list or a pipeline without text encoder."""
+    alone, not on the other prompts or on batch_size. `seed` may instead be a list of one seed or
+    torch.Generator per prompt (e.g. data.seeded_generator(42, prompt_id)): sample k is its k-th draw.
+    Raises ValueError for a duration out of range, an empty prompt list, a seed list of another length or a
+    pipeline without text encoder."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:
@@ -335,6 +340,13 @@ def generate(prompts, pipeline=None, duration=10.0, steps=25, cfg=4.5, negative=
     if pipe.text_encoder is None:
         raise ValueError('this pipeline has no text encoder; call Pipeline.synthesize with text features')
     jobs = [p for p in prompts for _ in range(num_samples)]
+    if isinstance(seed, (list, tuple)):  # one stream per prompt, drawn in turn by its samples
+        if len(seed) != len(prompts):
+            raise ValueError(f'seed: a list needs one seed per prompt, got {len(seed)} for {len(prompts)} prompts')
+        streams = [_stream(s) for s in seed]
+        seeds = [streams[j // num_samples] for j in range(len(jobs))]
+    else:
+        seeds = [seed + j % num_samples for j in range(len(jobs))]  # sample k of a prompt: seed + k
     frames = pipe.latent_frames(duration)
     model = pipe.transformer
     device, dtype = model.latent_mean.device, model.latent_mean.dtype
@@ -344,8 +356,7 @@ def generate(prompts, pipeline=None, duration=10.0, steps=25, cfg=4.5, negative=
     for start in tqdm(batches, desc='batches', disable=not progress or len(batches) == 1):
         batch = jobs[start:start + batch_size]
         text_f, text_f_c = (x.to(device, dtype) for x in pipe.text_encoder.encode(batch))  # (B, 77, Dt), (B, Dc)
-        seeds = [seed + j % num_samples for j in range(start, start + len(batch))]  # sample k of a prompt: seed + k
-        noise = make_noise(seeds, frames, model.cfg.latent_dim)
+        noise = make_noise(seeds[start:start + batch_size], frames, model.cfg.latent_dim)
         noise = noise.to(device, dtype)
         _, _, wave = pipe.synthesize(text_f, text_f_c, noise, steps, cfg, *(neg or (None, None)),
                                      progress=progress)
