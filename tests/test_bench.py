@@ -1,10 +1,13 @@
-"""bench.py: settings parsing and the speed report's structure and FLOP counts (no wall-clock assertions)."""
+"""bench.py: settings parsing, the speed report's structure and FLOP counts (no wall-clock assertions), and the
+TTA-Bench evaluation: files per id, resuming, rescoring a folder, skipped prompts, metrics from the registry one at
+a time, friendly errors, and 2 processes giving the scores of one."""
 
 import json
 import math
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -215,6 +218,25 @@ def test_metrics_come_from_the_registry_with_their_columns_and_kwargs(weights_di
     assert f"| ours | {summary['means']['PQ']:.3f} | - | - | - | {summary['means']['peak']:.3f} |" in table
     bench.configure(["--metric_kwargs={'loudness': {'target_db': -14.0}}"])  # and from the command line
     assert bench.metric_kwargs == {"loudness": {"target_db": -14.0}}
+
+
+class OneAtATime(reward.Reward):
+    """Refuses to be built while another instance is alive: the metrics must be freed one after another."""
+    alive = weakref.WeakSet()
+
+    def __init__(self):
+        assert not OneAtATime.alive, "the previous metric is still in memory"
+        OneAtATime.alive.add(self)
+
+    def score(self, audio, sample_rate, prompts):
+        return torch.zeros(len(prompts))
+
+
+def test_each_metric_is_freed_before_the_next_is_built(weights_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(reward.REWARDS, "first", OneAtATime)
+    monkeypatch.setitem(reward.REWARDS, "second", OneAtATime)
+    summary = run_eval(weights_dir, tmp_path / "out", "--metrics=first,second")
+    assert summary["means"] == {"first": 0.0, "second": 0.0} and not OneAtATime.alive
 
 
 @pytest.mark.parametrize("bad, named", [
