@@ -154,10 +154,13 @@ def check_pipeline(pipe):
 # generation
 
 def make_noise(seeds, frames, channels):
-    """Initial noise (B, N, C), item i drawn from its own seed on the CPU: the same seed gives the same audio on
-    every device and whatever else shares the batch."""
-    return torch.stack([torch.randn(frames, channels, generator=torch.Generator().manual_seed(int(s)))
-                        for s in seeds])
+    """Initial noise (B, N, C), item i drawn on the CPU from its own seed or its own torch.Generator (which
+    advances): the same seed gives the same audio on every device and whatever else shares the batch."""
+    return torch.stack([torch.randn(frames, channels, generator=_stream(s)) for s in seeds])
+
+
+def _stream(seed):
+    return seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
 
 
 def check_settings(prompts, duration=10.0, steps=25, cfg_strength=4.5, seed=42, num_samples=1, batch_size=8,
@@ -169,8 +172,9 @@ def check_settings(prompts, duration=10.0, steps=25, cfg_strength=4.5, seed=42, 
     for name, value in (('steps', steps), ('num_samples', num_samples), ('batch_size', batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f'--{name} must be a whole number of at least 1, got {value!r}')
-    if not 0 <= seed < 2 ** 63:
-        raise ValueError(f'--seed must be between 0 and 2**63 - 1, got {seed}')
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
+    if len(seeds) != len(prompts) or not all(isinstance(s, torch.Generator) or 0 <= s < 2 ** 63 for s in seeds):
+        raise ValueError(f'--seed must be between 0 and 2**63 - 1 (or one seed per prompt), got {seed!r:.80}')
     if not math.isfinite(cfg_strength):
         raise ValueError(f'--cfg_strength must be a finite number (4.5 as released), got {cfg_strength}')
     if not 1.0 <= duration <= longest:
@@ -187,8 +191,9 @@ def generate(prompts, pipeline=None, duration=10.0, steps=25, cfg_strength=4.5, 
     (both CFG branches share one batched forward); cfg_strength = guidance scale; negative = a caption whose
     features replace the empty-string features of the unconditional branch. Sample k of every prompt starts from
     noise seeded with seed + k, so a prompt's audio depends on the seed alone, not on the other prompts or on
-    batch_size. Raises ValueError for a setting out of range (see check_settings) and when the model produces
-    non-finite audio (non-finite weights)."""
+    batch_size. `seed` may instead be a list of one seed or torch.Generator per prompt (e.g.
+    data.seeded_generator(42, prompt_id)); sample k is then that stream's k-th draw. Raises ValueError for a
+    setting out of range (see check_settings) and when the model produces non-finite audio (non-finite weights)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if pipeline is None:  # fail before the slow load
         check_settings(prompts, duration, steps, cfg_strength, seed, num_samples, batch_size)
@@ -196,6 +201,11 @@ def generate(prompts, pipeline=None, duration=10.0, steps=25, cfg_strength=4.5, 
     check_settings(prompts, duration, steps, cfg_strength, seed, num_samples, batch_size, pipe.max_duration())
     assert pipe.text_encoder is not None, 'a pipeline without text encoder: call Pipeline.synthesize'
     jobs = [p for p in prompts for _ in range(num_samples)]
+    if isinstance(seed, (list, tuple)):  # one stream per prompt, drawn in turn by its samples
+        streams = [_stream(s) for s in seed]
+        seeds = [streams[j // num_samples] for j in range(len(jobs))]
+    else:
+        seeds = [seed + j % num_samples for j in range(len(jobs))]  # sample k of a prompt: seed + k
     frames = num_latent_frames(duration, pipe.mel_cfg, cover=True)
     model = pipe.transformer
     device, dtype = model.latent_mean.device, model.latent_mean.dtype
@@ -205,8 +215,7 @@ def generate(prompts, pipeline=None, duration=10.0, steps=25, cfg_strength=4.5, 
     for start in tqdm(batches, desc='batches', disable=not progress or len(batches) == 1):
         batch = jobs[start:start + batch_size]
         text_f, text_f_c = (x.to(device, dtype) for x in pipe.text_encoder.encode(batch))  # (B, 77, Dt), (B, Dc)
-        seeds = [seed + j % num_samples for j in range(start, start + len(batch))]  # sample k of a prompt: seed + k
-        noise = make_noise(seeds, frames, model.cfg.latent_dim).to(device, dtype)
+        noise = make_noise(seeds[start:start + batch_size], frames, model.cfg.latent_dim).to(device, dtype)
         _, _, wave = pipe.synthesize(text_f, text_f_c, noise, steps, cfg_strength, *neg, progress=progress)
         out.append(wave[:, 0, :round(duration * pipe.sample_rate)].cpu())  # (B, S) exactly `duration` long
     audio = torch.cat(out)
