@@ -234,7 +234,8 @@ def bench_speed():
     mel_in = torch.randn(B, mel_cfg['n_mels'], 2 * N, device=dev, dtype=dt)
     calls = {  # name -> (one call, how many calls per clip batch)
         'text': (lambda: encode(prompts), 1),
-        'transformer': (lambda: guided_velocity(net, x, t, text_f, text_f_c, neg_f, neg_f_c, cfg_strength), steps),
+        'transformer': (lambda: guided_velocity(net, x, t, text_f, text_f_c, neg_f, neg_f_c, cfg_strength),
+                        steps),
         'vae': (lambda: vae_net.decode(z), 1),
         'vocoder': (lambda: voc(mel_in), 1)}
     unknown = set(parts.split(',')) - set(calls)

@@ -46,19 +46,19 @@ def loss_by_t_bin(loss_per_sample, t, bins: int = 4) -> dict:
     return out
 
 
-def guided_velocity(model, x, t, text_f, text_f_c, neg_f, neg_f_c, cfg: float):
-    """CFG velocity cfg * v_cond + (1 - cfg) * v_uncond (Ho & Salimans 2022), both branches in one forward.
-    x (B, N, C), t (B,), text and negative features (B, 77, Dt), (B, Dc). cfg == 1 skips the unconditional branch."""
-    if cfg == 1.0:
+def guided_velocity(model, x, t, text_f, text_f_c, neg_f, neg_f_c, cfg_strength: float):
+    """CFG velocity w * v_cond + (1 - w) * v_uncond with w = cfg_strength (Ho & Salimans 2022), both branches in
+    one forward. x (B, N, C), t (B,), text and negative features (B, 77, Dt), (B, Dc); w = 1 skips v_uncond."""
+    if cfg_strength == 1.0:
         return model(x, text_f, text_f_c, t)
     v = model(torch.cat([x, x]), torch.cat([text_f, neg_f]), torch.cat([text_f_c, neg_f_c]), torch.cat([t, t]))
     v_cond, v_uncond = v.chunk(2)  # (B, N, C) each
-    return cfg * v_cond + (1 - cfg) * v_uncond
+    return cfg_strength * v_cond + (1 - cfg_strength) * v_uncond
 
 
 @torch.no_grad()
-def euler_sample(model, noise, text_f, text_f_c, num_steps: int = 25, cfg: float = 4.5, negative_text_f=None,
-                 negative_text_f_c=None, progress: bool = False):
+def euler_sample(model, noise, text_f, text_f_c, num_steps: int = 25, cfg_strength: float = 4.5,
+                 negative_text_f=None, negative_text_f_c=None, progress: bool = False):
     """Euler integration of the guided velocity on linspace(1, 0, num_steps + 1), from noise (B, N, C) to
     normalised latents (B, N, C) (apply `model.unnormalize` before the VAE). text_f (B, 77, Dt), text_f_c (B, Dc);
     the negative features ((B or 1, 77, Dt), (B or 1, Dc)) default to the model's empty caption."""
@@ -73,7 +73,7 @@ def euler_sample(model, noise, text_f, text_f_c, num_steps: int = 25, cfg: float
     x = noise
     for i in tqdm(range(num_steps), disable=not progress, desc="euler"):
         t = ts[i].to(x.dtype).expand(B)  # (B,)
-        v = guided_velocity(model, x, t, text_f, text_f_c, neg_f, neg_f_c, cfg)
+        v = guided_velocity(model, x, t, text_f, text_f_c, neg_f, neg_f_c, cfg_strength)
         x = x + (ts[i + 1] - ts[i]) * v  # dt < 0
     return x
 

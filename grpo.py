@@ -571,7 +571,7 @@ def evaluate_reward(policy, pipe, reward_fn, text, prompts, seed, num_steps=25, 
         captions = [prompts[i] for i in idx]
         text_f, text_f_c = (x.to(dtype) for x in text(captions, device))
         with autocast or nullcontext():
-            x = euler_sample(policy, noise, text_f, text_f_c, num_steps=num_steps, cfg=cfg_strength)
+            x = euler_sample(policy, noise, text_f, text_f_c, num_steps=num_steps, cfg_strength=cfg_strength)
         rewards = torch.as_tensor(reward_fn(pipe.decode(x)[2][:, 0], pipe.sample_rate, captions))
         total += torch.stack([rewards.double().sum(), torch.tensor(float(len(idx)), dtype=torch.float64)]).to(device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():

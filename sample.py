@@ -66,7 +66,7 @@ class Pipeline:
         negative_*: features for the unconditional branch (default: the stored empty-string features).
         Returns latents (B, N, C) un-normalised, mel (B, n_mels, 2N) and waveform (B, 1, 2N * hop_length)
         float32 in [-1, 1]."""
-        x = euler_sample(self.transformer, noise, text_f, text_f_c, num_steps=num_steps, cfg=cfg_strength,
+        x = euler_sample(self.transformer, noise, text_f, text_f_c, num_steps=num_steps, cfg_strength=cfg_strength,
                          negative_text_f=negative_text_f, negative_text_f_c=negative_text_f_c, progress=progress)
         return self.decode(x)
 

@@ -31,11 +31,12 @@ class Recorder(torch.nn.Module):
 def test_sampling_parity(model, fx):
     s, i = fx["sampling"], fx["inputs"]
     # released naming: x0 is the noise (t = 1), x1 the sample at t = 0, still normalised
-    x1 = euler_sample(model, s["x0"], i["text_f"], i["text_f_c"], num_steps=s["num_steps"], cfg=s["cfg_strength"])
+    x1 = euler_sample(model, s["x0"], i["text_f"], i["text_f_c"], num_steps=s["num_steps"],
+                      cfg_strength=s["cfg_strength"])
     assert (x1 - s["x1"]).abs().max() <= TOL
     assert (model.unnormalize(x1) - s["x1_unnormalized"]).abs().max() <= TOL
     x1n = euler_sample(model, s["x0"], i["text_f"], i["text_f_c"], num_steps=s["num_steps"],
-                       cfg=s["cfg_strength"], negative_text_f=s["negative_text_f"],
+                       cfg_strength=s["cfg_strength"], negative_text_f=s["negative_text_f"],
                        negative_text_f_c=s["negative_text_f_c"])
     assert (x1n - s["x1_with_negative"]).abs().max() <= TOL
 
@@ -85,8 +86,8 @@ def test_loss_by_t_bin():
 
 def test_cfg_with_identical_branches_equals_conditional(model, fx):
     s, i = fx["sampling"], fx["inputs"]
-    cond = euler_sample(model, s["x0"], i["text_f"], i["text_f_c"], num_steps=3, cfg=1.0)
-    same = euler_sample(model, s["x0"], i["text_f"], i["text_f_c"], num_steps=3, cfg=4.5,
+    cond = euler_sample(model, s["x0"], i["text_f"], i["text_f_c"], num_steps=3, cfg_strength=1.0)
+    same = euler_sample(model, s["x0"], i["text_f"], i["text_f_c"], num_steps=3, cfg_strength=4.5,
                         negative_text_f=i["text_f"], negative_text_f_c=i["text_f_c"])
     assert (cond - same).abs().max() <= TOL
     with pytest.raises(AssertionError, match="both"):
