@@ -5,7 +5,8 @@ Every reward is an object with
 and an attribute `sample_rate`, the rate its judge listens at (None: works at any rate). Audio is resampled to
 that rate with data.resample (torchaudio's kernel, as the released metrics use). Higher is better.
 
-    QwenOmniJudge          Resonate's training reward: an audio LLM asked whether the clip matches the caption
+    QwenOmniJudge          an audio LLM asked whether the clip matches the caption: Resonate's training reward
+                           (Qwen2.5-Omni) and AQAScore, the evaluation metric (Qwen3-Omni), by JudgeSettings
     AudioboxAesthetics     Meta's Audiobox Aesthetics (CE, CU, PC, PQ) of the clip alone; `score` gives one axis
     MSClapScore            CLAPScore: cosine of Microsoft CLAP 2023 text and audio embeddings ("clap")
     ClapReward             cosine of LAION-CLAP text and audio embeddings ("laion_clap")
@@ -14,15 +15,19 @@ that rate with data.resample (torchaudio's kernel, as the released metrics use).
     build_reward("loudness:1.0,clap:0.5")  -> WeightedSum of rewards from the REWARDS registry
 """
 
+import dataclasses
+import functools
 import inspect
+import json
 import math
 import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data import hub_files, pick_device, read_weights, resample, seeded_generator
+from data import WeightsMissing, hub_files, pick_device, read_weights, resample, seeded_generator
 
 
 def prepare_audio(audio, sample_rate, target_rate, prompts) -> torch.Tensor:
@@ -642,28 +647,89 @@ class MSClapScore(Reward):
         return (F.normalize(audio.float(), dim=-1) * F.normalize(text.float(), dim=-1)).sum(-1).to(clips[0].device)
 
 
-# ---------------------------------------------------------------- Qwen2.5-Omni judge
+# ---------------------------------------------------------------- Qwen-Omni judges: the LALM reward and AQAScore
 
-def yes_no_score(logits, yes_id: int, no_id: int) -> torch.Tensor:
-    """p(Yes) / (p(Yes) + p(No)) from next-token logits, 0 where the greedy token is neither.
+@dataclasses.dataclass(frozen=True)
+class JudgeSettings:
+    """How QwenOmniJudge asks its model and reads the answer.
 
-    The 0 is the released code's quirk: it reads the probabilities only when greedy decoding emits Yes or No.
-    Args:
-        logits: (B, V) next-token logits.
-    Returns:
-        (B,) float32 scores in [0, 1].
+    repo: the Hugging Face repository (thinker + talker; only the thinker is built).
+    system_prompt: the system turn's text, or None for no system turn.
+    yes, no: the answer words, one token each.
+    audio_tokens: (start, placeholder, end) special tokens around the clip.
+    whole_clip: log-mel of the whole clip, unpadded, as Qwen3-Omni's processor computes it; False: padded or cut
+        to Whisper's 30 s window, as Qwen2.5-Omni's.
+    rule: "first_token" or "last_yes_no" (see QwenOmniJudge); max_new_tokens: the greedy answer's length cap.
     """
-    logits = logits.float()
-    log_probs = logits.log_softmax(-1)
-    score = torch.sigmoid(log_probs[:, yes_id] - log_probs[:, no_id])  # = p_yes / (p_yes + p_no)
-    greedy = logits.argmax(-1)
-    return torch.where((greedy == yes_id) | (greedy == no_id), score, torch.zeros_like(score))
+    repo: str
+    system_prompt: str | None
+    yes: str
+    no: str
+    audio_tokens: tuple[str, str, str]
+    whole_clip: bool
+    rule: str
+    max_new_tokens: int = 1024  # the cap the Omni generate() gives the thinker in the released runs
 
 
-def audio_token_count(mel_frames: torch.Tensor) -> torch.Tensor:
-    """Audio tokens the Qwen2.5-Omni audio encoder emits for `mel_frames` 10 ms mel frames (two stride-2 stages)."""
-    after_conv = (mel_frames - 1) // 2 + 1
-    return (after_conv - 2) // 2 + 1
+QWEN25_OMNI = JudgeSettings(  # Resonate's training reward
+    repo="Qwen/Qwen2.5-Omni-7B",
+    system_prompt=("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
+                   "auditory and visual inputs, as well as generating text and speech."),
+    yes="Yes", no="No", audio_tokens=("<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"), whole_clip=False,
+    rule="first_token")
+AQA_QWEN3_OMNI = JudgeSettings(  # AQAScore, the TTA-Bench evaluation metric
+    repo="Qwen/Qwen3-Omni-30B-A3B-Instruct", system_prompt=None, yes="yes", no="no",
+    audio_tokens=("<|audio_start|>", "<|audio_pad|>", "<|audio_end|>"), whole_clip=True, rule="last_yes_no")
+
+# what from_pretrained reads besides the weight shards the index lists
+JUDGE_FILES = ["config.json", "model.safetensors.index.json", "preprocessor_config.json", "tokenizer_config.json",
+               "vocab.json", "merges.txt"]
+
+
+def audio_token_count(mel_frames, chunk=None):
+    """Audio tokens the Omni audio encoder emits for `mel_frames` 10 ms mel frames (int or (B,) tensor), as the
+    processors count them. chunk=None: Qwen2.5-Omni, a stride-2 convolution then a stride-2 pooling over the clip.
+    chunk=2 * n_window (Qwen3-Omni: 100 frames): the clip is cut into chunks, each halved three times by stride-2
+    convolutions (100 frames -> 13 tokens)."""
+    def halve(n, times=1):
+        for _ in range(times):
+            n = (n - 1) // 2 + 1  # kernel 3, padding 1; halve(0) == 0
+        return n
+    if chunk is None:
+        return (halve(mel_frames) - 2) // 2 + 1
+    return mel_frames // chunk * halve(chunk, 3) + halve(mel_frames % chunk, 3)
+
+
+def judge_folder(repo, weights_dir=None) -> Path:
+    """The folder holding the judge's files: `weights_dir` when it has them, else the Hugging Face cache, where the
+    config, tokenizer, feature extractor and every weight shard (talker ones too: from_pretrained reads the whole
+    index) are downloaded. Raises data.WeightsMissing naming the repository, ValueError for a partial weights_dir."""
+    try:
+        paths = hub_files(repo, JUDGE_FILES, weights_dir)
+        shards = json.loads(paths["model.safetensors.index.json"].read_text())["weight_map"].values()
+        paths.update(hub_files(repo, sorted(set(shards)), weights_dir))
+    except WeightsMissing:
+        raise WeightsMissing(f"the judge https://huggingface.co/{repo} is not on this machine and could not be "
+                             f"downloaded: fetch it where you have access (`hf download {repo}`) and pass that folder "
+                             f"as weights_dir, or run the command here to fill the Hugging Face cache (HF_TOKEN for "
+                             f"gated copies, HF_ENDPOINT for a mirror)") from None
+    folders = {p.parent for p in paths.values()}
+    if len(folders) > 1:
+        raise ValueError(f"{weights_dir} holds only some of {repo}'s files; put all of them there, or none")
+    return folders.pop()
+
+
+def _load_thinker(folder, dtype):
+    """The thinker (text half) of the Qwen2.5-Omni or Qwen3-Omni checkpoint in `folder`: transformers maps the full
+    repository's thinker.* weights onto it and skips the talker's."""
+    import transformers
+    thinkers = {"qwen2_5_omni": "Qwen2_5OmniThinkerForConditionalGeneration",
+                "qwen3_omni_moe": "Qwen3OmniMoeThinkerForConditionalGeneration"}
+    family = json.loads((folder / "config.json").read_text())["model_type"].removesuffix("_thinker")
+    if family not in thinkers:
+        raise ValueError(f"{folder} holds a {family!r} model; the judge runs {' or '.join(thinkers)} checkpoints")
+    # dtype "auto": the checkpoint's own precision (bf16), as released
+    return getattr(transformers, thinkers[family]).from_pretrained(folder, dtype=dtype or "auto")
 
 
 def _single_token_id(tokenizer, text: str) -> int:
@@ -673,78 +739,80 @@ def _single_token_id(tokenizer, text: str) -> int:
     return ids[0]
 
 
-def _load_qwen_thinker(path, dtype):
-    """The text-generating half (thinker) of Qwen2.5-Omni; the speech talker is not needed to judge."""
-    from transformers import (AutoConfig, Qwen2_5OmniForConditionalGeneration,
-                              Qwen2_5OmniThinkerForConditionalGeneration)
-    dtype = dtype or "auto"  # the checkpoint's own precision (bf16), as released
-    if AutoConfig.from_pretrained(path).model_type == "qwen2_5_omni":  # the published thinker + talker repo
-        full = Qwen2_5OmniForConditionalGeneration.from_pretrained(path, dtype=dtype, enable_audio_output=False)
-        full.disable_talker()
-        return full.thinker
-    return Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(path, dtype=dtype)
-
-
 class QwenOmniJudge(Reward):
-    """Resonate's LALM reward: ask Qwen2.5-Omni whether the clip contains the caption's sound events.
+    """Ask a Qwen-Omni thinker whether the clip contains the caption's sound events (Resonate, arXiv 2603.11661;
+    released flow_grpo/rewards.py). QWEN25_OMNI is the training reward, AQA_QWEN3_OMNI the AQAScore metric.
 
-    As released (Resonate, arXiv 2603.11661): mono 16 kHz audio, the standard Qwen system prompt, a user turn of
-    the question text followed by the audio, and reward = p(Yes) / (p(Yes) + p(No)) over the first generated
-    token; 0 when the greedy first token is neither Yes nor No. The released code runs one `generate` per clip;
-    here the whole batch goes through one forward pass (prompts left-padded, so every prompt ends in the last
-    column, with an attention mask; positions restart at each prompt's first real token), which gives the same
-    scores up to float rounding.
-
-    Inputs are built from the tokenizer and the Whisper feature extractor rather than Qwen2_5OmniProcessor,
-    which also needs the image stack (PIL, torchvision) that we do not depend on. `prompt` renders the
-    Qwen2.5-Omni chat template's output for this conversation, and the audio placeholder is expanded to the
-    encoder's token count as the processor does. Audio longer than 30 s is cut to 30 s by the feature extractor.
+    Both: mono 16 kHz audio; user turn = the question, then the clip; greedy answer; score = p(yes) / (p(yes) + p(no))
+    at one answer token, 0 when the token the rule reads is neither word exactly (the released quirk: with
+    Qwen3-Omni's lowercase words a "Yes" answer scores 0).
+    Rules. "last_yes_no" is the released one: both released functions ask generate() for one new token, but the Omni
+    generate() replaces that with its own thinker_max_new_tokens=1024, so they decode the answer to <|im_end|> and
+    read the last answer token that is yes or no; so do we, at most max_new_tokens. "first_token" reads the first
+    answer token only: one forward pass, no decoding. They agree when the first token is the answer's only yes or
+    no (the usual "yes" / "Yes."); they differ when the answer starts otherwise (first_token scores 0) or says yes
+    or no again later (the released rule reads the last). QWEN25_OMNI takes first_token, the cheap training reward.
+    Batching: the released code scores one clip at a time; here a batch runs together, prompts left-padded with an
+    attention mask, every row decoded in step; the same scores up to float rounding.
+    Inputs come from the tokenizer and the Whisper feature extractor, not the Omni processors, which also need the
+    image and video stack (PIL, torchvision; still so in transformers 5.24).
 
     Args:
-        model_name_or_path: the Qwen2.5-Omni checkpoint (full thinker + talker repo, or a thinker-only one).
-        device: where to run (default: best available); dtype: default = the checkpoint's (bf16).
-        max_batch: clips per forward pass (None: the whole batch at once); lowers peak memory.
+        settings: a JudgeSettings; keyword overrides replace its fields (rule="last_yes_no", max_new_tokens=32).
+        weights_dir: a folder with the repository's files (default: the Hugging Face cache, downloading).
+        device: default the best available; dtype: default the checkpoint's (bf16).
+        max_batch: clips per pass (None: the whole batch at once); lowers peak memory.
         model, tokenizer, feature_extractor: already built parts (tests), instead of loading.
+    Raises:
+        data.WeightsMissing when the repository is neither in weights_dir nor cached and cannot be downloaded;
+        ValueError for an unknown rule, max_new_tokens < 1 or a tokenizer that does not fit the model.
     """
     sample_rate = 16000
-    SYSTEM_PROMPT = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "
-                     "perceiving auditory and visual inputs, as well as generating text and speech.")
     QUESTION = ("Does this audio contain the sound events described by the text: {caption}? "
                 "Please only answer yes or no, without other explanations.")
-    AUDIO_TOKEN = "<|AUDIO|>"
 
-    def __init__(self, model_name_or_path="Qwen/Qwen2.5-Omni-7B", device=None, dtype=None, max_batch=None, *,
-                 model=None, tokenizer=None, feature_extractor=None):
+    def __init__(self, settings=QWEN25_OMNI, weights_dir=None, device=None, dtype=None, max_batch=None, *,
+                 model=None, tokenizer=None, feature_extractor=None, **overrides):
         from transformers import AutoTokenizer, WhisperFeatureExtractor
-        self.model = model if model is not None else _load_qwen_thinker(model_name_or_path, dtype)
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-        if feature_extractor is None:
-            feature_extractor = WhisperFeatureExtractor.from_pretrained(model_name_or_path)
-        self.tokenizer, self.feature_extractor = tokenizer, feature_extractor
+        self.settings = s = dataclasses.replace(settings, **overrides)
+        if s.rule not in ("first_token", "last_yes_no") or s.max_new_tokens < 1:
+            raise ValueError(f"rule must be 'first_token' or 'last_yes_no' and max_new_tokens at least 1, got "
+                             f"{s.rule!r} and {s.max_new_tokens}")
+        if model is None or tokenizer is None or feature_extractor is None:
+            folder = judge_folder(s.repo, weights_dir)
+        self.model = model if model is not None else _load_thinker(folder, dtype)
+        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(folder)
+        self.feature_extractor = (feature_extractor if feature_extractor is not None
+                                  else WhisperFeatureExtractor.from_pretrained(folder))
         self.device = torch.device(device) if device is not None else pick_device()
         self.model.to(self.device).eval()
         if dtype is not None:
             self.model.to(dtype)
         self.max_batch = max_batch
-        self.yes_id = _single_token_id(self.tokenizer, "Yes")
-        self.no_id = _single_token_id(self.tokenizer, "No")
-        if self.tokenizer.convert_tokens_to_ids(self.AUDIO_TOKEN) != self.model.config.audio_token_id:
-            raise ValueError(f"tokenizer's {self.AUDIO_TOKEN} id differs from the model's audio_token_id")
+        self.yes_id, self.no_id = (_single_token_id(self.tokenizer, w) for w in (s.yes, s.no))
+        self.eos_id = _single_token_id(self.tokenizer, "<|im_end|>")
+        if self.tokenizer.convert_tokens_to_ids(s.audio_tokens[1]) != self.model.config.audio_token_id:
+            raise ValueError(f"tokenizer's {s.audio_tokens[1]} id differs from the model's audio_token_id")
+        audio_config = self.model.config.audio_config  # Qwen3-Omni's encoder reads 2 * n_window-frame chunks
+        self.chunk = 2 * audio_config.n_window if audio_config.model_type.startswith("qwen3") else None
 
     def prompt(self, caption: str, num_audio_tokens: int) -> str:
-        """The chat text for one clip: system turn, user turn (question then audio), open assistant turn."""
-        audio = "<|audio_bos|>" + self.AUDIO_TOKEN * num_audio_tokens + "<|audio_eos|>"
-        return (f"<|im_start|>system\n{self.SYSTEM_PROMPT}<|im_end|>\n"
-                f"<|im_start|>user\n{self.QUESTION.format(caption=caption)}{audio}<|im_end|>\n"
-                f"<|im_start|>assistant\n")
+        """The chat text for one clip, as the model's chat template renders the released conversation:
+        [system turn,] user turn (question then audio), open assistant turn."""
+        start, pad, end = self.settings.audio_tokens
+        system = self.settings.system_prompt
+        system = "" if system is None else f"<|im_start|>system\n{system}<|im_end|>\n"
+        return (f"{system}<|im_start|>user\n{self.QUESTION.format(caption=caption)}{start}{pad * num_audio_tokens}"
+                f"{end}<|im_end|>\n<|im_start|>assistant\n")
 
     def inputs(self, audio, prompts) -> dict:
-        """Model inputs for (B, S) 16 kHz clips: left-padded input_ids / attention_mask, log-mel
-        input_features (B, mels, 3000) and feature_attention_mask (B, 3000), on the judge's device."""
+        """Model inputs for (B, S) 16 kHz clips: left-padded input_ids / attention_mask (B, L), log-mel
+        input_features (B, mels, T) and feature_attention_mask (B, T), on the judge's device. The audio placeholder
+        is expanded to the encoder's token count, as the processor does."""
+        pad = dict(padding="longest", truncation=False) if self.settings.whole_clip else dict(padding="max_length")
         features = self.feature_extractor([w.numpy() for w in audio.cpu()], sampling_rate=self.sample_rate,
-                                          padding="max_length", return_attention_mask=True, return_tensors="pt")
-        num_tokens = audio_token_count(features["attention_mask"].sum(-1))  # (B,)
+                                          return_attention_mask=True, return_tensors="pt", **pad)
+        num_tokens = audio_token_count(features["attention_mask"].sum(-1), self.chunk)  # (B,)
         texts = [self.prompt(p, int(n)) for p, n in zip(prompts, num_tokens)]
         text = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
         dtype = next(self.model.parameters()).dtype
@@ -754,19 +822,36 @@ class QwenOmniJudge(Reward):
                 "feature_attention_mask": features["attention_mask"].to(self.device)}
 
     @torch.no_grad()
-    def next_token_logits(self, inputs) -> torch.Tensor:
-        """(B, V) float32 logits of the first answer token."""
+    def yes_no_scores(self, inputs) -> torch.Tensor:
+        """(B,) float32 p(yes) / (p(yes) + p(no)) at the greedy answer token the rule reads, 0 where it is neither
+        word. All rows decode together; a row that has emitted <|im_end|> is fed on but no longer counts."""
         if not inputs["attention_mask"][:, -1].all():
             raise ValueError("prompts must be left-padded so that each one ends in the last column")
-        hidden = self.model.model(**inputs, use_cache=False).last_hidden_state[:, -1]  # (B, D)
-        return self.model.lm_head(hidden).float()  # only the last position: the full (B, L, V) logits are large
+        steps = 1 if self.settings.rule == "first_token" else self.settings.max_new_tokens
+        thinker, mask = self.model.model, inputs["attention_mask"]
+        out = thinker(**inputs, use_cache=steps > 1)
+        score = torch.zeros(mask.shape[0], device=self.device)
+        running = torch.ones_like(score, dtype=torch.bool)
+        for step in range(steps):
+            logits = self.model.lm_head(out.last_hidden_state[:, -1]).float()  # (B, V): the full (B, L, V) is large
+            token = logits.argmax(-1)  # (B,) greedy
+            hit = running & ((token == self.yes_id) | (token == self.no_id))
+            # the softmax normaliser cancels: p_yes / (p_yes + p_no) = sigmoid(logit_yes - logit_no)
+            score = torch.where(hit, torch.sigmoid(logits[:, self.yes_id] - logits[:, self.no_id]), score)
+            running &= token != self.eos_id
+            if step + 1 == steps or not running.any():
+                break
+            mask = F.pad(mask, (0, 1), value=1)
+            # each row's next text position: its token count plus the offset M-RoPE left after the prompt
+            position = (mask.sum(-1, keepdim=True) - 1 + thinker.rope_deltas)[None].expand(3, -1, -1)  # (3, B, 1)
+            out = thinker(input_ids=token[:, None], attention_mask=mask, position_ids=position, cache=out.cache,
+                          use_cache=True)
+        return score
 
-    @torch.no_grad()
     def score(self, audio, sample_rate, prompts):
         audio = prepare_audio(audio, sample_rate, self.sample_rate, prompts)
         step = self.max_batch or audio.shape[0]
-        scores = [yes_no_score(self.next_token_logits(self.inputs(audio[i:i + step], prompts[i:i + step])),
-                               self.yes_id, self.no_id)
+        scores = [self.yes_no_scores(self.inputs(audio[i:i + step], prompts[i:i + step]))
                   for i in range(0, audio.shape[0], step)]
         return torch.cat(scores).to(audio.device)
 
@@ -798,7 +883,8 @@ REWARDS = {
     "centroid": SpectralCentroidReward,
     "clap": MSClapScore,
     "laion_clap": ClapReward,
-    "qwen_omni": QwenOmniJudge,
+    "qwen_omni": QwenOmniJudge,  # Qwen2.5-Omni-7B, the training reward
+    "aqa": functools.partial(QwenOmniJudge, AQA_QWEN3_OMNI),  # AQAScore: Qwen3-Omni-30B-A3B-Instruct
     "aes": AudioboxAesthetics.from_pretrained,
 }
 
