@@ -135,31 +135,56 @@ def test_lr_schedule_is_warmup_then_released_steps():
     assert train.get_lr(80) == pytest.approx(1e-5) and train.get_lr(90) == pytest.approx(1e-6)
 
 
-def test_sample_py_dtype_spelling_is_accepted():
+def configure(args):
+    """A freshly imported train.py with `args` applied and checked, as main() does before any work."""
+    import data
     import train
     train = importlib.reload(train)
-    train.configure(['--dtype=bf16'])
+    data.configure(vars(train), args)
     train.check_settings()
-    assert train.dtype == 'bfloat16'
+    return train
+
+
+def test_dtype_names_are_data_dtypes():
+    assert configure(['--dtype=bf16']).dtype == 'bf16'
+    with pytest.raises(ValueError, match="--dtype='bfloat16' is not one of: fp32, bf16"):  # one spelling only
+        configure(['--dtype=bfloat16'])
+
+
+def test_grpo_settings_are_the_fields_of_grpo_config():
+    from dataclasses import fields
+    from grpo import GRPOConfig
+    train = configure(['--grpo_group_size=4', '--grpo_lr=1', '--grpo_betas=(0.8, 0.9)'])
+    assert train.grpo_group_size == 4 and train.grpo_lr == 1.0 and train.grpo_betas == (0.8, 0.9)
+    assert {f'grpo_{f.name}' for f in fields(GRPOConfig)} <= set(train.config_keys)
+    assert train.grpo_beta == GRPOConfig.beta  # the default lives in GRPOConfig only
+    with pytest.raises(ValueError, match='expects int'):
+        configure(['--grpo_group_size=4.5'])
 
 
 @pytest.mark.parametrize('arg, message', [
-    ('--no_such_setting=1', 'unknown setting'),
+    ('--no_such_setting=1', 'unknown setting --no_such_setting'),
+    ('--lerning_rate=1e-3', 'did you mean --learning_rate'),
     ('--max_iters=lots', 'expects int'),
     ('--max_iters=2.5', 'expects int'),
     ('--resume=1', 'expects bool'),
+    ('--resume', 'settings are --key=value'),
     ('config/does_not_exist.py', 'not found'),
     ('--stage=bogus', "--stage='bogus' is not one of: vae, pretrain, grpo"),
     ('--mel=8k', 'is not one of: 16k, 44k'),
-    ('--dtype=float16', 'is not one of: float32, bfloat16'),
+    ('--dtype=fp16', 'is not one of: fp32, bf16'),
     ('--batch_size=0', 'must be at least 1'),
+    ('--clip_seconds=0', '--clip_seconds must be above 0'),
+    ('--ema_decay=1', '--ema_decay must be in [0, 1)'),
+    ('--cfg_dropout=1.5', '--cfg_dropout must be in [0, 1]'),
 ])
 def test_bad_settings_are_refused_by_name(arg, message):
-    import train
-    train = importlib.reload(train)
     with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
-        train.configure([arg])
-        train.check_settings()
+        configure([arg])
+
+
+def test_a_string_setting_keeps_its_text():
+    assert configure(['--out_dir=2024']).out_dir == '2024'
 
 
 def test_command_line_errors_are_one_line_not_a_traceback(tmp_path):
