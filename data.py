@@ -386,6 +386,10 @@ class AudioCaptionDataset(torch.utils.data.Dataset):
             captions.append(self.rows[i]["caption"])
         return audio, captions
 
+    def paths(self, indices):
+        """The audio files that `get_batch(indices)` reads: each row's own, or the readable row replacing it."""
+        return [self.rows[self._next_readable(int(i))[0]]["audio_path"] for i in indices]
+
     def _next_readable(self, i):
         for j in range(i, i + len(self.rows)):
             j %= len(self.rows)

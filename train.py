@@ -146,6 +146,7 @@ def fingerprint(state):
     """A short hash of a state dict's names, shapes and values: which weights a run was trained on."""
     h = hashlib.sha256()
     for k in sorted(state):
+        assert torch.is_tensor(state[k]), k
         v = state[k].detach().cpu().contiguous()
         h.update(f'{k}{tuple(v.shape)}{v.dtype}'.encode())
         h.update(v.reshape(-1).view(torch.uint8).numpy())
@@ -153,20 +154,20 @@ def fingerprint(state):
 
 
 def check_origin(ckpt, extra, path):
-    """--resume: refuse a checkpoint trained on another VAE, text encoder or starting weights than this run has
-    loaded (`extra`: what this run will store), naming the files. Raises ValueError."""
-    if 'vae' in extra and 'vae' in ckpt and fingerprint(ckpt['vae']) != fingerprint(extra['vae']):
-        source = init_from if stage == 'grpo' else vae_ckpt or os.path.join(out_dir, 'vae.pt')
-        raise ValueError(f'--resume: {path} was trained on another VAE (fingerprint {fingerprint(ckpt["vae"])}) than '
-                         f'the one in {source} ({fingerprint(extra["vae"])}), which was replaced or retrained since; '
-                         'give the VAE it was trained on (--vae_ckpt), or start a new --out_dir')
-    if ckpt.get('text_encoder', extra.get('text_encoder')) != extra.get('text_encoder'):
-        raise ValueError(f'--resume: {path} was trained with --text_encoder={ckpt["text_encoder"]!r}, not '
-                         f'{extra["text_encoder"]!r}; resume with that, or start a new --out_dir')
+    """--resume: refuse a checkpoint trained from other starting weights, VAE or text encoder than those this run
+    loaded (`extra`: what it will store), naming the files. Raises ValueError."""
     if ckpt.get('init_fingerprint', extra.get('init_fingerprint')) != extra.get('init_fingerprint'):
         raise ValueError(f'--resume: {path} was fine-tuned from other starting weights than --init_from='
                          f'{init_from or "Resonate_PT.pth"!r} (fingerprints {ckpt["init_fingerprint"]} and '
                          f'{extra["init_fingerprint"]}); resume with the --init_from it started from')
+    if 'vae' in ckpt and 'vae' in extra and fingerprint(ckpt['vae']) != fingerprint(extra['vae']):
+        source = f'--init_from={init_from}' if stage == 'grpo' else vae_ckpt or os.path.join(out_dir, 'vae.pt')
+        raise ValueError(f'--resume: {path} was trained on another VAE (fingerprint {fingerprint(ckpt["vae"])}) than '
+                         f'the one in {source} ({fingerprint(extra["vae"])}), which was replaced or retrained since; '
+                         'give the one it was trained on (--vae_ckpt), or start a new --out_dir')
+    if ckpt.get('text_encoder', extra.get('text_encoder')) != extra.get('text_encoder'):
+        raise ValueError(f'--resume: {path} was trained with --text_encoder={ckpt["text_encoder"]!r}, not '
+                         f'{extra["text_encoder"]!r}; resume with that, or start a new --out_dir')
 
 
 MODEL_SETTINGS = ('mel', 'vae', 'model', 'text_encoder', 'lora_rank')  # the settings that shape the weights
@@ -384,10 +385,10 @@ class Trainer:
         """A NaN or inf gradient (a bad clip, or a diverging run) changes no weight: name the step's clips, and stop
         after MAX_BAD_STEPS such steps in a row. Raises FloatingPointError."""
         self.bad_steps += 1
-        names = sorted({os.path.basename(self.dataset.rows[i]['audio_path']) for i in index.tolist()})
-        if self.s.master:
-            print(f'step {self.step}: skipped, gradient norm {norm.item()}; the step\'s {len(names)} clips: '
-                  f'{", ".join(names[:10])}{" ..." if len(names) > 10 else ""}')
+        names = sorted({os.path.basename(p) for p in self.dataset.paths(index.tolist())})
+        if self.s.master:  # numbered like the log line after it: the step that would have been taken
+            print(f'step {self.step + 1}: skipped, gradient norm {norm.item()}; the {len(names)} audio file(s) it '
+                  f'read: {", ".join(names[:10])}{" ..." if len(names) > 10 else ""}')
         if self.bad_steps >= MAX_BAD_STEPS:
             raise FloatingPointError(f'{self.bad_steps} steps in a row had a NaN or inf gradient: the run diverged. '
                                      f'Resume from {last_checkpoint or "the start"} with a lower --learning_rate')
