@@ -115,6 +115,8 @@ def save_checkpoint(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a folder removed under the run: name the file, keep the previous one
+        raise OSError(f'could not write {path} ({e}); the previous checkpoint there, if any, is kept') from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -741,7 +743,8 @@ def check_out_dir(master):
     except OSError as e:
         why = 'it is a file' if os.path.isfile(out_dir) else e.strerror or str(e)
         raise ValueError(f'--out_dir={out_dir!r} is not a writable folder ({why}); choose another --out_dir') from None
-    stale = sorted(f for f in os.listdir(out_dir) for name in CHECKPOINTS[stage] if re.fullmatch(rf'{name}\.tmp\d*', f))
+    leftovers = re.compile('|'.join(re.escape(name) + r'\.tmp\d*' for name in CHECKPOINTS[stage]))  # ckpt.pt.tmp1234
+    stale = sorted(f for f in os.listdir(out_dir) if leftovers.fullmatch(f))
     for f in stale:
         os.remove(os.path.join(out_dir, f))
     if stale:
