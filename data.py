@@ -84,7 +84,7 @@ def read_prompts(path, split=None):
 
 def _read_text(path, what):
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark some editors write is dropped
             return f.read()
     except UnicodeDecodeError as e:
         raise ValueError(f"{what} {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
@@ -202,7 +202,7 @@ def _resample_kernel(orig, new):
 # audio loading
 
 SILENCE_PEAK = 1e-4  # a file whose peak |amplitude| is below this (-80 dBFS) is treated as silent, i.e. unusable
-LOUD_PEAK = 100.0  # +40 dBFS: a float file this far outside [-1, 1] holds garbage, not audio (its log-mel overflows)
+LOUD_PEAK = 100.0  # +40 dBFS: a float file this far outside [-1, 1] holds garbage (from 1e19 on, power overflows)
 
 
 class AudioError(ValueError):

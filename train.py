@@ -577,11 +577,11 @@ class GRPOTrainer:
         from sample import load_pipeline
         self.s, self.cfg = s, GRPOConfig(**{f.name: globals()[f'grpo_{f.name}'] for f in fields(GRPOConfig)})
         self.cfg.check(s.world_size)
+        self.prompts, self.val_prompts = grpo_prompts()  # before the model loads: a bad prompts file fails fast
         self.pipe = load_pipeline(init_from or None, weights_dir or None, device=str(s.device), published='pt')
         self.policy = self.pipe.transformer.requires_grad_(True)
         self.policy.grad_checkpointing = grpo_checkpointing
         self.extra = self.origin()
-        self.prompts, self.val_prompts = grpo_prompts()
         self.text, self.reward_fn = TextFeatures(self.pipe.text_encoder), build_reward(reward, device=s.device)
         self.params, self.ref = self.reference()
         c = self.cfg
