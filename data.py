@@ -1,12 +1,14 @@
 """
-Data: caption manifests, audio loading and resampling, the training dataset, and the downloader for
-published weights.
+Data: caption manifests, audio loading and resampling, the training dataset, the scripts' settings
+(`configure`), devices, and the loading path for published weights.
 
 A manifest is JSONL, one clip a line, in the format of the released Resonate training manifests:
     {"audio_id": "...", "audio_path": "audio/x.flac", "caption": "a dog barking", "duration": 4.2, ...}
 Relative `audio_path`s are resolved against the manifest's own folder; extra keys (`split`, `source`) are kept.
 """
 
+import ast
+import difflib
 import hashlib
 import json
 import math
@@ -34,50 +36,78 @@ def read_manifest(path, split=None):
         `caption`; every other key is passed through. A missing `audio_id` defaults to the file's stem.
     Raises:
         FileNotFoundError if the manifest does not exist.
-        ValueError naming the file and the 1-based line number for a line that is not a JSON object or lacks a
-        non-empty string `audio_path` or `caption`.
+        ValueError naming the file (and the 1-based line number) for a file that is not UTF-8 text, or a line that
+        is not a JSON object or lacks a non-empty string `audio_path` or `caption`.
     """
     path = os.path.expanduser(os.fspath(path))
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"manifest {path} does not exist; pass the path of a .jsonl caption manifest")
+        kind = "is a folder" if os.path.isdir(path) else "does not exist"
+        raise FileNotFoundError(f"manifest {path} {kind}; pass the path of a .jsonl caption manifest")
     root = os.path.dirname(os.path.abspath(path))
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            row = _parse_manifest_line(line, path, lineno)
-            row["audio_path"] = os.path.normpath(os.path.join(root, os.path.expanduser(row["audio_path"])))
-            row.setdefault("audio_id", os.path.splitext(os.path.basename(row["audio_path"]))[0])
-            if split is None or row.get("split") == split:
-                rows.append(row)
+    for lineno, line in enumerate(_read_text(path, "manifest").split("\n"), start=1):
+        if not line.strip():
+            continue
+        row = _parse_manifest_line(line, path, lineno)
+        row["audio_path"] = os.path.normpath(os.path.join(root, os.path.expanduser(row["audio_path"])))
+        row.setdefault("audio_id", os.path.splitext(os.path.basename(row["audio_path"]))[0])
+        if split is None or row.get("split") == split:
+            rows.append(row)
     return rows
 
 
-
 def read_prompts(path, split=None):
-    """Prompts as [(id, prompt)] from a text file (one a line, id None), a TTA-Bench JSON list of
-    {"id", "prompt_text", ...}, or a JSONL manifest (its captions, id = audio_id; `split` keeps that split's rows,
-    and split="train" every row not marked "val"). Empty prompts are skipped.
-    Raises FileNotFoundError for a missing file, ValueError for a JSON file of another shape."""
+    """Prompts as [(id, prompt)] from a text file (one a line, id None; blank lines skipped), a TTA-Bench JSON list
+    of {"id", "prompt_text", ...}, or a JSONL manifest (its captions, id = audio_id; `split` keeps that split's
+    rows, and split="train" every row not marked "val").
+    TTA-Bench entries whose prompt_text is null or blank are skipped with one warning giving their count and ids.
+    Raises FileNotFoundError for a missing file; ValueError naming the file for text that is not UTF-8, broken
+    JSON, JSON of another shape, or a prompt_text that is neither a string nor null."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompts file {path!r} does not exist")
+        kind = "is a folder" if os.path.isdir(path) else "does not exist"
+        raise FileNotFoundError(f"prompts file {path!r} {kind}")
     if path.endswith(".jsonl"):
-        rows = read_manifest(path)
-        rows = [r for r in rows if split is None or r.get("split") == split or
+        rows = [r for r in read_manifest(path) if split is None or r.get("split") == split or
                 (split == "train" and r.get("split") != "val")]
-        items = [(r["audio_id"], r["caption"]) for r in rows]
-    elif path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            entries = json.load(f)
-        if not isinstance(entries, list) or not all(isinstance(x, dict) and "prompt_text" in x for x in entries):
-            raise ValueError(f'{path}: expected a JSON list of {{"id": ..., "prompt_text": ...}} as in TTA-Bench')
-        items = [(str(x.get("id", i)), x["prompt_text"]) for i, x in enumerate(entries)]
-    else:
-        with open(path, encoding="utf-8") as f:
-            items = [(None, line) for line in f]
-    return [(pid, p.strip()) for pid, p in items if p and p.strip()]
+        return [(r["audio_id"], r["caption"].strip()) for r in rows]
+    text = _read_text(path, "prompts file")
+    if path.endswith(".json"):
+        return _tta_bench_prompts(text, path)
+    return [(None, line.strip()) for line in text.splitlines() if line.strip()]
+
+
+def _read_text(path, what):
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark some editors write is dropped
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                         "re-save it as UTF-8") from None
+
+
+def _tta_bench_prompts(text, path):
+    try:
+        entries = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"prompts file {path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
+                         ) from None
+    if not isinstance(entries, list) or not all(isinstance(x, dict) and "prompt_text" in x for x in entries):
+        raise ValueError(f'{path}: expected a JSON list of {{"id": ..., "prompt_text": ...}} as in TTA-Bench')
+    items, empty = [], []
+    for i, entry in enumerate(entries):
+        pid, prompt = str(entry.get("id", i)), entry["prompt_text"]
+        if prompt is not None and not isinstance(prompt, str):
+            raise ValueError(f"{path}: entry {pid!r} has prompt_text {prompt!r}; it must be a string")
+        if prompt is None or not prompt.strip():
+            empty.append(pid)
+        else:
+            items.append((pid, prompt.strip()))
+    if empty:
+        warnings.warn(f"{path}: skipped {len(empty)} entries with an empty or null prompt_text: "
+                      f"{', '.join(empty[:20])}{' ...' if len(empty) > 20 else ''}", stacklevel=3)
+    return items
+
 
 def _parse_manifest_line(line, path, lineno):
     where = f"{path}, line {lineno}"
@@ -178,10 +208,11 @@ def _resample_direct(x, orig, new, half, n_out):
 # audio loading
 
 SILENCE_PEAK = 1e-4  # a file whose peak |amplitude| is below this (-80 dBFS) is treated as silent, i.e. unusable
+LOUD_PEAK = 100.0  # +40 dBFS: a float file this far outside [-1, 1] holds garbage (from 1e19 on, power overflows)
 
 
 class AudioError(ValueError):
-    """An audio file that cannot serve as training data: missing, unreadable, empty or silent."""
+    """An audio file that cannot serve as training data: missing, unreadable, empty, silent or not audio."""
 
 
 def load_audio(path, sample_rate):
@@ -196,27 +227,39 @@ def load_audio(path, sample_rate):
     Returns:
         (S,) float32 CPU tensor, S = ceil(frames * sample_rate / file_rate).
     Raises:
-        AudioError (a ValueError) naming the file when it is missing, cannot be decoded, has no samples, or is
-        silent (peak below SILENCE_PEAK, checked before resampling).
+        AudioError (a ValueError) naming the file when it is missing or a folder, cannot be decoded or resampled
+        (whatever the exception), has no samples, holds NaN or infinite samples, is silent (peak below
+        SILENCE_PEAK) or far too loud (peak above LOUD_PEAK), so one odd file is skipped, never fatal.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise AudioError(f"audio file {path} does not exist; fix its audio_path in the manifest or restore the file")
+        problem = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
+        raise AudioError(f"audio file {path} {problem}; fix its audio_path in the manifest or restore the file")
     try:
         data, sr = soundfile.read(path, dtype="float32", always_2d=True)  # (S, C)
-    except (soundfile.SoundFileError, RuntimeError, OSError) as e:
+    except Exception as e:  # libsndfile, format and memory errors alike: this file cannot be used
         raise AudioError(f"audio file {path} could not be decoded ({e}); re-encode it as wav or flac") from None
     if data.shape[0] == 0:
         raise AudioError(f"audio file {path} holds no samples; drop it from the manifest")
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise AudioError(f"audio file {path} holds {finite.size - finite.sum()} NaN or infinite samples; "
+                         "re-export it or drop it from the manifest")
     mono = data.mean(axis=1)  # (S,)
     peak = float(np.abs(mono).max())  # numpy: cheaper than torch's thread pool for one small reduction
     channel_peaks = np.abs(data).max(axis=0)  # (C,)
     if peak < 0.1 * channel_peaks.max():  # channels in antiphase cancel out (-20 dB or more): keep the loudest
         mono = data[:, channel_peaks.argmax()]
         peak = float(channel_peaks.max())
-    if peak < SILENCE_PEAK:
-        raise AudioError(f"audio file {path} is silent (peak {peak:.1e} < {SILENCE_PEAK:.0e}); drop it from the manifest")
-    return resample(torch.from_numpy(np.ascontiguousarray(mono)), sr, sample_rate)
+    if not SILENCE_PEAK <= peak <= LOUD_PEAK:
+        problem = f"is silent (peak {peak:.1e} < {SILENCE_PEAK:.0e})" if peak < SILENCE_PEAK else \
+            f"peaks at {peak:.3g}, far outside [-1, 1] (not audio)"
+        raise AudioError(f"audio file {path} {problem}; drop it from the manifest")
+    try:
+        return resample(torch.from_numpy(np.ascontiguousarray(mono)), sr, sample_rate)
+    except Exception as e:  # an odd rate must cost one file, never the run
+        raise AudioError(f"audio file {path} at {sr} Hz could not be resampled to {sample_rate} Hz ({e}); "
+                         "re-encode it at a common rate such as 44100 or 48000 Hz") from None
 
 
 def crop_or_pad(wave, num_samples, start=0.0):
@@ -272,8 +315,9 @@ class AudioCaptionDataset(torch.utils.data.Dataset):
         else:
             rows = [r for r in manifest if split is None or r.get("split") == split]
         if not rows:
-            raise ValueError(f"no rows in manifest {manifest if isinstance(manifest, (str, os.PathLike)) else '(list)'}"
-                             f" for split={split!r}; check the split name")
+            where = f"manifest {manifest}" if isinstance(manifest, (str, os.PathLike)) else "the rows given"
+            raise ValueError(f"no rows in {where}" + (f" for split={split!r}; check the split name" if split else
+                                                      "; add clips to the manifest"))
         self.rows = rows
         self.sample_rate = int(sample_rate)
         self.num_samples = round(clip_seconds * sample_rate)
@@ -348,6 +392,10 @@ class AudioCaptionDataset(torch.utils.data.Dataset):
             captions.append(self.rows[i]["caption"])
         return audio, captions
 
+    def paths(self, indices):
+        """The audio files that `get_batch(indices)` reads: each row's own, or the readable row replacing it."""
+        return [self.rows[self._next_readable(int(i))[0]]["audio_path"] for i in indices]
+
     def _next_readable(self, i):
         for j in range(i, i + len(self.rows)):
             j %= len(self.rows)
@@ -355,8 +403,9 @@ class AudioCaptionDataset(torch.utils.data.Dataset):
             if wave is not None:
                 return j, wave
             self._skipped.add(j)
-        raise ValueError(f"no readable audio file among the {len(self.rows)} rows of the manifest; "
-                         "check the audio_path entries (relative paths are resolved against the manifest's folder)")
+        raise ValueError(f"no readable audio file among the {len(self.rows)} rows of the manifest (e.g. "
+                         f"{next(iter(self._bad.values()))}); check the audio_path entries (relative paths are "
+                         "resolved against the manifest's folder)")
 
     def end_epoch_report(self, merge=None):
         """Return "skipped K of N files: names" for the epoch now ending, and start counting afresh.
@@ -381,6 +430,58 @@ def collate(items):
     if not items:
         return torch.zeros(0, 0), []
     return torch.stack([it["audio"] for it in items]), [it["caption"] for it in items]
+
+
+# -----------------------------------------------------------------------------
+# settings of train.py and bench.py: module globals, config/*.py presets, --key=value (nanoGPT's configurator)
+
+
+def setting_names(namespace):
+    """The settings among a script's globals: the names holding a bool, int, float, str or tuple, except _private
+    and UPPER_CASE ones."""
+    return [k for k, v in namespace.items()
+            if not k.startswith("_") and not k.isupper() and isinstance(v, (bool, int, float, str, tuple))]
+
+
+def configure(namespace, argv):
+    """Apply `config/*.py` presets, then `--key=value` overrides, to a script's settings (its `globals()`).
+
+    Values are Python literals (`--resume=True`, `--betas=(0.9,0.99)`), else strings; each must have its
+    default's type (an int is accepted for a float). The overrides also apply before the presets run, so a preset
+    can branch on them (`if stage == 'vae':`).
+    Raises ValueError naming an unknown or mistyped setting, FileNotFoundError for a missing preset."""
+    names = setting_names(namespace)
+    overrides = dict(_parse_setting(arg, namespace, names) for arg in argv if arg.startswith("--"))
+    namespace.update(overrides)
+    for path in (arg for arg in argv if not arg.startswith("--")):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file {path!r} not found (settings are --key=value, presets config/*.py)")
+        print(f"config: {path}")
+        with open(path) as f:
+            exec(f.read(), namespace)
+    namespace.update(overrides)
+
+
+def _parse_setting(arg, namespace, names):
+    key, eq, text = arg[2:].partition("=")
+    if not eq:
+        raise ValueError(f"settings are --key=value, got {arg!r}")
+    if key not in names:
+        close = difflib.get_close_matches(key, names, n=3)
+        hint = f"did you mean {', '.join('--' + c for c in close)}?" if close else "see the globals of the script"
+        raise ValueError(f"unknown setting --{key}; {hint}")
+    default = namespace[key]
+    try:
+        value = ast.literal_eval(text)
+    except (SyntaxError, ValueError):
+        value = text  # a bare string such as --out_dir=runs/a
+    if isinstance(default, str):
+        return key, text  # --out_dir=2024 is the folder '2024'
+    if isinstance(default, float) and type(value) is int:
+        value = float(value)
+    if type(value) is not type(default):
+        raise ValueError(f"--{key} expects {type(default).__name__} (like {default!r}), got {text!r}")
+    return key, value
 
 
 # -----------------------------------------------------------------------------

@@ -35,6 +35,7 @@ class GRPOConfig:
     each rollout batch holds world_size * sample_batch_size / group_size captions, group_size clips each. The
     epoch's samples (less those without signal) are then split into num_batches_per_epoch training minibatches,
     and every grad_accum_steps of them (each accumulated over its num_train_steps timesteps) make one update.
+    train.py reads every field from its setting grpo_<field> (`--grpo_group_size=4`); the defaults live here only.
     """
     num_steps: int = 10               # SDE sampling steps per rollout, on t = linspace(1, 0, num_steps + 1)
     noise_level: float = 0.7          # a in sigma_t = a * sqrt(t / (1 - t))

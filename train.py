@@ -7,30 +7,42 @@ $ python train.py config/tiny_sfx.py --stage=pretrain --manifest=PATH --out_dir=
 Several processes (DDP; NCCL on CUDA, gloo on CPU), e.g. 8 GPUs on one node:
 $ torchrun --standalone --nproc_per_node=8 train.py --stage=pretrain --manifest=PATH
 
-Settings are the module globals below, overridden by `config/*.py` files and then by `--key=value`.
+Settings are the module globals below, overridden by `config/*.py` files and then by `--key=value` (data.configure).
+A stage's checkpoint in --out_dir is never replaced unasked: --resume=True continues it, --overwrite=True starts over.
 Every random number of a step is drawn for the whole global batch from a generator seeded by (seed, step), and
 each rank takes its slice: a run resumed from a checkpoint, or split over more processes, takes the same steps.
 """
-import ast
+import hashlib
 import math
 import os
+import re
 import sys
 import time
 from contextlib import nullcontext
 from copy import deepcopy
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import data
+import grpo
+from flow import flow_matching_loss, loss_by_t_bin
+from grpo import GRPOConfig
+from reward import build_reward
+from sample import load_pipeline
+from transformer import MODELS, Resonate, load_text_encoder
+from vae import MEL_CONFIGS, VAES, MelSpectrogram, MelVAE, num_latent_frames, vae_loss
+
 # -----------------------------------------------------------------------------
-# defaults: the released recipe (SPEC.md) where it applies
+# defaults: the released recipe where it applies (arXiv 2603.11661 and its repository)
 stage = 'pretrain'  # 'vae' | 'pretrain' | 'grpo'
 out_dir = 'out'
 manifest = ''  # JSONL manifest: audio_id, audio_path, caption, duration (+ optional split)
 val_manifest = ''  # default: the manifest's rows with split == 'val'
 resume = False  # continue from out_dir's checkpoint of this stage
+overwrite = False  # replace out_dir's checkpoint of this stage; without it (or --resume) an existing one is an error
 seed = 1337
 # data
 mel = '44k'  # mel front end, a key of vae.MEL_CONFIGS ('16k' or '44k')
@@ -59,7 +71,7 @@ log_interval = 10
 eval_interval = 250
 eval_batches = 4  # validation batches of batch_size, always the same clips, crops, t and noise
 latent_stat_batches = 8  # pretrain: batches used to estimate the per-channel latent mean/std
-# grpo: Flow-GRPO fine-tuning (--stage=grpo, from --init_from); defaults = the released run (grpo.GRPOConfig)
+# grpo: Flow-GRPO fine-tuning (--stage=grpo, from --init_from)
 reward = 'qwen_omni'  # reward.build_reward spec: 'loudness:1.0,clap:0.5' or {'loudness': {'target_db': -14.0}}
 prompt_file = ''  # training captions, one a line, or a JSONL manifest; default: --manifest's non-'val' captions
 val_prompt_file = ''  # held-out captions (never trained on); default: the 'val' rows of --val_manifest/--manifest
@@ -68,73 +80,22 @@ grpo_eval_interval = 100  # epochs between held-out reward evaluations and check
 grpo_eval_prompts = 64  # held-out captions scored per evaluation (0 = no evaluation)
 grpo_eval_seeds = 1  # noise seeds per evaluation: the spread across seeds is the evaluation's own noise
 grpo_eval_steps = 25  # Euler steps (NFE) of the held-out samples
-grpo_num_steps = 10  # SDE steps per rollout
-grpo_noise_level = 0.7  # SDE noise level a
-grpo_cfg_strength = 4.5  # CFG in rollouts and in training
-grpo_group_size = 24  # clips per caption
-grpo_sample_batch_size = 24  # clips per rollout batch and process
-grpo_num_batches_per_epoch = 4  # rollout batches per epoch = training minibatches per epoch
-grpo_grad_accum_steps = 2  # minibatches per update
-grpo_num_inner_epochs = 1
-grpo_timestep_fraction = 0.99  # train on the first int(num_steps * fraction) steps
-grpo_advantage_std = 'global'  # 'global' (batch-wide reward std, released) | 'per_prompt' (group std)
-grpo_same_noise = False  # a caption's clips share their starting noise, so only the SDE steps tell them apart
-grpo_adv_clip_max = 5.0
-grpo_clip_range = 1e-4  # PPO ratio clip
-grpo_beta = 0.04  # KL weight
-grpo_lr = 1e-4  # AdamW, constant
-grpo_betas = (0.9, 0.999)
-grpo_weight_decay = 1e-4
-grpo_adam_eps = 1e-8
-grpo_grad_clip = 1.0
 grpo_micro_batch = 0  # clips per forward/backward in training (0 = whole minibatch); same gradient, less memory
 grpo_checkpointing = True  # activation checkpointing of the transformer blocks in training (same gradient)
 lora_rank = 0  # 0 = full fine-tuning with a frozen reference copy; r > 0 = LoRA (the base is the reference)
 lora_alpha = 64.0
 weights_dir = ''  # grpo from published weights: folder holding the VAE, vocoder (and flan-t5-large) files
+# and --grpo_<field> for every field of grpo.GRPOConfig (e.g. --grpo_group_size=4), defaulting to the released run
+globals().update({f'grpo_{f.name}': f.default for f in fields(GRPOConfig)})
 # system
 device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:0' | 'mps'
-dtype = 'float32'  # 'float32' | 'bfloat16' (autocast); 'fp32' | 'bf16' also accepted
+dtype = 'fp32'  # 'fp32' | 'bf16' (autocast); fp16 would need loss scaling
 compile = False  # torch.compile the model
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
-
-
-def configure(argv):
-    """Apply `config/*.py` files, then `--key=value` overrides, to this module's globals (nanoGPT's idiom).
-
-    The overrides are also applied before the files run, so a preset can branch on them (`if stage == 'vae':`).
-    Raises ValueError for an unknown key or a value of the wrong type, naming it."""
-    overrides = [a for a in argv if a.startswith('--')]
-    for arg in overrides:
-        set_global(arg)
-    for path in (a for a in argv if not a.startswith('--')):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f'config file {path!r} not found (settings are --key=value, presets config/*.py)')
-        print(f'config: {path}')
-        with open(path) as f:
-            exec(f.read(), globals())
-    for arg in overrides:
-        set_global(arg)
-    global dtype
-    dtype = {'fp32': 'float32', 'bf16': 'bfloat16'}.get(dtype, dtype)  # sample.py's spelling works too
-
-
-def set_global(arg):
-    """Set one `--key=value` setting, the value parsed as a Python literal (else kept as a string)."""
-    key, eq, val = arg[2:].partition('=')
-    if not eq or key not in config_keys:
-        raise ValueError(f'unknown setting {arg!r}; known: {", ".join(config_keys)}')
-    try:
-        val = ast.literal_eval(val)
-    except (SyntaxError, ValueError):
-        pass  # a bare string such as --out_dir=runs/a
-    default = globals()[key]
-    if isinstance(default, bool) != isinstance(val, bool) or (
-            isinstance(default, (int, float)) and not isinstance(val, (int, float))) or (
-            isinstance(default, int) and isinstance(val, float)):
-        raise ValueError(f'--{key} expects {type(default).__name__} (like {default!r}), got {val!r}')
-    globals()[key] = float(val) if isinstance(default, float) and not isinstance(val, bool) else val
+config_keys = data.setting_names(globals())  # what --key=value may set, and what checkpoints record
+CHECKPOINTS = {'vae': ('vae.pt',), 'pretrain': ('ckpt.pt',), 'grpo': ('grpo.pt', 'grpo_transformer.pth')}
+MAX_BAD_STEPS = 10  # consecutive steps with a non-finite gradient that end a run: it diverged, not one bad batch
+last_checkpoint = ''  # the newest checkpoint this run wrote or resumed from, for the message on Ctrl-C
 
 
 def get_lr(it):
@@ -145,24 +106,75 @@ def get_lr(it):
 
 
 def save_checkpoint(obj, path):
-    """Write a checkpoint atomically: to a temporary file beside it, flushed to disk, then renamed over it.
-    A crash while saving leaves the previous checkpoint intact."""
-    tmp = f'{path}.tmp{os.getpid()}'
+    """Write a checkpoint atomically: to `path`.tmp, flushed to disk, then renamed over `path`, so a crash while
+    saving keeps the previous one (and the next save replaces a temporary file a SIGKILL left behind).
+    Raises FloatingPointError, writing nothing, when a tensor in `obj` holds NaN or inf."""
+    bad = nonfinite(obj)
+    if bad:
+        raise FloatingPointError(f'not saving {path}: NaN or inf in {len(bad)} tensors ({", ".join(bad[:3])}'
+                                 f'{", ..." if len(bad) > 3 else ""}); the previous checkpoint is kept')
+    tmp = f'{path}.tmp'
     try:
         with open(tmp, 'wb') as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a folder removed under the run: name the file, keep the previous one
+        raise OSError(f'could not write {path} ({e}); the previous checkpoint there, if any, is kept') from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    if 'step' in obj:
+        global last_checkpoint
+        last_checkpoint = f'{path} (step {obj["step"]})'
 
 
-def load_checkpoint(path, what):
+def nonfinite(obj, name=''):
+    """Names of the float tensors in a (nested) checkpoint that hold NaN or inf."""
+    if torch.is_tensor(obj):
+        return [name] if obj.is_floating_point() and not torch.isfinite(obj).all() else []
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return [n for k, v in items for n in nonfinite(v, f'{name}.{k}' if name else str(k))]
+
+
+def load_checkpoint(path, what, keys=()):
+    """A train.py checkpoint; raises FileNotFoundError or ValueError naming `path` (and `what` it should be)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f'{what} {path!r} does not exist; train it first or give its path (see README)')
-    return torch.load(path, map_location='cpu', weights_only=True)
+    ckpt = data.read_weights(path)
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        raise ValueError(f'{path} is not a {what} written by train.py (it has no {", ".join(missing)})')
+    return ckpt
+
+
+def fingerprint(state):
+    """A short hash of a state dict's names, shapes and values: which weights a run was trained on."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        assert torch.is_tensor(state[k]), k
+        v = state[k].detach().cpu().contiguous()
+        h.update(f'{k}{tuple(v.shape)}{v.dtype}'.encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+def check_origin(ckpt, extra, path):
+    """--resume: refuse a checkpoint trained from other starting weights, VAE or text encoder than those this run
+    loaded (`extra`: what it will store), naming the files. Raises ValueError."""
+    if ckpt.get('init_fingerprint', extra.get('init_fingerprint')) != extra.get('init_fingerprint'):
+        raise ValueError(f'--resume: {path} was fine-tuned from other starting weights than --init_from='
+                         f'{init_from or "Resonate_PT.pth"!r} (fingerprints {ckpt["init_fingerprint"]} and '
+                         f'{extra["init_fingerprint"]}); resume with the --init_from it started from')
+    if 'vae' in ckpt and 'vae' in extra and fingerprint(ckpt['vae']) != fingerprint(extra['vae']):
+        source = f'--init_from={init_from}' if stage == 'grpo' else vae_ckpt or os.path.join(out_dir, 'vae.pt')
+        raise ValueError(f'--resume: {path} was trained on another VAE (fingerprint {fingerprint(ckpt["vae"])}) than '
+                         f'the one in {source} ({fingerprint(extra["vae"])}), which was replaced or retrained since; '
+                         'give the one it was trained on (--vae_ckpt), or start a new --out_dir')
+    if ckpt.get('text_encoder', extra.get('text_encoder')) != extra.get('text_encoder'):
+        raise ValueError(f'--resume: {path} was trained with --text_encoder={ckpt["text_encoder"]!r}, not '
+                         f'{extra["text_encoder"]!r}; resume with that, or start a new --out_dir')
 
 
 MODEL_SETTINGS = ('mel', 'vae', 'model', 'text_encoder', 'lora_rank')  # the settings that shape the weights
@@ -192,8 +204,7 @@ class Setup:
 
     def __init__(self):
         self.ddp = int(os.environ.get('RANK', -1)) != -1
-        from data import pick_device
-        dev = str(pick_device(device))
+        dev = str(data.pick_device(device))
         if self.ddp:
             init_process_group(backend='nccl' if dev.startswith('cuda') else 'gloo')
             self.rank, self.world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
@@ -204,12 +215,10 @@ class Setup:
             self.rank, self.world_size = 0, 1
         self.device = torch.device(dev)
         self.master = self.rank == 0
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if dtype == 'bfloat16'
-                         else nullcontext())
+        self.autocast = torch.autocast(self.device.type, dtype=data.DTYPES[dtype]) if dtype != 'fp32' else nullcontext()
         self.global_batch = batch_size * gradient_accumulation_steps * self.world_size
         torch.manual_seed(seed + self.rank)  # anything not drawn from step_generator differs per rank
         if self.master:
-            os.makedirs(out_dir, exist_ok=True)
             batch = ('' if stage == 'grpo' else f'; micro-batch {batch_size} x {gradient_accumulation_steps} '
                      f'accumulation x {self.world_size} = global batch {self.global_batch}')
             print(f'{stage}: {self.world_size} process(es) on {self.device}, {dtype}{batch}')
@@ -258,24 +267,23 @@ def draw_step(step, n_clips, n, latent_shape, salt=0):
 
 def load_data(sample_rate):
     """Train and validation clips from --manifest (validation: --val_manifest, else the rows with split 'val')."""
-    from data import AudioCaptionDataset, read_manifest
     if not manifest:
         raise ValueError('no --manifest given: pass a JSONL manifest (audio_id, audio_path, caption, duration), '
                          'e.g. --manifest=data/sfx/manifest.jsonl')
-    rows = read_manifest(manifest)
+    rows = data.read_manifest(manifest)
     if val_manifest:
-        train_rows, val_rows = rows, read_manifest(val_manifest)
+        train_rows, val_rows = rows, data.read_manifest(val_manifest)
     else:
         train_rows = [r for r in rows if r.get('split') != 'val']
         val_rows = [r for r in rows if r.get('split') == 'val'] or train_rows[::20]
-    return [AudioCaptionDataset(r, sample_rate, clip_seconds) for r in (train_rows, val_rows)]
-
-
-def latent_frames(mel_cfg):
-    """Latent frames of one clip: mel frames (center=False, padded by (n_fft - hop) / 2 a side) cropped to even,
-    then halved by the VAE."""
-    num_samples = round(clip_seconds * mel_cfg['sample_rate'])
-    return ((num_samples - mel_cfg['hop_length']) // mel_cfg['hop_length'] + 1) // 2
+    if not train_rows:
+        raise ValueError(f'no training rows in manifest {manifest}: ' + (
+            f'all {len(rows)} are marked "split": "val"; mark some "train" (or give the held-out clips as '
+            '--val_manifest)' if rows else 'it is empty; add one JSON object a line for each clip'))
+    if not val_rows:
+        raise ValueError(f'no rows in --val_manifest={val_manifest}: it is empty; add clips or leave it out '
+                         '(the manifest\'s "split": "val" rows are used then)')
+    return [data.AudioCaptionDataset(r, sample_rate, clip_seconds) for r in (train_rows, val_rows)]
 
 
 class Trainer:
@@ -300,7 +308,7 @@ class Trainer:
         if s.ddp:  # wrapping broadcasts rank 0's weights to every rank
             self.model = DDP(self.model, device_ids=[s.device.index] if s.device.type == 'cuda' else None)
         self.ema = deepcopy(model).requires_grad_(False) if ema_decay > 0 else None
-        self.step, self.best_val = 0, float('inf')
+        self.step, self.best_val, self.bad_steps = 0, float('inf'), 0
         if resume:
             self.restore()
         if s.master:
@@ -308,7 +316,9 @@ class Trainer:
                   f'{max_iters} steps, warm-up {warmup_iters}, lr {learning_rate:g}, EMA {ema_decay or "off"}')
 
     def restore(self):
-        ckpt = load_checkpoint(self.ckpt_path, '--resume checkpoint')
+        global last_checkpoint
+        ckpt = load_checkpoint(self.ckpt_path, '--resume checkpoint', ('model', 'optimizer', 'ema', 'step', 'config'))
+        check_origin(ckpt, self.extra_state, self.ckpt_path)
         load_resumed(self.raw, ckpt['model'], ckpt, self.ckpt_path)
         self.optimizer.load_state_dict(ckpt['optimizer'])
         if (self.ema is None) != (ckpt['ema'] is None):  # never drop or invent an EMA silently
@@ -318,6 +328,7 @@ class Trainer:
             load_resumed(self.ema, ckpt['ema'], ckpt, self.ckpt_path)
         self.step, self.best_val = ckpt['step'], ckpt['best_val']
         torch.set_rng_state(ckpt['rng_state'])
+        last_checkpoint = f'{self.ckpt_path} (step {self.step})'
         if self.s.master:
             print(f'resumed from {self.ckpt_path} at step {self.step}')
 
@@ -334,32 +345,53 @@ class Trainer:
         while self.step < max_iters:
             if self.step % eval_interval == 0:
                 self.evaluate(eval_fn)
-            lr = get_lr(self.step)
-            for group in self.optimizer.param_groups:
-                group['lr'] = lr
             draws = draw_step(self.step, self.n_clips, s.global_batch, self.latent_shape)
-            for micro in range(gradient_accumulation_steps):
-                mine = {k: v[s.my_slice(micro)] for k, v in draws.items()}
-                last = micro == gradient_accumulation_steps - 1
-                with (self.model.no_sync() if s.ddp and not last else nullcontext()), s.autocast:
-                    loss, logs = loss_fn(self.model, mine)
-                (loss / gradient_accumulation_steps).backward()  # DDP averages over ranks on the last one
-            norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), grad_clip or math.inf)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.update_ema()
+            loss, logs, norm = self.take_step(loss_fn, draws)
             self.step += 1
             if self.step * s.global_batch // self.n_clips > (self.step - 1) * s.global_batch // self.n_clips:
                 self.end_epoch()
             if self.step % log_interval == 0:  # the last micro-step's loss and logs, over all ranks
                 logs = {'loss': loss.detach(), **(logs() if callable(logs) else logs)}
-                logs = {k: self.s.mean_across_ranks(v.float()).item() if torch.is_tensor(v) else v
-                        for k, v in logs.items()}
+                logs = {k: s.mean_across_ranks(v.float()).item() if torch.is_tensor(v) else v for k, v in logs.items()}
                 dt, t0 = time.time() - t0, time.time()
                 if s.master:
                     print(f'step {self.step}: ' + ' '.join(f'{k} {v:.4f}' for k, v in logs.items()) +
-                          f' grad-norm {norm:.3f} lr {lr:.2e} {dt / log_interval * 1000:.0f} ms/step')
+                          f' grad-norm {norm:.3f} lr {self.lr:.2e} {dt / log_interval * 1000:.0f} ms/step')
         self.evaluate(eval_fn)
+
+    def take_step(self, loss_fn, draws):
+        """One optimizer step on the global batch of `draws`, over this rank's micro-batches; no update when the
+        gradient is not finite (see skip_step). Returns the last micro-step's loss and logs, and the grad norm."""
+        s, self.lr = self.s, get_lr(self.step)
+        for group in self.optimizer.param_groups:
+            group['lr'] = self.lr
+        for micro in range(gradient_accumulation_steps):
+            mine = {k: v[s.my_slice(micro)] for k, v in draws.items()}
+            last = micro == gradient_accumulation_steps - 1
+            with (self.model.no_sync() if s.ddp and not last else nullcontext()), s.autocast:
+                loss, logs = loss_fn(self.model, mine)
+            (loss / gradient_accumulation_steps).backward()  # DDP averages over ranks on the last one
+        norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), grad_clip or math.inf)
+        if torch.isfinite(norm):  # one sync a step; the same verdict on every rank, the gradients being all-reduced
+            self.optimizer.step()
+            self.update_ema()
+            self.bad_steps = 0
+        else:
+            self.skip_step(draws['index'], norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, logs, norm
+
+    def skip_step(self, index, norm):
+        """A NaN or inf gradient (a bad clip, or a diverging run) changes no weight: name the step's clips, and stop
+        after MAX_BAD_STEPS such steps in a row. Raises FloatingPointError."""
+        self.bad_steps += 1
+        names = sorted({os.path.basename(p) for p in self.dataset.paths(index.tolist())})
+        if self.s.master:  # numbered like the log line after it: the step that would have been taken
+            print(f'step {self.step + 1}: skipped, gradient norm {norm.item()}; the {len(names)} audio file(s) it '
+                  f'read: {", ".join(names[:10])}{" ..." if len(names) > 10 else ""}')
+        if self.bad_steps >= MAX_BAD_STEPS:
+            raise FloatingPointError(f'{self.bad_steps} steps in a row had a NaN or inf gradient: the run diverged. '
+                                     f'Resume from {last_checkpoint or "the start"} with a lower --learning_rate')
 
     def end_epoch(self):
         """Once per pass over the training clips: how many unreadable files were skipped (and which)."""
@@ -406,14 +438,13 @@ def load_mels(dataset, mel_fn, draws, s):
 
 
 def train_vae(s):
-    from vae import MEL_CONFIGS, VAES, MelSpectrogram, vae_loss
     mel_cfg = MEL_CONFIGS[mel]
     train_set, val_set = load_data(mel_cfg['sample_rate'])
     mel_fn = MelSpectrogram(mel_cfg).to(s.device)
     model = VAES[vae]()
     if model.data_dim != mel_cfg['n_mels']:
         raise ValueError(f'--vae={vae} takes {model.data_dim} mel bins but --mel={mel} makes {mel_cfg["n_mels"]}')
-    latent_shape = (model.embed_dim, latent_frames(mel_cfg))
+    latent_shape = (model.embed_dim, num_latent_frames(clip_seconds, mel_cfg))
     if not resume:  # the VAE's input is normalised per mel bin with the training data's statistics
         stat_draws = draw_step(0, len(train_set), s.global_batch * latent_stat_batches, latent_shape, salt=2)
         mels = load_mels(train_set, mel_fn, stat_draws, s)[0]
@@ -434,10 +465,14 @@ def train_vae(s):
 
 def load_vae(s):
     """The frozen VAE of --vae_ckpt (default out_dir/vae.pt) and its mel settings."""
-    from vae import MEL_CONFIGS, MelSpectrogram, MelVAE
-    ckpt = load_checkpoint(vae_ckpt or os.path.join(out_dir, 'vae.pt'), 'VAE checkpoint (--vae_ckpt)')
+    path = vae_ckpt or os.path.join(out_dir, 'vae.pt')
+    ckpt = load_checkpoint(path, 'VAE checkpoint (--vae_ckpt)', ('vae_args', 'mel', 'model', 'ema'))
     model = MelVAE(**ckpt['vae_args'])
-    model.load_state_dict(ckpt['ema'] or ckpt['model'])
+    try:
+        model.load_state_dict(ckpt['ema'] or ckpt['model'])
+    except RuntimeError:
+        raise ValueError(f'{path} does not hold the weights of a VAE; --vae_ckpt must be a vae.pt of train.py\'s '
+                         'vae stage') from None
     model.to(s.device).eval().requires_grad_(False)
     return model, ckpt, MEL_CONFIGS[ckpt['mel']], MelSpectrogram(MEL_CONFIGS[ckpt['mel']]).to(s.device)
 
@@ -458,14 +493,11 @@ class TextFeatures:
 
 
 def train_pretrain(s):
-    from flow import flow_matching_loss, loss_by_t_bin
-    from grpo import all_gather  # (B,) per rank -> (world_size * B,)
-    from transformer import MODELS, Resonate, load_text_encoder
     vae_model, vae_file, mel_cfg, mel_fn = load_vae(s)
     train_set, val_set = load_data(mel_cfg['sample_rate'])
     encoder = load_text_encoder(text_encoder)
     text = TextFeatures(encoder)
-    n_frames = latent_frames(mel_cfg)
+    n_frames = num_latent_frames(clip_seconds, mel_cfg)
     latent_shape = (vae_model.embed_dim, n_frames)
     cfg = MODELS[model](latent_dim=vae_model.embed_dim, text_dim=encoder.dim, text_c_dim=encoder.dim,
                         latent_seq_len=n_frames)
@@ -497,7 +529,7 @@ def train_pretrain(s):
             noise=draws['noise'].transpose(1, 2).to(s.device), drop_text=draws['drop_text'].to(s.device),
             empty=raw.empty_conditions(len(captions)))
         # computed only on log steps (it syncs the device), over every rank's samples
-        return loss, lambda: loss_by_t_bin(all_gather(per_sample.detach()), all_gather(t))
+        return loss, lambda: loss_by_t_bin(grpo.all_gather(per_sample.detach()), grpo.all_gather(t))
 
     val_draws = trainer.val_draws(len(val_set))
 
@@ -509,139 +541,212 @@ def train_pretrain(s):
 
 def captions(path, split):
     """The distinct prompts of a prompts file or manifest (see data.read_prompts), in order: one group each."""
-    from data import read_prompts
-    return list(dict.fromkeys(p for _, p in read_prompts(path, split)))
+    return list(dict.fromkeys(p for _, p in data.read_prompts(path, split)))
 
 
-def train_grpo(s):
+def grpo_prompts():
+    """Training and held-out captions. Held-out: --val_prompt_file, else the 'val' rows of --val_manifest or
+    --manifest (the first grpo_eval_prompts); they are never trained on."""
+    if not (prompt_file or manifest):
+        raise ValueError('no training captions: give --prompt_file (one caption a line, or a manifest) or --manifest')
+    val_src = val_prompt_file or val_manifest or manifest
+    val = captions(val_src, None if val_prompt_file or val_manifest else 'val')[:grpo_eval_prompts] if val_src else []
+    train = [p for p in captions(prompt_file or manifest, None if prompt_file else 'train') if p not in set(val)]
+    if not train:
+        raise ValueError(f'no training prompts in {prompt_file or manifest!r} (held-out captions excluded)')
+    return train, val
+
+
+class GRPOTrainer:
     """Flow-GRPO from --init_from (our ckpt.pt, or the published Resonate_PT.pth when empty) against --reward.
 
     Epoch e: grpo.sample_epoch (this rank's rollouts, scored) -> grpo.gather_advantages (groups across ranks)
     -> grpo.train_epoch (updates). Prompts and noise are drawn per (seed, epoch), so --resume=True repeats the
     uninterrupted run exactly. Checkpoint out_dir/grpo.pt: merged weights under 'model' (sample.py reads it),
     LoRA weights, optimizer, epoch and what sample.py needs to rebuild the pipeline."""
-    from dataclasses import fields
-    import grpo
-    from reward import build_reward
-    from data import read_weights
-    from sample import load_pipeline
-    cfg = grpo.GRPOConfig(**{f.name: globals()[f'grpo_{f.name}'] for f in fields(grpo.GRPOConfig)})
-    cfg.check(s.world_size)
-    pipe = load_pipeline(init_from or None, weights_dir or None, device=str(s.device), weights='pt')
-    policy = pipe.transformer.requires_grad_(True)
-    policy.grad_checkpointing = grpo_checkpointing
-    init = read_weights(init_from) if init_from else {}
-    extra = ({k: init[k] for k in ('model_args', 'text_encoder', 'mel', 'vae_args', 'vae')} if 'model_args' in init
-             else {'model_args': asdict(policy.cfg), 'published_base': init_from or 'Resonate_PT.pth'})
-    val_src = val_prompt_file or val_manifest or manifest
-    val_prompts = captions(val_src, None if val_prompt_file or val_manifest else 'val') if val_src else []
-    val_prompts = val_prompts[:grpo_eval_prompts]
-    prompts = [p for p in captions(prompt_file or manifest, None if prompt_file else 'train')
-               if p not in set(val_prompts)]  # held-out captions are never trained on
-    if not prompts:
-        raise ValueError(f'no training prompts in {prompt_file or manifest!r} (held-out captions excluded)')
-    text, reward_fn = TextFeatures(pipe.text_encoder), build_reward(reward, device=s.device)
-    if lora_rank:  # the frozen base with adapters off is the reference model: no second copy
-        params, ref = grpo.apply_lora(policy, lora_rank, lora_alpha), policy
-        policy.to(s.device)
-    else:  # a frozen copy of the starting weights, without gradients or optimizer state
-        params, ref = list(policy.parameters()), deepcopy(policy).requires_grad_(False)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
-    ckpt_path, epoch = os.path.join(out_dir, 'grpo.pt'), 0
-    if resume:
-        ckpt = load_checkpoint(ckpt_path, '--resume checkpoint')
-        if lora_rank:  # the frozen base comes from --init_from
-            if ckpt['lora'] is None:
-                raise ValueError(f'--resume: {ckpt_path} was written by full fine-tuning; resume with --lora_rank=0 '
-                                 '(or use a new --out_dir)')
-            if load_resumed(policy, ckpt['lora'], ckpt, ckpt_path, strict=False).unexpected_keys:
-                raise ValueError(f'--resume: the LoRA adapters in {ckpt_path} are not those of this model; resume '
-                                 f'with its --lora_rank={ckpt["config"]["lora_rank"]} (or use a new --out_dir)')
-        elif ckpt['lora'] is not None:
-            raise ValueError(f'--resume: {ckpt_path} holds LoRA adapters; resume with '
-                             f'--lora_rank={ckpt["config"]["lora_rank"]} (or use a new --out_dir)')
-        else:
-            load_resumed(policy, ckpt['model'], ckpt, ckpt_path)
-        optimizer.load_state_dict(ckpt['optimizer'])
-        epoch = ckpt['step']
-    start = epoch
-    model = DDP(policy, device_ids=[s.device.index] if s.device.type == 'cuda' else None) if s.ddp else policy
-    latent_shape = (policy.cfg.latent_seq_len, policy.cfg.latent_dim)
-    if s.master:
-        mem = grpo.memory_estimate(policy.cfg, cfg, lora_rank=lora_rank, checkpointing=grpo_checkpointing,
-                                   micro_batch=grpo_micro_batch, frozen={})
-        G = s.world_size * cfg.sample_batch_size
-        print(f'grpo: {len(prompts)} training / {len(val_prompts)} held-out captions; per rollout batch '
-              f'{G // cfg.group_size} captions x {cfg.group_size} clips; {cfg.num_batches_per_epoch * G} clips and '
-              f'{cfg.num_batches_per_epoch // cfg.grad_accum_steps} updates per epoch; {cfg.num_steps} SDE steps, '
-              f'training on {cfg.num_train_steps}; {sum(p.numel() for p in params) / 1e6:.2f}M trainable '
-              f'({"LoRA r=%d" % lora_rank if lora_rank else "full"}); transformer memory estimate '
-              f'{mem["total"]:.2f} GiB; reward {reward}' + (f'; resumed at epoch {epoch}' if resume else ''))
 
-    def evaluate():
-        policy.eval()
-        vals = [grpo.evaluate_reward(policy, pipe, reward_fn, text, val_prompts, seed + k, grpo_eval_steps,
-                                     cfg.cfg_strength, rank=s.rank, world_size=s.world_size, autocast=s.autocast)
-                for k in range(grpo_eval_seeds)]
-        policy.train()
+    def __init__(self, s):
+        self.s, self.cfg = s, GRPOConfig(**{f.name: globals()[f'grpo_{f.name}'] for f in fields(GRPOConfig)})
+        self.cfg.check(s.world_size)
+        self.prompts, self.val_prompts = grpo_prompts()  # before the model loads: a bad prompts file fails fast
+        self.pipe = load_pipeline(init_from or None, weights_dir or None, device=str(s.device), weights='pt')
+        self.policy = self.pipe.transformer.requires_grad_(True)
+        self.policy.grad_checkpointing = grpo_checkpointing
+        self.extra = self.origin()
+        self.text, self.reward_fn = TextFeatures(self.pipe.text_encoder), build_reward(reward, device=s.device)
+        self.params, self.ref = self.reference()
+        c = self.cfg
+        self.optimizer = torch.optim.AdamW(self.params, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay,
+                                           eps=c.adam_eps)
+        self.ckpt_path, self.epoch = os.path.join(out_dir, 'grpo.pt'), 0
+        if resume:
+            self.restore()
+        self.start = self.epoch
+        self.model = DDP(self.policy, device_ids=[s.device.index] if s.device.type == 'cuda' else None) \
+            if s.ddp else self.policy
         if s.master:
-            print(f'epoch {epoch}: held-out reward {sum(vals) / len(vals):.4f} (per seed: '
+            self.describe()
+
+    def origin(self):
+        """What grpo.pt stores beside the weights: what sample.py needs to rebuild the pipeline, and a fingerprint
+        of the starting weights (a LoRA run's base, a full run's reference), checked on --resume."""
+        init = data.read_weights(init_from) if init_from else {}
+        extra = ({k: init[k] for k in ('model_args', 'text_encoder', 'mel', 'vae_args', 'vae')} if 'model_args' in init
+                 else {'model_args': asdict(self.policy.cfg), 'published_base': init_from or 'Resonate_PT.pth'})
+        return {**extra, 'init_fingerprint': fingerprint(self.policy.state_dict())}
+
+    def reference(self):
+        """The trainable parameters and the frozen reference model of the KL penalty."""
+        if lora_rank:  # the frozen base with adapters off is the reference model: no second copy
+            params = grpo.apply_lora(self.policy, lora_rank, lora_alpha)
+            self.policy.to(self.s.device)
+            return params, self.policy
+        return list(self.policy.parameters()), deepcopy(self.policy).requires_grad_(False)
+
+    def restore(self):
+        global last_checkpoint
+        path = self.ckpt_path
+        ckpt = load_checkpoint(path, '--resume checkpoint', ('model', 'lora', 'optimizer', 'step', 'config'))
+        check_origin(ckpt, self.extra, path)
+        saved_rank = ckpt['config'].get('lora_rank')
+        if lora_rank and ckpt['lora'] is None:  # the frozen base comes from --init_from
+            raise ValueError(f'--resume: {path} was written by full fine-tuning; resume with --lora_rank=0 '
+                             '(or use a new --out_dir)')
+        if not lora_rank and ckpt['lora'] is not None:
+            raise ValueError(f'--resume: {path} holds LoRA adapters; resume with --lora_rank={saved_rank} '
+                             '(or use a new --out_dir)')
+        if lora_rank and load_resumed(self.policy, ckpt['lora'], ckpt, path, strict=False).unexpected_keys:
+            raise ValueError(f'--resume: the LoRA adapters in {path} are not those of this model; resume '
+                             f'with its --lora_rank={saved_rank} (or use a new --out_dir)')
+        if not lora_rank:
+            load_resumed(self.policy, ckpt['model'], ckpt, path)
+        self.optimizer.load_state_dict(ckpt['optimizer'])
+        self.epoch = ckpt['step']
+        last_checkpoint = f'{path} (step {self.epoch})'
+
+    def describe(self):
+        c, G = self.cfg, self.s.world_size * self.cfg.sample_batch_size
+        mem = grpo.memory_estimate(self.policy.cfg, c, lora_rank=lora_rank, checkpointing=grpo_checkpointing,
+                                   micro_batch=grpo_micro_batch, frozen={})
+        print(f'grpo: {len(self.prompts)} training / {len(self.val_prompts)} held-out captions; per rollout batch '
+              f'{G // c.group_size} captions x {c.group_size} clips; {c.num_batches_per_epoch * G} clips and '
+              f'{c.num_batches_per_epoch // c.grad_accum_steps} updates per epoch; {c.num_steps} SDE steps, '
+              f'training on {c.num_train_steps}; {sum(p.numel() for p in self.params) / 1e6:.2f}M trainable '
+              f'({"LoRA r=%d" % lora_rank if lora_rank else "full"}); transformer memory estimate '
+              f'{mem["total"]:.2f} GiB; reward {reward}' + (f'; resumed at epoch {self.epoch}' if resume else ''))
+
+    def evaluate(self):
+        s = self.s
+        self.policy.eval()
+        vals = [grpo.evaluate_reward(self.policy, self.pipe, self.reward_fn, self.text, self.val_prompts, seed + k,
+                                     grpo_eval_steps, self.cfg.cfg_strength, rank=s.rank, world_size=s.world_size,
+                                     autocast=s.autocast) for k in range(grpo_eval_seeds)]
+        self.policy.train()
+        if s.master:
+            print(f'epoch {self.epoch}: held-out reward {sum(vals) / len(vals):.4f} (per seed: '
                   f'{", ".join(f"{v:.4f}" for v in vals)})')
 
-    def save():
-        if s.master:
-            state = {'model': grpo.merged_state_dict(policy), 'lora': grpo.lora_state_dict(policy) if lora_rank
-                     else None, 'ema': None, 'optimizer': optimizer.state_dict(), 'step': epoch,
-                     'rng_state': torch.get_rng_state(), 'config': {k: globals()[k] for k in config_keys}, **extra}
-            save_checkpoint(state, ckpt_path)
-            if 'published_base' in extra:  # sample.py --ckpt reads this like Resonate_GRPO.pth
-                save_checkpoint(state['model'], os.path.join(out_dir, 'grpo_transformer.pth'))
+    def save(self):
+        if not self.s.master:
+            return
+        state = {'model': grpo.merged_state_dict(self.policy),
+                 'lora': grpo.lora_state_dict(self.policy) if lora_rank else None, 'ema': None,
+                 'optimizer': self.optimizer.state_dict(), 'step': self.epoch, 'rng_state': torch.get_rng_state(),
+                 'config': {k: globals()[k] for k in config_keys}, **self.extra}
+        save_checkpoint(state, self.ckpt_path)
+        if 'published_base' in self.extra:  # sample.py --ckpt reads this like Resonate_GRPO.pth
+            save_checkpoint(state['model'], os.path.join(out_dir, 'grpo_transformer.pth'))
 
-    while epoch < grpo_epochs:
-        if epoch % grpo_eval_interval == 0 and val_prompts:
-            evaluate()
-        if epoch % grpo_eval_interval == 0 and epoch > start:
-            save()
-        t0 = time.time()
-        samples = grpo.sample_epoch(policy, pipe, reward_fn, text, prompts, cfg, epoch, seed, latent_shape,
-                                    s.rank, s.world_size, s.autocast)
-        samples['advantages'], logs = grpo.gather_advantages(samples['rewards'], samples['prompt_ids'], cfg, s.rank)
+    def train_epoch(self):
+        """Rollouts, advantages across ranks, then the updates of one epoch (none when no group has signal)."""
+        s, t0 = self.s, time.time()
+        latent_shape = (self.policy.cfg.latent_seq_len, self.policy.cfg.latent_dim)
+        samples = grpo.sample_epoch(self.policy, self.pipe, self.reward_fn, self.text, self.prompts, self.cfg,
+                                    self.epoch, seed, latent_shape, s.rank, s.world_size, s.autocast)
+        samples['advantages'], logs = grpo.gather_advantages(samples['rewards'], samples['prompt_ids'], self.cfg,
+                                                             s.rank)
         if logs['zero_std_share'] < 1:  # otherwise no sample carries signal: nothing to learn from
-            g = step_generator(epoch, salt=7)
-            steps = grpo.train_epoch(model, ref, optimizer, samples, text, prompts, cfg, g, grpo_micro_batch,
-                                     s.autocast)
+            steps = grpo.train_epoch(self.model, self.ref, self.optimizer, samples, self.text, self.prompts,
+                                     self.cfg, step_generator(self.epoch, salt=7), grpo_micro_batch, s.autocast)
             for k in steps[0]:
                 logs[k] = s.mean_across_ranks(torch.tensor([sum(x[k] for x in steps) / len(steps)],
                                                            device=s.device)).item()
-        epoch += 1
+        self.epoch += 1
         if s.master:
-            print(f'epoch {epoch}: ' + ' '.join(f'{k} {v:.4g}' for k, v in logs.items()) +
+            print(f'epoch {self.epoch}: ' + ' '.join(f'{k} {v:.4g}' for k, v in logs.items()) +
                   f' {time.time() - t0:.1f} s')
-    if val_prompts:
-        evaluate()
-    save()
+
+    def train(self):
+        while self.epoch < grpo_epochs:
+            if self.epoch % grpo_eval_interval == 0 and self.val_prompts:
+                self.evaluate()
+            if self.epoch % grpo_eval_interval == 0 and self.epoch > self.start:
+                self.save()
+            self.train_epoch()
+        if self.val_prompts:
+            self.evaluate()
+        self.save()
+
+
+def train_grpo(s):
+    GRPOTrainer(s).train()
 
 
 def check_settings():
     """Refuse settings that cannot work, naming each with what is allowed. Raises ValueError."""
-    from transformer import MODELS
-    from vae import MEL_CONFIGS, VAES
-    choices = {'stage': STAGES, 'dtype': ('float32', 'bfloat16'), 'mel': MEL_CONFIGS, 'model': MODELS, 'vae': VAES}
+    choices = {'stage': STAGES, 'dtype': ('fp32', 'bf16'), 'mel': MEL_CONFIGS, 'model': MODELS, 'vae': VAES}
     for key, allowed in choices.items():
         if globals()[key] not in allowed:
             raise ValueError(f'--{key}={globals()[key]!r} is not one of: {", ".join(allowed)}')
     for key in ('batch_size', 'gradient_accumulation_steps', 'max_iters', 'eval_interval', 'log_interval',
-                'eval_batches', 'latent_stat_batches'):
+                'eval_batches', 'latent_stat_batches', 'grpo_eval_interval', 'grpo_eval_seeds', 'grpo_eval_steps'):
         if globals()[key] < 1:
             raise ValueError(f'--{key} must be at least 1, got {globals()[key]}')
+    for key, ok, rule in (('clip_seconds', clip_seconds > 0, 'above 0'),
+                          ('learning_rate', learning_rate > 0, 'above 0'),
+                          ('cfg_dropout', 0 <= cfg_dropout <= 1, 'in [0, 1]'),
+                          ('ema_decay', 0 <= ema_decay < 1, 'in [0, 1)'),
+                          ('grad_clip', grad_clip >= 0, '0 (off) or more'),
+                          ('warmup_iters', warmup_iters >= 0, '0 or more')):
+        if not ok:
+            raise ValueError(f'--{key} must be {rule}, got {globals()[key]}')
+
+
+def check_out_dir(master):
+    """Before any work: this stage's checkpoint in out_dir is resumed, replaced on purpose (--overwrite) or absent,
+    and out_dir is a writable folder (checked by rank 0, the one that writes; it also removes the temporary file a
+    save killed midway left). Raises ValueError or FileNotFoundError."""
+    path = os.path.join(out_dir, CHECKPOINTS[stage][0])
+    if resume and not os.path.isfile(path):
+        raise FileNotFoundError(f'--resume=True but {path} does not exist; leave out --resume to start this stage')
+    if not resume and not overwrite and os.path.exists(path):
+        raise ValueError(f'{path} already holds a {stage} checkpoint; continue it with --resume=True, replace it with '
+                         '--overwrite=True, or choose another --out_dir')
+    if not master:
+        return
+    probe = os.path.join(out_dir, f'.write_test{os.getpid()}')
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        open(probe, 'wb').close()
+        os.remove(probe)
+    except OSError as e:
+        why = 'it is a file' if os.path.isfile(out_dir) else e.strerror or str(e)
+        raise ValueError(f'--out_dir={out_dir!r} is not a writable folder ({why}); choose another --out_dir') from None
+    leftovers = re.compile('|'.join(re.escape(name) + r'\.tmp\d*' for name in CHECKPOINTS[stage]))  # ckpt.pt.tmp1234
+    stale = sorted(f for f in os.listdir(out_dir) if leftovers.fullmatch(f))
+    for f in stale:
+        os.remove(os.path.join(out_dir, f))
+    if stale:
+        print(f'removed what an interrupted save left: {", ".join(stale)}')
 
 
 STAGES = {'vae': train_vae, 'pretrain': train_pretrain, 'grpo': train_grpo}
 
 
 def main(argv):
-    configure(argv)
+    data.configure(globals(), argv)
     check_settings()
+    check_out_dir(master=int(os.environ.get('RANK', 0)) == 0)
     s = Setup()
     try:
         STAGES[stage](s)
@@ -652,8 +757,20 @@ def main(argv):
             destroy_process_group()
 
 
+def interrupted():
+    """The one line printed on Ctrl-C: what is on disk, and how to go on."""
+    if last_checkpoint:
+        return f'interrupted; the last checkpoint is {last_checkpoint}: continue with the same command and ' \
+               '--resume=True'
+    return f'interrupted before the first checkpoint of this run; nothing was saved to {out_dir}'
+
+
 if __name__ == '__main__':
     try:
         main(sys.argv[1:])
-    except (ValueError, OSError) as e:  # the user's input: say what to fix, no traceback
+    except KeyboardInterrupt:
+        if int(os.environ.get('RANK', 0)) == 0:
+            print(interrupted(), file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError, FloatingPointError) as e:  # say what to fix, no traceback
         sys.exit(f'error: {e}')

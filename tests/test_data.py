@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import warnings
 
@@ -279,9 +280,92 @@ def test_read_prompts_from_a_manifest_by_split_a_text_file_and_tta_bench_json(tm
     assert data.read_prompts(text) == [(None, "rain on a tin roof"), (None, "a dog barks")]
     bench = tmp_path / "b.json"
     bench.write_text('[{"id": "prompt_0001", "prompt_text": "thunder"}, {"id": "prompt_0002", "prompt_text": ""}]')
-    assert data.read_prompts(bench) == [("prompt_0001", "thunder")]
+    with pytest.warns(UserWarning, match="skipped 1 entries with an empty or null prompt_text: prompt_0002"):
+        assert data.read_prompts(bench) == [("prompt_0001", "thunder")]
     bench.write_text('{"prompt_text": "not a list"}')
     with pytest.raises(ValueError, match="TTA-Bench"):
         data.read_prompts(bench)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         data.read_prompts(tmp_path / "missing.txt")
+
+
+# ---------------------------------------------------------------------------- odd files and inputs, named
+
+def test_nonfinite_or_garbage_float_audio_is_an_audio_error(tmp_path):
+    wave = tone(440.0, 16000).numpy()
+    for name, value, reason in [("nan.wav", np.nan, "holds 3 NaN or infinite samples"),
+                                ("inf.wav", np.inf, "holds 3 NaN or infinite samples"),
+                                ("huge.wav", 1e30, "far outside [-1, 1]")]:
+        bad = wave.copy()
+        bad[[10, 2000, 7000]] = value  # spread through the file
+        path = str(tmp_path / name)
+        soundfile.write(path, bad, 16000, subtype="FLOAT")
+        with pytest.raises(data.AudioError, match=re.escape(reason)) as err:
+            data.load_audio(path, 16000)
+        assert path in str(err.value)
+
+
+def test_any_decode_or_resample_failure_is_an_audio_error_naming_the_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "odd_rate.wav")
+    soundfile.write(path, tone(440.0, 11127).numpy(), 11127, subtype="FLOAT")
+    try:  # an odd rate either resamples or costs this one file, never another exception
+        assert data.load_audio(path, 16000).shape == (math.ceil(len(tone(440.0, 11127)) * 16000 / 11127),)
+    except data.AudioError as e:
+        assert path in str(e)
+
+    def broken(*args):
+        raise RuntimeError("kernel exploded")
+    monkeypatch.setattr(data, "resample", broken)
+    with pytest.raises(data.AudioError, match=r"odd_rate.wav at 11127 Hz could not be resampled .*kernel exploded"):
+        data.load_audio(path, 16000)
+    monkeypatch.setattr(soundfile, "read", lambda *a, **k: (_ for _ in ()).throw(MemoryError("too big")))
+    with pytest.raises(data.AudioError, match="could not be decoded"):
+        data.load_audio(path, 16000)
+
+
+def test_a_folder_as_audio_path_is_called_a_folder(tmp_path):
+    with pytest.raises(data.AudioError, match=f"{re.escape(str(tmp_path))} is a folder, not a file"):
+        data.load_audio(tmp_path, 16000)
+
+
+def test_non_utf8_manifest_and_prompts_name_the_file(tmp_path):
+    for name, reader in [("m.jsonl", data.read_manifest), ("p.txt", data.read_prompts),
+                         ("b.json", data.read_prompts)]:
+        path = tmp_path / name
+        path.write_bytes('[{"caption": "caf\xe9"}]'.encode("latin-1"))
+        with pytest.raises(ValueError, match=f"{re.escape(str(path))} is not UTF-8 text .*re-save it as UTF-8"):
+            reader(path)
+
+
+def test_tta_bench_json_problems_are_named(tmp_path):
+    bench = tmp_path / "b.json"
+    bench.write_text('[{"id": "a", "prompt_text": "thunder"},')
+    with pytest.raises(ValueError, match=f"{re.escape(str(bench))} is not valid JSON .*line 1"):
+        data.read_prompts(bench)
+    bench.write_text('[{"id": "a", "prompt_text": 42}]')
+    with pytest.raises(ValueError, match="entry 'a' has prompt_text 42; it must be a string"):
+        data.read_prompts(bench)
+    bench.write_text('[{"id": "a", "prompt_text": null}, {"id": "b", "prompt_text": "rain"}, {"prompt_text": " "}]')
+    with pytest.warns(UserWarning, match="skipped 2 entries with an empty or null prompt_text: a, 2"):
+        assert data.read_prompts(bench) == [("b", "rain")]
+
+
+def test_empty_manifest_says_so():
+    with pytest.raises(ValueError, match="no rows in the rows given; add clips"):
+        data.AudioCaptionDataset([], 16000, 0.5)
+
+
+def test_configure_applies_presets_then_overrides_with_type_checks(tmp_path):
+    preset = tmp_path / "preset.py"
+    preset.write_text("lr = 0.5\nif name == 'big':\n    depth = 24\n")
+    settings = {"name": "small", "depth": 6, "lr": 1.0, "betas": (0.9, 0.95), "flag": False, "_private": 1,
+                "CONSTANT": 2}
+    data.configure(settings, [str(preset), "--name=big", "--lr=2", "--betas=(0.8, 0.9)", "--flag=True"])
+    assert settings["depth"] == 24  # the preset saw the override
+    assert settings["lr"] == 2.0 and isinstance(settings["lr"], float) and settings["betas"] == (0.8, 0.9)
+    assert data.setting_names(settings) == ["name", "depth", "lr", "betas", "flag"]
+    for bad, message in [("--_private=2", "unknown setting"), ("--CONSTANT=3", "unknown setting"),
+                         ("--dpth=3", "did you mean --depth"), ("--depth=2.5", "--depth expects int"),
+                         ("--flag=1", "--flag expects bool"), ("--betas=0.9", "--betas expects tuple")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            data.configure(settings, [bad])

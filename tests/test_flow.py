@@ -58,19 +58,22 @@ def test_training_parity(model, fx):
 def test_text_dropout_uses_stored_empty_features(model, fx):
     i = fx["inputs"]
     rec = Recorder(model)
-    x = torch.randn(2, 24, model.cfg.latent_dim)
-    flow_matching_loss(rec, x, i["text_f"], i["text_f_c"], drop_text=torch.tensor([True, False]))
-    assert torch.equal(rec.inputs["text_f"][0], model.empty_string_feat)
-    assert torch.equal(rec.inputs["text_f_c"][0], model.empty_string_feat_c)
-    assert torch.equal(rec.inputs["text_f"][1], i["text_f"][1])
+    B = i["latent"].shape[0]
+    x = torch.randn(i["latent"].shape)  # (B, N, C), the fixture's batch and length
+    drop = torch.arange(B) % 2 == 0  # every other caption dropped, starting with the first
+    flow_matching_loss(rec, x, i["text_f"], i["text_f_c"], drop_text=drop)
+    for b in range(B):
+        kept = (i["text_f"][b], i["text_f_c"][b])
+        expected = (model.empty_string_feat, model.empty_string_feat_c) if drop[b] else kept
+        assert torch.equal(rec.inputs["text_f"][b], expected[0]) and torch.equal(rec.inputs["text_f_c"][b], expected[1])
     flow_matching_loss(rec, x, i["text_f"], i["text_f_c"], cfg_dropout=1.0)
-    assert torch.equal(rec.inputs["text_f_c"], model.empty_conditions(2)[1])
+    assert torch.equal(rec.inputs["text_f_c"], model.empty_conditions(B)[1])
 
 
 @torch.no_grad()
 def test_default_draws_are_seeded_and_in_range(model, fx):
     i = fx["inputs"]
-    x = torch.randn(2, 24, model.cfg.latent_dim)
+    x = torch.randn(i["latent"].shape)  # (B, N, C)
     runs = [flow_matching_loss(model, x, i["text_f"], i["text_f_c"], generator=torch.Generator().manual_seed(3))
             for _ in range(2)]
     assert torch.equal(runs[0][1], runs[1][1]) and torch.equal(runs[0][2], runs[1][2])

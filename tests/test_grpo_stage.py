@@ -75,6 +75,22 @@ def test_resume_with_another_lora_rank_is_refused_by_name(pretrained, tmp_path):
         run_grpo(pretrained, tmp_path, 2, resume=True, lora_rank=8)
 
 
+def test_resume_from_other_starting_weights_is_refused(pretrained, tmp_path):
+    """A LoRA run's base and a full run's reference come from --init_from: resuming on other weights would go on
+    silently from another model."""
+    run_grpo(pretrained, tmp_path / "run", 1, lora_rank=4)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "prompts.txt").write_text((pretrained / "prompts.txt").read_text())
+    ckpt = torch.load(pretrained / "ckpt.pt", weights_only=True)
+    torch.save({**ckpt, "model": {k: v * 1.01 for k, v in ckpt["model"].items()}}, other / "ckpt.pt")
+    with pytest.raises(ValueError, match=r"fine-tuned from other starting weights than --init_from='.*other/ckpt.pt' "
+                                         r"\(fingerprints \w+ and \w+\); resume with the --init_from it started from"):
+        run_grpo(other, tmp_path / "run", 2, resume=True, lora_rank=4)
+    with pytest.raises(ValueError, match="grpo.pt already holds a grpo checkpoint"):  # nor is it replaced unasked
+        run_grpo(pretrained, tmp_path / "run", 2, lora_rank=4)
+
+
 def test_checkpoint_rebuilds_in_sample_py(pretrained, tmp_path):
     """grpo.pt carries what sample.py needs; with LoRA its 'model' holds the adapters merged into the base."""
     from sample import load_pipeline

@@ -28,6 +28,13 @@ def max_err(a, b):
     return (a - b).abs().max().item()
 
 
+def rel_err(a, b):
+    """Error relative to max(1, |b|): absolute where values are small, relative where they are large (log-mels reach
+    |10|, where one float32 ulp is already 1e-6), as the fixtures' README asks."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return ((a - b).abs() / b.abs().clamp(min=1)).max().item()
+
+
 # ----------------------------------------------------------------------------- mel front end
 
 @pytest.mark.parametrize("key", ["16k", "44k"])
@@ -134,7 +141,7 @@ def test_vae_set_mel_stats_normalises_per_bin():
     mean, std = torch.linspace(-5, -1, 80), torch.linspace(0.5, 2, 80)
     model.set_mel_stats(mean, std)
     mel = mean[None, :, None] + std[None, :, None] * torch.randn(2, 80, 6)
-    assert torch.allclose(model.unnormalize(model.normalize(mel)), mel, atol=1e-5)
+    assert rel_err(model.unnormalize(model.normalize(mel)), mel) <= 1e-5
     assert model.normalize(mean[None, :, None]).abs().max() < 1e-6
     assert torch.equal(model.state_dict()["data_std"], std.view(1, 80, 1))
 
@@ -154,9 +161,10 @@ def test_training_and_inference_paths_agree():
         folded_out = model.fold_weight_norm().decode(model.encode(mel)[0])
     # the first call normalises twice (eps = 1e-4 in the norm), a ~1e-5 relative change per layer
     assert max_err(first, fx["outputs"]["decoded_from_mean"]) <= 1e-3
-    assert max_err(second, first) <= 1e-5
-    assert max_err(eval_out, first) <= 1e-5
-    assert max_err(folded_out, first) <= 1e-5
+    # the same weights through other code paths from then on: float32 rounding only (3e-6 relative seen)
+    assert rel_err(second, first) <= 1e-5
+    assert rel_err(eval_out, first) <= 1e-5
+    assert rel_err(folded_out, first) <= 1e-5
     with pytest.raises(AssertionError, match="folded"):  # training would corrupt the folded weights
         model.train().encode(mel)
 
@@ -200,7 +208,7 @@ def test_vae_trains_from_scratch_reproducibly_and_round_trips():
         reloaded = V.MelVAE(**model.args).eval()
         reloaded.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
         with torch.no_grad():
-            assert max_err(reloaded.decode(reloaded.encode(mel)[0]), expected) <= 1e-5
+            assert rel_err(reloaded.decode(reloaded.encode(mel)[0]), expected) <= 1e-5
 
 
 def test_vae_loss_parts():
