@@ -889,42 +889,24 @@ REWARDS = {
 }
 
 
-def _parse_spec(spec) -> dict:
-    """'a:1.0,b' or {'a': 1.0, 'b': {'weight': 0.5, **kwargs}} -> {name: (weight, kwargs)}."""
-    if isinstance(spec, str):
-        terms = {}
-        for item in filter(None, (s.strip() for s in spec.split(","))):
-            name, _, weight = item.partition(":")
-            terms[name.strip()] = (float(weight) if weight else 1.0, {})
-        return terms
-    if isinstance(spec, dict):
-        terms = {}
-        for name, value in spec.items():
-            if isinstance(value, dict):
-                kwargs = dict(value)
-                terms[name] = (float(kwargs.pop("weight", 1.0)), kwargs)
-            else:
-                terms[name] = (float(value), {})
-        return terms
-    raise ValueError(f"reward spec must be a string like 'loudness:1.0,clap:0.5' or a dict, got {spec!r}")
-
-
 def build_reward(spec, device=None) -> WeightedSum:
-    """Build a WeightedSum from a config spec, e.g. "loudness:1.0,clap:0.5", {"loudness": 1.0} or
+    """A WeightedSum from a config spec: "loudness:1.0,clap:0.5", {"loudness": 1.0} or
     {"loudness": {"weight": 1.0, "target_db": -14}}. `device` goes to the rewards that run a model.
-
-    Raises:
-        ValueError for an unknown name (listing the known ones), an empty spec or a malformed weight.
-    """
-    terms = _parse_spec(spec)
-    if not terms:
-        raise ValueError(f"empty reward spec {spec!r}; known rewards: {', '.join(sorted(REWARDS))}")
-    built = {}
-    for name, (weight, kwargs) in terms.items():
-        if name not in REWARDS:
-            raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}")
-        ctor = REWARDS[name]
+    Raises ValueError for an empty spec, an unknown name (listing the known ones) or a malformed weight."""
+    if isinstance(spec, str):  # "a:1.0, b" -> {"a": 1.0, "b": 1.0}
+        spec = {name.strip(): float(weight or 1.0)
+                for name, _, weight in (item.partition(":") for item in spec.split(",") if item.strip())}
+    if not isinstance(spec, dict):
+        raise ValueError(f"reward spec must be a string like 'loudness:1.0,clap:0.5' or a dict, got {spec!r}")
+    unknown = sorted(set(spec) - set(REWARDS))
+    if not spec or unknown:
+        raise ValueError(f"reward spec {spec!r} is empty or names unknown rewards {unknown}; "
+                         f"known rewards: {', '.join(sorted(REWARDS))}")
+    terms = {}
+    for name, value in spec.items():
+        kwargs = dict(value) if isinstance(value, dict) else {"weight": value}
+        weight, ctor = float(kwargs.pop("weight", 1.0)), REWARDS[name]
         if device is not None and "device" in inspect.signature(ctor).parameters:
             kwargs.setdefault("device", device)
-        built[name] = (ctor(**kwargs), weight)
-    return WeightedSum(built)
+        terms[name] = (ctor(**kwargs), weight)
+    return WeightedSum(terms)
