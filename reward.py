@@ -382,12 +382,11 @@ def rename_key(key, key_map=MSCLAP_KEY_MAP):
 def seven_seconds(wave, start=None) -> torch.Tensor:
     """msclap's audio rule (CLAPWrapper.load_audio_into_tensor) for a (C, S) clip at 44.1 kHz -> (308700,):
     the channels are concatenated (no downmix), then a result of 7 s or less is tiled and cut to 7 s (exactly 7 s
-    included), a longer one cropped to 7 s from sample `start`. Raises ValueError when a long clip has no start."""
+    included), a longer one cropped to 7 s from sample `start`."""
     flat, span = wave.reshape(-1), MSCLAP_SECONDS * MSCLAP_RATE
     if flat.numel() <= span:
         return flat.repeat(math.ceil(span / flat.numel()))[:span]
-    if start is None:
-        raise ValueError(f"a clip of {flat.numel()} samples is longer than 7 s: give the start of its 7 s crop")
+    assert start is not None, f"a clip of {flat.numel()} samples is longer than 7 s: it needs a crop start"
     return flat[start:start + span]
 
 
@@ -613,14 +612,11 @@ class MSClap(nn.Module):
 class MSClapScore(Reward):
     """CLAPScore as TTA-Bench computes it: cosine of Microsoft CLAP 2023 audio and text embeddings, at 44.1 kHz.
 
-    Each (mono) clip is resampled as msclap does (torchaudio's default kernel: data.resample), then tiled or
-    cropped to 7 s (seven_seconds). msclap's crop start is unseeded; ours comes from (seed, prompt id), `ids`
-    (default: the prompt text), so a clip scores the same on every run. score_clips takes explicit crop starts.
-
-    Args:
-        weights_dir: a folder holding CLAP_weights_2023.pth and gpt2's files (default: the Hugging Face cache).
-        device: where to run (default: best available); seed: of the 7 s crops.
-        model: an already built MSClap (tests), instead of loading.
+    Unlike msclap, clips arrive mono (msclap concatenates a file's channels), and the 7 s crop of a longer clip
+    starts at a draw seeded by (seed, caption) (crop_start; msclap's is unseeded), so a clip scores the same on
+    every run. Resampling is msclap's (torchaudio's default kernel: data.resample).
+    Args: weights_dir (CLAP_weights_2023.pth and gpt2's files; default the Hugging Face cache), device, seed of the
+    crops; model: an already built MSClap, instead of loading.
     """
     sample_rate = MSCLAP_RATE
 
@@ -628,23 +624,13 @@ class MSClapScore(Reward):
         self.model = model if model is not None else MSClap.from_pretrained(weights_dir, device)
         self.seed = seed
 
-    def score(self, audio, sample_rate, prompts, ids=None):
-        audio = prepare_audio(audio, sample_rate, None, prompts)
-        if sample_rate != MSCLAP_RATE:
-            audio = resample(audio, int(sample_rate), MSCLAP_RATE)
-        ids = prompts if ids is None else ids
-        if len(ids) != len(prompts):
-            raise ValueError(f"need one id per prompt: {len(prompts)} prompts, {len(ids)} ids")
-        starts = [crop_start(audio.shape[-1], self.seed, i) for i in ids]
-        return self.score_clips(list(audio[:, None]), prompts, starts)
-
-    def score_clips(self, clips, prompts, crop_starts):
-        """(B,) cosines of B clips, each (C, S) at 44.1 kHz, cropped at crop_starts (None: tiled), and prompts."""
+    def score(self, audio, sample_rate, prompts):
+        audio = prepare_audio(audio, sample_rate, self.sample_rate, prompts)
+        clips = torch.stack([seven_seconds(w, crop_start(w.numel(), self.seed, p)) for w, p in zip(audio, prompts)])
         device = self.model.logit_scale.device
-        audio = torch.stack([seven_seconds(c, s) for c, s in zip(clips, crop_starts)])  # (B, 7 s)
-        audio = self.model.embed_audio(audio.to(device))
+        sound = self.model.embed_audio(clips.to(device))  # (B, d_proj)
         text = self.model.embed_text(*(t.to(device) for t in self.model.tokenize(prompts)))
-        return (F.normalize(audio.float(), dim=-1) * F.normalize(text.float(), dim=-1)).sum(-1).to(clips[0].device)
+        return (F.normalize(sound.float(), dim=-1) * F.normalize(text.float(), dim=-1)).sum(-1).to(audio.device)
 
 
 # ---------------------------------------------------------------- Qwen-Omni judges: the LALM reward and AQAScore
