@@ -107,57 +107,6 @@ class SpectralCentroidReward(Reward):
         return -torch.log2(centroid.clamp_min(1.0) / self.target_hz).abs()
 
 
-# ---------------------------------------------------------------- LAION-CLAP
-
-class ClapReward(Reward):
-    """Cosine similarity of CLAP text and audio embeddings, at 48 kHz.
-
-    Resonate's alternative reward uses the original LAION-CLAP checkpoint (HTSAT-base,
-    `music_speech_audioset_epoch_15_esc_89.98.pt`, loaded with the laion_clap package). We use transformers'
-    port of LAION's CLAP (`ClapModel`, default `laion/clap-htsat-unfused`), so scores are close to but not the
-    released numbers. As released, the audio is quantised to int16 and back before embedding, and a clip longer
-    than 10 s is cut by the feature extractor (randomly, depending on its truncation mode).
-
-    Args:
-        model_name_or_path: a transformers CLAP checkpoint.
-        device, dtype: where and in what precision to run (default: best device, float32).
-        model, processor: an already built ClapModel / ClapProcessor (tests), instead of loading.
-    """
-    sample_rate = 48000
-
-    def __init__(self, model_name_or_path="laion/clap-htsat-unfused", device=None, dtype=None, *,
-                 model=None, processor=None):
-        from transformers import ClapModel, ClapProcessor
-        self.model = model if model is not None else ClapModel.from_pretrained(model_name_or_path)
-        self.processor = processor if processor is not None else ClapProcessor.from_pretrained(model_name_or_path)
-        self.device = torch.device(device) if device is not None else pick_device()
-        self.model.to(self.device, dtype=dtype or torch.float32).eval()
-
-    @torch.no_grad()
-    def score(self, audio, sample_rate, prompts):
-        audio = prepare_audio(audio, sample_rate, self.sample_rate, prompts)
-        # Round trip through int16 (truncating), as the LAION-CLAP reward in the released code does.
-        waves = (audio.clamp(-1, 1) * 32767.0).to(torch.int16).float() / 32767.0
-        # LAION-CLAP truncates captions to 77 tokens.
-        text = self.processor.tokenizer(list(prompts), padding=True, truncation=True, max_length=77,
-                                        return_tensors="pt").to(self.device)
-        # The unfused checkpoint takes one mel channel: "fusion" truncation would stack four.
-        truncation = "fusion" if self.model.config.audio_config.enable_fusion else "rand_trunc"
-        sound = self.processor.feature_extractor([w.numpy() for w in waves.cpu()], sampling_rate=self.sample_rate,
-                                                 truncation=truncation, return_tensors="pt")
-        dtype = next(self.model.parameters()).dtype
-        text = self.model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"])
-        sound = self.model.get_audio_features(input_features=sound["input_features"].to(self.device, dtype),
-                                              is_longer=sound["is_longer"].to(self.device))
-        text, sound = (_pooled(text), _pooled(sound))  # (B, D) each
-        return (F.normalize(text.float(), dim=-1) * F.normalize(sound.float(), dim=-1)).sum(-1).to(audio.device)
-
-
-def _pooled(features):
-    """transformers 4.x returns the projected embedding, 5.x an output whose pooler_output holds it."""
-    return features if torch.is_tensor(features) else features.pooler_output
-
-
 # ---------------------------------------------------------------- Audiobox Aesthetics
 
 AES_AXES = ("CE", "CU", "PC", "PQ")  # content enjoyment, content usefulness, production complexity, production quality
@@ -631,6 +580,44 @@ class MSClapScore(Reward):
         sound = self.model.embed_audio(clips.to(device))  # (B, d_proj)
         text = self.model.embed_text(*(t.to(device) for t in self.model.tokenize(prompts)))
         return (F.normalize(sound.float(), dim=-1) * F.normalize(text.float(), dim=-1)).sum(-1).to(audio.device)
+
+
+# ---------------------------------------------------------------- LAION-CLAP (the alternative GRPO reward)
+
+class ClapReward(Reward):
+    """Cosine of LAION-CLAP text and audio embeddings, at 48 kHz: Resonate's alternative GRPO reward.
+
+    Unlike the released reward (the laion_clap package and `music_speech_audioset_epoch_15_esc_89.98.pt`), we run
+    transformers' port (`ClapModel`, default `laion/clap-htsat-unfused`): close to, not equal to, its numbers. As
+    released, the audio goes through int16 and back, and a clip over 10 s is cut by the feature extractor.
+    Args: a transformers CLAP checkpoint, device (default the best), dtype (default float32); model, processor:
+    an already built ClapModel / ClapProcessor, instead of loading.
+    """
+    sample_rate = 48000
+
+    def __init__(self, model_name_or_path="laion/clap-htsat-unfused", device=None, dtype=None, *,
+                 model=None, processor=None):
+        from transformers import ClapModel, ClapProcessor
+        self.model = model if model is not None else ClapModel.from_pretrained(model_name_or_path)
+        self.processor = processor if processor is not None else ClapProcessor.from_pretrained(model_name_or_path)
+        self.device = pick_device(device or "auto")
+        self.model.to(self.device, dtype or torch.float32).eval()
+
+    @torch.no_grad()
+    def score(self, audio, sample_rate, prompts):
+        audio = prepare_audio(audio, sample_rate, self.sample_rate, prompts)
+        waves = (audio.clamp(-1, 1) * 32767.0).to(torch.int16).float() / 32767.0  # truncating, as released
+        text = self.processor.tokenizer(list(prompts), padding=True, truncation=True, max_length=77,
+                                        return_tensors="pt").to(self.device)  # LAION-CLAP's 77 tokens
+        # the unfused checkpoint takes one mel channel: "fusion" truncation would stack four
+        truncation = "fusion" if self.model.config.audio_config.enable_fusion else "rand_trunc"
+        sound = self.processor.feature_extractor([w.numpy() for w in waves.cpu()], sampling_rate=self.sample_rate,
+                                                 truncation=truncation, return_tensors="pt")
+        text = self.model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"])
+        sound = self.model.get_audio_features(input_features=sound["input_features"].to(self.device, self.model.dtype),
+                                              is_longer=sound["is_longer"].to(self.device))
+        text, sound = text.pooler_output, sound.pooler_output  # (B, D) each: the projected embeddings
+        return (F.normalize(text.float(), dim=-1) * F.normalize(sound.float(), dim=-1)).sum(-1).to(audio.device)
 
 
 # ---------------------------------------------------------------- Qwen-Omni judges: the LALM reward and AQAScore
