@@ -21,7 +21,6 @@ import inspect
 import json
 import math
 import re
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -657,6 +656,8 @@ AQA_QWEN3_OMNI = JudgeSettings(  # AQAScore, the TTA-Bench evaluation metric
 # what from_pretrained reads besides the weight shards the index lists
 JUDGE_FILES = ["config.json", "model.safetensors.index.json", "preprocessor_config.json", "tokenizer_config.json",
                "vocab.json", "merges.txt"]
+THINKERS = {"qwen2_5_omni": "Qwen2_5OmniThinkerForConditionalGeneration",  # config.json's model_type -> class
+            "qwen3_omni_moe": "Qwen3OmniMoeThinkerForConditionalGeneration"}
 
 
 def audio_token_count(mel_frames, chunk=None):
@@ -673,39 +674,32 @@ def audio_token_count(mel_frames, chunk=None):
     return mel_frames // chunk * halve(chunk, 3) + halve(mel_frames % chunk, 3)
 
 
-def judge_folder(repo, weights_dir=None) -> Path:
-    """The folder holding the judge's files: `weights_dir` when it has them, else the Hugging Face cache, where the
-    config, tokenizer, feature extractor and every weight shard (talker ones too: from_pretrained reads the whole
-    index) are downloaded. Raises data.WeightsMissing naming the repository, ValueError for a partial weights_dir."""
+def load_judge_thinker(repo, weights_dir, dtype):
+    """The thinker (text half) of a Qwen2.5-Omni or Qwen3-Omni repository, and its folder: `weights_dir` when it
+    holds the files, else the Hugging Face cache, downloading the config, tokenizer, feature extractor and every
+    shard the index lists (talker ones too: from_pretrained reads the whole index, and skips the talker's
+    weights). dtype None: the checkpoint's own (bf16), as released. Raises data.WeightsMissing naming the
+    repository; ValueError for a weights_dir with only some of the files, or a model of another family."""
+    import transformers
     try:
         paths = hub_files(repo, JUDGE_FILES, weights_dir)
         shards = json.loads(paths["model.safetensors.index.json"].read_text())["weight_map"].values()
         paths.update(hub_files(repo, sorted(set(shards)), weights_dir))
-    except WeightsMissing:
+    except WeightsMissing:  # one message for the whole repository rather than a list of shards
         raise WeightsMissing(f"the judge https://huggingface.co/{repo} is not on this machine and could not be "
                              f"downloaded: fetch it where you have access (`hf download {repo}`) and pass that folder "
                              f"as weights_dir, or run the command here to fill the Hugging Face cache (HF_TOKEN for "
                              f"gated copies, HF_ENDPOINT for a mirror)") from None
-    folders = {p.parent for p in paths.values()}
-    if len(folders) > 1:
+    folder, *others = {p.parent for p in paths.values()}
+    if others:
         raise ValueError(f"{weights_dir} holds only some of {repo}'s files; put all of them there, or none")
-    return folders.pop()
-
-
-def _load_thinker(folder, dtype):
-    """The thinker (text half) of the Qwen2.5-Omni or Qwen3-Omni checkpoint in `folder`: transformers maps the full
-    repository's thinker.* weights onto it and skips the talker's."""
-    import transformers
-    thinkers = {"qwen2_5_omni": "Qwen2_5OmniThinkerForConditionalGeneration",
-                "qwen3_omni_moe": "Qwen3OmniMoeThinkerForConditionalGeneration"}
     family = json.loads((folder / "config.json").read_text())["model_type"].removesuffix("_thinker")
-    if family not in thinkers:
-        raise ValueError(f"{folder} holds a {family!r} model; the judge runs {' or '.join(thinkers)} checkpoints")
-    # dtype "auto": the checkpoint's own precision (bf16), as released
-    return getattr(transformers, thinkers[family]).from_pretrained(folder, dtype=dtype or "auto")
+    if family not in THINKERS:
+        raise ValueError(f"{folder} holds a {family!r} model; the judge runs {' or '.join(THINKERS)} checkpoints")
+    return getattr(transformers, THINKERS[family]).from_pretrained(folder, dtype=dtype or "auto"), folder
 
 
-def _single_token_id(tokenizer, text: str) -> int:
+def single_token_id(tokenizer, text: str) -> int:
     ids = tokenizer.encode(text, add_special_tokens=False)
     if len(ids) != 1:
         raise ValueError(f"the judge reads one token for {text!r}, but the tokenizer splits it into {ids}")
@@ -725,20 +719,16 @@ class QwenOmniJudge(Reward):
     answer token only: one forward pass, no decoding. They agree when the first token is the answer's only yes or
     no (the usual "yes" / "Yes."); they differ when the answer starts otherwise (first_token scores 0) or says yes
     or no again later (the released rule reads the last). QWEN25_OMNI takes first_token, the cheap training reward.
-    Batching: the released code scores one clip at a time; here a batch runs together, prompts left-padded with an
-    attention mask, every row decoded in step; the same scores up to float rounding.
-    Inputs come from the tokenizer and the Whisper feature extractor, not the Omni processors, which also need the
-    image and video stack (PIL, torchvision; still so in transformers 5.24).
+    Unlike the released code, which scores one clip at a time, a batch runs together (prompts left-padded, every
+    row decoded in step): the same scores up to float rounding. Inputs come from the tokenizer and the Whisper
+    feature extractor, not the Omni processors, which also need the image and video stack (PIL, torchvision).
 
-    Args:
-        settings: a JudgeSettings; keyword overrides replace its fields (rule="last_yes_no", max_new_tokens=32).
-        weights_dir: a folder with the repository's files (default: the Hugging Face cache, downloading).
-        device: default the best available; dtype: default the checkpoint's (bf16).
-        max_batch: clips per pass (None: the whole batch at once); lowers peak memory.
-        model, tokenizer, feature_extractor: already built parts (tests), instead of loading.
-    Raises:
-        data.WeightsMissing when the repository is neither in weights_dir nor cached and cannot be downloaded;
-        ValueError for an unknown rule, max_new_tokens < 1 or a tokenizer that does not fit the model.
+    Args: settings (a JudgeSettings; keyword overrides replace its fields, e.g. rule="last_yes_no"); weights_dir
+    (default the Hugging Face cache, downloading); device (default the best), dtype (default the checkpoint's,
+    bf16); max_batch: clips per pass (None: all), for memory; model, tokenizer, feature_extractor: the three
+    parts already built, instead of loading.
+    Raises: data.WeightsMissing (see load_judge_thinker); ValueError for an unknown rule, max_new_tokens < 1 or a
+    tokenizer that does not fit the model.
     """
     sample_rate = 16000
     QUESTION = ("Does this audio contain the sound events described by the text: {caption}? "
@@ -751,22 +741,17 @@ class QwenOmniJudge(Reward):
         if s.rule not in ("first_token", "last_yes_no") or s.max_new_tokens < 1:
             raise ValueError(f"rule must be 'first_token' or 'last_yes_no' and max_new_tokens at least 1, got "
                              f"{s.rule!r} and {s.max_new_tokens}")
-        if model is None or tokenizer is None or feature_extractor is None:
-            folder = judge_folder(s.repo, weights_dir)
-        self.model = model if model is not None else _load_thinker(folder, dtype)
-        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(folder)
-        self.feature_extractor = (feature_extractor if feature_extractor is not None
-                                  else WhisperFeatureExtractor.from_pretrained(folder))
-        self.device = torch.device(device) if device is not None else pick_device()
-        self.model.to(self.device).eval()
-        if dtype is not None:
-            self.model.to(dtype)
-        self.max_batch = max_batch
-        self.yes_id, self.no_id = (_single_token_id(self.tokenizer, w) for w in (s.yes, s.no))
-        self.eos_id = _single_token_id(self.tokenizer, "<|im_end|>")
-        if self.tokenizer.convert_tokens_to_ids(s.audio_tokens[1]) != self.model.config.audio_token_id:
+        if model is None:
+            model, folder = load_judge_thinker(s.repo, weights_dir, dtype)
+            tokenizer, feature_extractor = (AutoTokenizer.from_pretrained(folder),
+                                            WhisperFeatureExtractor.from_pretrained(folder))
+        self.tokenizer, self.feature_extractor, self.max_batch = tokenizer, feature_extractor, max_batch
+        self.device = pick_device(device or "auto")
+        self.model = model.to(self.device, dtype).eval()
+        self.yes_id, self.no_id, self.eos_id = (single_token_id(tokenizer, w) for w in (s.yes, s.no, "<|im_end|>"))
+        if tokenizer.convert_tokens_to_ids(s.audio_tokens[1]) != model.config.audio_token_id:
             raise ValueError(f"tokenizer's {s.audio_tokens[1]} id differs from the model's audio_token_id")
-        audio_config = self.model.config.audio_config  # Qwen3-Omni's encoder reads 2 * n_window-frame chunks
+        audio_config = model.config.audio_config  # Qwen3-Omni's encoder reads 2 * n_window-frame chunks
         self.chunk = 2 * audio_config.n_window if audio_config.model_type.startswith("qwen3") else None
 
     def prompt(self, caption: str, num_audio_tokens: int) -> str:
@@ -788,18 +773,16 @@ class QwenOmniJudge(Reward):
         num_tokens = audio_token_count(features["attention_mask"].sum(-1), self.chunk)  # (B,)
         texts = [self.prompt(p, int(n)) for p, n in zip(prompts, num_tokens)]
         text = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
-        dtype = next(self.model.parameters()).dtype
         return {"input_ids": text["input_ids"].to(self.device),
                 "attention_mask": text["attention_mask"].to(self.device),
-                "input_features": features["input_features"].to(self.device, dtype),
+                "input_features": features["input_features"].to(self.device, self.model.dtype),
                 "feature_attention_mask": features["attention_mask"].to(self.device)}
 
     @torch.no_grad()
     def yes_no_scores(self, inputs) -> torch.Tensor:
         """(B,) float32 p(yes) / (p(yes) + p(no)) at the greedy answer token the rule reads, 0 where it is neither
         word. All rows decode together; a row that has emitted <|im_end|> is fed on but no longer counts."""
-        if not inputs["attention_mask"][:, -1].all():
-            raise ValueError("prompts must be left-padded so that each one ends in the last column")
+        assert inputs["attention_mask"][:, -1].all(), "prompts must be left-padded, each ending in the last column"
         steps = 1 if self.settings.rule == "first_token" else self.settings.max_new_tokens
         thinker, mask = self.model.model, inputs["attention_mask"]
         out = thinker(**inputs, use_cache=steps > 1)
