@@ -152,12 +152,9 @@ def _wavlm_config(cfg: dict):
     from transformers import WavLMConfig
     assert cfg["extractor_mode"] == "default" and not cfg["layer_norm_first"] and not cfg["normalize"], cfg
     assert cfg["relative_position_embedding"] and cfg["gru_rel_pos"], "transformers' WavLM always has both"
-    convs = []  # "[(512,10,5)] + [(512,3,2)] * 4" -> [(dim, kernel, stride), ...], read without eval
-    for term in cfg["conv_feature_layers"].split("+"):
-        dim, kernel, stride, times = re.fullmatch(r"\s*\[\((\d+),\s*(\d+),\s*(\d+)\)\]\s*(?:\*\s*(\d+))?\s*",
-                                                  term).groups()
-        convs += [(int(dim), int(kernel), int(stride))] * int(times or 1)
-    dims, kernels, strides = zip(*convs)
+    # "[(512,10,5)] + [(512,3,2)] * 4" -> (dim, kernel, stride) per conv layer, read without eval
+    terms = re.findall(r"\[\((\d+),\s*(\d+),\s*(\d+)\)\]\s*(?:\*\s*(\d+))?", cfg["conv_feature_layers"])
+    dims, kernels, strides = zip(*[(int(d), int(k), int(s)) for d, k, s, n in terms for _ in range(int(n or 1))])
     return WavLMConfig(
         hidden_size=cfg["encoder_embed_dim"], num_hidden_layers=cfg["encoder_layers"],
         num_attention_heads=cfg["encoder_attention_heads"], intermediate_size=cfg["encoder_ffn_embed_dim"],
@@ -167,17 +164,7 @@ def _wavlm_config(cfg: dict):
         max_bucket_distance=cfg["max_distance"])
 
 
-def _aes_head(dim: int, cfg: dict) -> torch.nn.Sequential:
-    """The package's create_mlp_block: (proj_num_layer - 1) x [Linear, LayerNorm?, GELU, Dropout?], Linear."""
-    assert cfg["proj_act_fn"] == "gelu", cfg["proj_act_fn"]
-    layers = []
-    for _ in range(cfg["proj_num_layer"] - 1):
-        layers += [torch.nn.Linear(dim, dim), *[torch.nn.LayerNorm(dim)] * bool(cfg["proj_ln"]), torch.nn.GELU(),
-                   *[torch.nn.Dropout(cfg["proj_dropout"])] * bool(cfg["proj_dropout"])]
-    return torch.nn.Sequential(*layers, torch.nn.Linear(dim, cfg["output_dim"]))
-
-
-class AesModel(torch.nn.Module):
+class AesModel(nn.Module):
     """The Audiobox Aesthetics network (the package's AesMultiOutput) on transformers' WavLM.
 
     Per axis: softmax-weighted sum of the L = layers + 1 hidden states (the encoder input after its layer norm,
@@ -194,11 +181,13 @@ class AesModel(torch.nn.Module):
         from transformers import WavLMModel
         super().__init__()
         assert model_cfg["use_weighted_layer_sum"] and model_cfg["normalize_embed"], model_cfg
+        # the package's create_mlp_block with proj_num_layer 1, as published: a single Linear per axis
+        assert model_cfg["proj_num_layer"] == 1, "only the published one-layer heads are implemented"
         self.wavlm = WavLMModel(_wavlm_config(wavlm_config))
         dim, L = self.wavlm.config.hidden_size, model_cfg["nth_layer"]
         assert L == self.wavlm.config.num_hidden_layers + 1, "the package's layer sum only works on all the states"
-        self.layer_weights = torch.nn.ParameterDict({a: torch.nn.Parameter(torch.full((L,), 1 / L)) for a in AES_AXES})
-        self.heads = torch.nn.ModuleDict({a: _aes_head(dim, model_cfg) for a in AES_AXES})
+        self.layer_weights = nn.ParameterDict({a: nn.Parameter(torch.full((L,), 1 / L)) for a in AES_AXES})
+        self.heads = nn.ModuleDict({a: nn.Sequential(nn.Linear(dim, model_cfg["output_dim"])) for a in AES_AXES})
 
     @classmethod
     def from_official(cls, wavlm_config, model_cfg, state_dict):
@@ -255,7 +244,7 @@ class AudioboxAesthetics(Reward):
     def __init__(self, model, target_transform, axis="PQ", device=None, max_windows=16):
         if axis not in AES_AXES:
             raise ValueError(f"axis must be one of {', '.join(AES_AXES)}, got {axis!r}")
-        self.device = torch.device(device) if device is not None else pick_device()
+        self.device = pick_device(device or "auto")
         self.model = model.to(self.device, torch.float32).eval()
         self.target_transform = {a: (float(target_transform[a]["mean"]), float(target_transform[a]["std"]))
                                  for a in AES_AXES}
@@ -275,22 +264,17 @@ class AudioboxAesthetics(Reward):
     @torch.no_grad()
     def score_all(self, audio, sample_rate, prompts) -> dict:
         """{"CE", "CU", "PC", "PQ": (B,) float32} for (B, S) clips at `sample_rate` Hz."""
-        out_device = audio.device
-        audio = prepare_audio(audio, sample_rate, self.sample_rate, prompts).to(self.device)
-        B, S = audio.shape
-        W = self.WINDOW_SECONDS * self.sample_rate
+        wave = prepare_audio(audio, sample_rate, self.sample_rate, prompts).to(self.device)
+        (B, S), W, m = wave.shape, self.WINDOW_SECONDS * self.sample_rate, self.max_windows
         n = -(-S // W)  # windows per clip
-        windows = F.pad(audio, (0, n * W - S)).reshape(B * n, W)  # (B n, W), clip-major
+        windows = F.pad(wave, (0, n * W - S)).reshape(B * n, W)  # (B n, W), clip-major
         valid = (torch.arange(n * W, device=self.device) < S).reshape(n, W).repeat(B, 1)  # (B n, W)
         fill = valid.float().mean(-1).view(B, n)  # each window's weight
         with torch.autocast(self.device.type, enabled=False):
-            preds = [self.model(windows[i:i + self.max_windows], valid[i:i + self.max_windows])
-                     for i in range(0, B * n, self.max_windows)]
-        scores = {}
-        for axis, (mean, std) in self.target_transform.items():
-            per_window = torch.cat([p[axis] for p in preds]).view(B, n) * std + mean
-            scores[axis] = ((per_window * fill).sum(1) / fill.sum(1)).to(out_device)
-        return scores
+            preds = [self.model(windows[i:i + m], valid[i:i + m]) for i in range(0, B * n, m)]
+        per_window = {a: torch.cat([p[a] for p in preds]).view(B, n) * std + mean
+                      for a, (mean, std) in self.target_transform.items()}  # (B, n) each, on the 1-10 scale
+        return {a: ((p * fill).sum(1) / fill.sum(1)).to(audio.device) for a, p in per_window.items()}
 
     def score(self, audio, sample_rate, prompts):
         return self.score_all(audio, sample_rate, prompts)[self.axis]
