@@ -287,6 +287,7 @@ class AudioboxAesthetics(Reward):
 MSCLAP_REPO, MSCLAP_FILE = "microsoft/msclap", "CLAP_weights_2023.pth"
 GPT2_REPO, GPT2_FILES = "gpt2", ("config.json", "vocab.json", "merges.txt")  # the weights are in MSCLAP_FILE
 MSCLAP_RATE, MSCLAP_SECONDS, MSCLAP_TEXT_LEN = 44100, 7, 77  # config_2023.yml: sampling_rate, duration, text_len
+MSCLAP_SPAN = MSCLAP_SECONDS * MSCLAP_RATE  # samples in the 7 s window
 MSCLAP_D_PROJ = 1024  # config_2023.yml: d_proj, the joint embedding size
 # HTSATWrapper ignores config_2023.yml's audio settings: it builds HTSAT_Swin_Transformer with its defaults and the
 # mel front end of models/config.py, made for 32 kHz AudioSet (the filterbank spans 50 Hz - 14 kHz at 32 kHz: the
@@ -315,21 +316,19 @@ def seven_seconds(wave, start=None) -> torch.Tensor:
     """msclap's audio rule (CLAPWrapper.load_audio_into_tensor) for a (C, S) clip at 44.1 kHz -> (308700,):
     the channels are concatenated (no downmix), then a result of 7 s or less is tiled and cut to 7 s (exactly 7 s
     included), a longer one cropped to 7 s from sample `start`."""
-    flat, span = wave.reshape(-1), MSCLAP_SECONDS * MSCLAP_RATE
-    if flat.numel() <= span:
-        return flat.repeat(math.ceil(span / flat.numel()))[:span]
+    flat = wave.reshape(-1)
+    if flat.numel() <= MSCLAP_SPAN:
+        return flat.repeat(math.ceil(MSCLAP_SPAN / flat.numel()))[:MSCLAP_SPAN]
     assert start is not None, f"a clip of {flat.numel()} samples is longer than 7 s: it needs a crop start"
-    return flat[start:start + span]
+    return flat[start:start + MSCLAP_SPAN]
 
 
 def crop_start(num_samples: int, seed, prompt_id):
     """Start of the 7 s crop of a clip of `num_samples` (channels concatenated, 44.1 kHz); None when it is tiled.
     msclap draws it with the unseeded random.randrange(num_samples - 7 s); we draw from the same range with
     data.seeded_generator(seed, prompt_id), so a clip scores the same on every run."""
-    span = MSCLAP_SECONDS * MSCLAP_RATE
-    if num_samples <= span:
-        return None
-    return int(torch.randint(num_samples - span, (), generator=seeded_generator(seed, prompt_id)))
+    if num_samples > MSCLAP_SPAN:
+        return int(torch.randint(num_samples - MSCLAP_SPAN, (), generator=seeded_generator(seed, prompt_id)))
 
 
 def stft_kernels(n_fft: int):
@@ -411,23 +410,21 @@ class SwinStage(nn.Module):
         if self.downsample is None:
             return x
         B, L, C = x.shape
-        r = math.isqrt(L)
-        x = x.view(B, r, r, C)  # 2 x 2 neighbours side by side in the order (0, 0), (1, 0), (0, 1), (1, 1)
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
-        x = x.view(B, -1, 4 * C)
+        x = x.view(B, math.isqrt(L), math.isqrt(L), C)
+        # 2 x 2 neighbours side by side in the order (0, 0), (1, 0), (0, 1), (1, 1)
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1).view(B, -1, 4 * C)
         return self.downsample.reduction(self.downsample.norm(x))
 
 
 class HTSAT(nn.Module):
-    """HTS-AT audio encoder (Chen et al., arXiv 2202.00874) as msclap runs it: log-mel front end, a Swin transformer over the
-    mel image, and the mean of its final tokens (`latent_output`). Arguments: HTSAT_2023."""
+    """HTS-AT audio encoder (Chen et al., arXiv 2202.00874) as msclap runs it: log-mel front end, a Swin
+    transformer over the mel image, and the mean of its final tokens (`latent_output`). Arguments: HTSAT_2023."""
     def __init__(self, embed_dim, depths, num_heads, window_size, spec_size, patch_size, mlp_ratio, num_classes,
                  n_fft, hop, mel_bins):
         super().__init__()
         self.hop, self.spec_size, self.freq_ratio = hop, spec_size, spec_size // mel_bins
-        stft_real, stft_imag = stft_kernels(n_fft)
-        self.register_buffer("stft_real", stft_real)
-        self.register_buffer("stft_imag", stft_imag)
+        for name, kernel in zip(("stft_real", "stft_imag"), stft_kernels(n_fft)):
+            self.register_buffer(name, kernel)
         self.register_buffer("melW", torch.zeros(n_fft // 2 + 1, mel_bins))  # librosa's Slaney mel filters, loaded
         self.bn0 = nn.BatchNorm2d(mel_bins)
         self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv2d(1, embed_dim, patch_size, stride=patch_size),
@@ -505,17 +502,16 @@ class MSClap(nn.Module):
         with torch.device("meta"):
             model = cls(htsat, GPT2Config.from_json_file(gpt2["config.json"]), d_proj, tokenizer)
         model.load_official(state["model"])
-        return model.to(pick_device() if device is None else device).eval()
+        return model.to(pick_device(device or "auto")).eval()
 
     def load_official(self, state):
         """Load a state dict with msclap's key names, strictly, through MSCLAP_KEY_MAP. GPT-2's causal-mask
         buffers that older transformers saved (h.N.attn.bias, .masked_bias) are dropped, as msclap's non-strict
         load skips them; the fixed STFT kernels are computed when the state omits them."""
-        state = {rename_key(k): v for k, v in state.items()
-                 if not (k.startswith("caption_encoder.base.h.") and k.endswith((".attn.bias", ".attn.masked_bias")))}
         real, imag = stft_kernels(self.audio.stft_real.shape[-1])
-        state.setdefault("audio.stft_real", real)
-        state.setdefault("audio.stft_imag", imag)
+        state = {"audio.stft_real": real, "audio.stft_imag": imag, **{
+            rename_key(k): v for k, v in state.items()
+            if not (k.startswith("caption_encoder.base.h.") and k.endswith((".attn.bias", ".attn.masked_bias")))}}
         self.load_state_dict(state, strict=True, assign=True)
 
     @torch.no_grad()
@@ -683,13 +679,6 @@ def load_judge_thinker(repo, weights_dir, dtype):
     return getattr(transformers, THINKERS[family]).from_pretrained(folder, dtype=dtype or "auto"), folder
 
 
-def single_token_id(tokenizer, text: str) -> int:
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    if len(ids) != 1:
-        raise ValueError(f"the judge reads one token for {text!r}, but the tokenizer splits it into {ids}")
-    return ids[0]
-
-
 class QwenOmniJudge(Reward):
     """Ask a Qwen-Omni thinker whether the clip contains the caption's sound events (Resonate, arXiv 2603.11661;
     released flow_grpo/rewards.py). QWEN25_OMNI is the training reward, AQA_QWEN3_OMNI the AQAScore metric.
@@ -732,17 +721,19 @@ class QwenOmniJudge(Reward):
         self.tokenizer, self.feature_extractor, self.max_batch = tokenizer, feature_extractor, max_batch
         self.device = pick_device(device or "auto")
         self.model = model.to(self.device, dtype).eval()
-        self.yes_id, self.no_id, self.eos_id = (single_token_id(tokenizer, w) for w in (s.yes, s.no, "<|im_end|>"))
-        if tokenizer.convert_tokens_to_ids(s.audio_tokens[1]) != model.config.audio_token_id:
-            raise ValueError(f"tokenizer's {s.audio_tokens[1]} id differs from the model's audio_token_id")
+        ids = [tokenizer.encode(word, add_special_tokens=False) for word in (s.yes, s.no, "<|im_end|>")]
+        audio_id = tokenizer.convert_tokens_to_ids(s.audio_tokens[1])
+        if {len(i) for i in ids} != {1} or audio_id != model.config.audio_token_id:
+            raise ValueError(f"the tokenizer does not fit the judge: {s.yes!r}, {s.no!r} and <|im_end|> must be one "
+                             f"token each (got {ids}) and {s.audio_tokens[1]} the model's audio_token_id")
+        (self.yes_id,), (self.no_id,), (self.eos_id,) = ids
         audio_config = model.config.audio_config  # Qwen3-Omni's encoder reads 2 * n_window-frame chunks
         self.chunk = 2 * audio_config.n_window if audio_config.model_type.startswith("qwen3") else None
 
     def prompt(self, caption: str, num_audio_tokens: int) -> str:
         """The chat text for one clip, as the model's chat template renders the released conversation:
         [system turn,] user turn (question then audio), open assistant turn."""
-        start, pad, end = self.settings.audio_tokens
-        system = self.settings.system_prompt
+        (start, pad, end), system = self.settings.audio_tokens, self.settings.system_prompt
         system = "" if system is None else f"<|im_start|>system\n{system}<|im_end|>\n"
         return (f"{system}<|im_start|>user\n{self.QUESTION.format(caption=caption)}{start}{pad * num_audio_tokens}"
                 f"{end}<|im_end|>\n<|im_start|>assistant\n")
