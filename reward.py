@@ -50,9 +50,7 @@ def prepare_audio(audio, sample_rate, target_rate, prompts) -> torch.Tensor:
     if isinstance(prompts, str) or len(prompts) != audio.shape[0]:
         raise ValueError(f"need one prompt per clip: {audio.shape[0]} clips, prompts={prompts!r:.80}")
     audio = audio.detach().float()
-    if target_rate is not None and target_rate != sample_rate:
-        audio = resample(audio, int(sample_rate), int(target_rate))
-    return audio
+    return audio if target_rate is None else resample(audio, int(sample_rate), int(target_rate))  # as is at one rate
 
 
 class Reward:
@@ -246,8 +244,7 @@ class AudioboxAesthetics(Reward):
             raise ValueError(f"axis must be one of {', '.join(AES_AXES)}, got {axis!r}")
         self.device = pick_device(device or "auto")
         self.model = model.to(self.device, torch.float32).eval()
-        self.target_transform = {a: (float(target_transform[a]["mean"]), float(target_transform[a]["std"]))
-                                 for a in AES_AXES}
+        self.target_transform = {a: (float(t["mean"]), float(t["std"])) for a, t in target_transform.items()}
         self.axis, self.max_windows = axis, max_windows
 
     @classmethod
@@ -644,14 +641,11 @@ def audio_token_count(mel_frames, chunk=None):
     """Audio tokens the Omni audio encoder emits for `mel_frames` 10 ms mel frames (int or (B,) tensor), as the
     processors count them. chunk=None: Qwen2.5-Omni, a stride-2 convolution then a stride-2 pooling over the clip.
     chunk=2 * n_window (Qwen3-Omni: 100 frames): the clip is cut into chunks, each halved three times by stride-2
-    convolutions (100 frames -> 13 tokens)."""
-    def halve(n, times=1):
-        for _ in range(times):
-            n = (n - 1) // 2 + 1  # kernel 3, padding 1; halve(0) == 0
-        return n
+    convolutions (100 frames -> 13 tokens). A stride-2 convolution of kernel 3, padding 1 gives ceil(n / 2), so
+    three of them ceil(n / 8)."""
     if chunk is None:
-        return (halve(mel_frames) - 2) // 2 + 1
-    return mel_frames // chunk * halve(chunk, 3) + halve(mel_frames % chunk, 3)
+        return (-(-mel_frames // 2) - 2) // 2 + 1
+    return mel_frames // chunk * -(-chunk // 8) + -(-(mel_frames % chunk) // 8)
 
 
 def load_judge_thinker(repo, weights_dir, dtype):
