@@ -1,18 +1,16 @@
-"""Rewards for Flow-GRPO: score a batch of generated clips against their captions.
+"""Rewards and evaluation metrics: everything that scores a batch of generated clips against their captions.
 
-Every reward is an object with
-    score(audio (B, S) float, sample_rate: int, prompts: list[str]) -> (B,) float32 tensor
-and an attribute `sample_rate`, the rate its judge listens at (None: works at any rate). Audio is resampled to
-that rate with data.resample (torchaudio's kernel, as the released metrics use). Higher is better.
+Every scorer is a Reward: `score(audio (B, S) float, sample_rate: int, prompts: list[str]) -> (B,) float32`,
+higher is better, and `sample_rate`, the rate it listens at (None: any); prepare_audio checks the input and
+resamples with data.resample (torchaudio's kernel, as the released metrics use). Read top to bottom:
 
-    QwenOmniJudge          an audio LLM asked whether the clip matches the caption: Resonate's training reward
-                           (Qwen2.5-Omni) and AQAScore, the evaluation metric (Qwen3-Omni), by JudgeSettings
-    AudioboxAesthetics     Meta's Audiobox Aesthetics (CE, CU, PC, PQ) of the clip alone; `score` gives one axis
-    MSClapScore            CLAPScore: cosine of Microsoft CLAP 2023 text and audio embeddings ("clap")
-    ClapReward             cosine of LAION-CLAP text and audio embeddings ("laion_clap")
-    LoudnessReward         signal-level rewards needing no download, for tests and CPU runs
-    SpectralCentroidReward
-    build_reward("loudness:1.0,clap:0.5")  -> WeightedSum of rewards from the REWARDS registry
+    LoudnessReward, SpectralCentroidReward   signal-level rewards, no download: tests and CPU runs
+    AudioboxAesthetics ("aes")    Meta's Audiobox Aesthetics (CE, CU, PC, PQ) of the clip alone
+    MSClapScore ("clap")          CLAPScore: cosine of Microsoft CLAP 2023 text and audio embeddings
+    ClapReward ("laion_clap")     cosine of LAION-CLAP embeddings, the released alternative GRPO reward
+    QwenOmniJudge                 an audio LLM asked whether the clip matches the caption: the training reward
+                                  ("qwen_omni", Qwen2.5-Omni) and AQAScore ("aqa", Qwen3-Omni)
+    build_reward("loudness:1.0,clap:0.5") -> a WeightedSum of REWARDS entries
 """
 
 import dataclasses
@@ -28,20 +26,12 @@ from torch import nn
 
 from data import WeightsMissing, hub_files, pick_device, read_weights, resample, seeded_generator
 
+# ---------------------------------------------------------------- the interface
+
 
 def prepare_audio(audio, sample_rate, target_rate, prompts) -> torch.Tensor:
-    """Check a batch of clips against its prompts and resample it to `target_rate` (None: keep the rate).
-
-    Args:
-        audio: (B, S) float waveforms in [-1, 1].
-        sample_rate: their rate in Hz.
-        target_rate: the judge's rate in Hz, or None.
-        prompts: B captions.
-    Returns:
-        (B, S') float32 tensor, detached, on audio's device.
-    Raises:
-        ValueError for a wrong shape, a non-float tensor, a bad rate or a prompt count that does not match.
-    """
+    """(B, S) float clips at `sample_rate` Hz, with B prompts -> (B, S') float32, detached, at `target_rate` Hz
+    (None: as is). Raises ValueError for a wrong shape or dtype, a bad rate or a prompt count that does not match."""
     if not torch.is_tensor(audio) or audio.ndim != 2 or not audio.is_floating_point():
         shape = tuple(audio.shape) if torch.is_tensor(audio) else type(audio).__name__
         raise ValueError(f"audio must be a (B, S) float tensor, got {shape}; squeeze a (B, 1, S) vocoder output")
@@ -116,7 +106,7 @@ AES_WAVLM = {"extractor_mode": "default", "conv_feature_layers": "[(512,10,5)] +
              "conv_pos_groups": 16, "relative_position_embedding": True, "num_buckets": 320, "max_distance": 800,
              "gru_rel_pos": True, "normalize": False}
 # Official AesMultiOutput state-dict names -> ours (transformers' WavLMModel under `wavlm`, the heads under
-# `heads`), rewritten by every rule in turn. The one map from the published names onto our modules.
+# `heads`), rewritten by every rule in turn.
 AES_KEY_MAP = [
     (r"^wavlm_model\.mask_emb$", "wavlm.masked_spec_embed"),
     (r"conv_layers\.(\d+)\.0\.", r"conv_layers.\1.conv."),  # blocks: Sequential(conv, dropout, [norm,] gelu)
@@ -167,13 +157,11 @@ class AesModel(nn.Module):
 
     Per axis: softmax-weighted sum of the L = layers + 1 hidden states (the encoder input after its layer norm,
     then every layer's output, as the package's layer_results), mean over the unpadded frames, L2 normalisation,
-    an MLP head. Two details of the package's WavLM that transformers' WavLMModel.forward does differently, so the
-    encoder is driven here layer by layer: a frame is padding only when all of its W // T samples are (transformers
-    counts frames from the unpadded length through the conv arithmetic, which gives fewer), and the hidden states
-    are collected directly instead of through output_hidden_states hooks.
-    Args:
-        wavlm_config: the package's WavLM config dict (AES_WAVLM for the published model).
-        model_cfg: the AesMultiOutput fields stored in the checkpoint (nth_layer, proj_num_layer, ...).
+    a linear head. The encoder is driven layer by layer because the package's WavLM differs from transformers'
+    WavLMModel.forward: a frame is padding only when all of its W // T samples are (transformers counts frames
+    from the unpadded length through the conv arithmetic, which gives fewer).
+    Built from the package's WavLM config dict (AES_WAVLM for the published model) and the checkpoint's
+    AesMultiOutput fields (nth_layer, proj_num_layer, ...).
     """
     def __init__(self, wavlm_config: dict, model_cfg: dict):
         from transformers import WavLMModel
@@ -228,13 +216,11 @@ class AudioboxAesthetics(Reward):
 
     As released: 16 kHz (data.resample is torchaudio's resampler), 10 s windows with a 10 s hop, the last one
     zero-padded and masked; each window's predictions are de-normalised (x * std + mean) and averaged with weights
-    = the fraction of the window that holds audio. Always float32, whatever the surrounding autocast, as the
-    package's precision "32". Unlike the package, clips arrive mono (B, S) and of one length (the package averages
-    the channels after resampling: the same up to rounding, resampling being linear).
-    Args:
-        model: an AesModel with its weights; target_transform: {axis: {"mean", "std"}} of the training targets.
-        axis: the figure `score` returns (default PQ, production quality).
-        device: where to run (default: best available); max_windows: 10 s windows per forward pass (memory).
+    = the fraction of the window that holds audio; float32 whatever the surrounding autocast (precision "32").
+    Unlike the package, clips arrive mono and of one length (the package averages the channels after resampling:
+    the same up to rounding, resampling being linear), and the windows of a whole batch run together,
+    max_windows per pass. Built from an AesModel and the targets' {axis: {"mean", "std"}}; `score` returns
+    `axis` (default PQ, production quality). Raises ValueError for an unknown axis.
     """
     sample_rate = 16000
     WINDOW_SECONDS = 10
