@@ -634,12 +634,12 @@ def audio_token_count(mel_frames, chunk=None):
     return mel_frames // chunk * -(-chunk // 8) + -(-(mel_frames % chunk) // 8)
 
 
-def load_judge_thinker(repo, weights_dir, dtype):
-    """The thinker (text half) of a Qwen2.5-Omni or Qwen3-Omni repository, and its folder: `weights_dir` when it
-    holds the files, else the Hugging Face cache, downloading the config, tokenizer, feature extractor and every
-    shard the index lists (talker ones too: from_pretrained reads the whole index, and skips the talker's
-    weights). dtype None: the checkpoint's own (bf16), as released. Raises data.WeightsMissing naming the
-    repository; ValueError for a weights_dir with only some of the files, or a model of another family."""
+def load_judge(repo, weights_dir, dtype):
+    """(thinker, tokenizer, Whisper feature extractor) of a Qwen2.5-Omni or Qwen3-Omni repository: from
+    `weights_dir` when it holds the files, else the Hugging Face cache, downloading the config, tokenizer, feature
+    extractor and every shard the index lists (talker ones too: from_pretrained reads the whole index, and skips
+    the talker's weights). dtype None: the checkpoint's own (bf16), as released. Raises data.WeightsMissing
+    naming the repository; ValueError for a weights_dir with only some of the files, or another model family."""
     import transformers
     try:
         paths = hub_files(repo, JUDGE_FILES, weights_dir)
@@ -656,7 +656,9 @@ def load_judge_thinker(repo, weights_dir, dtype):
     family = json.loads((folder / "config.json").read_text())["model_type"].removesuffix("_thinker")
     if family not in THINKERS:
         raise ValueError(f"{folder} holds a {family!r} model; the judge runs {' or '.join(THINKERS)} checkpoints")
-    return getattr(transformers, THINKERS[family]).from_pretrained(folder, dtype=dtype or "auto"), folder
+    return (getattr(transformers, THINKERS[family]).from_pretrained(folder, dtype=dtype or "auto"),
+            transformers.AutoTokenizer.from_pretrained(folder),
+            transformers.WhisperFeatureExtractor.from_pretrained(folder))
 
 
 class QwenOmniJudge(Reward):
@@ -680,7 +682,7 @@ class QwenOmniJudge(Reward):
     (default the Hugging Face cache, downloading); device (default the best), dtype (default the checkpoint's,
     bf16); max_batch: clips per pass (None: all), for memory; model, tokenizer, feature_extractor: the three
     parts already built, instead of loading.
-    Raises: data.WeightsMissing (see load_judge_thinker); ValueError for an unknown rule, max_new_tokens < 1 or a
+    Raises: data.WeightsMissing (see load_judge); ValueError for an unknown rule, max_new_tokens < 1 or a
     tokenizer that does not fit the model.
     """
     sample_rate = 16000
@@ -689,15 +691,12 @@ class QwenOmniJudge(Reward):
 
     def __init__(self, settings=QWEN25_OMNI, weights_dir=None, device=None, dtype=None, max_batch=None, *,
                  model=None, tokenizer=None, feature_extractor=None, **overrides):
-        from transformers import AutoTokenizer, WhisperFeatureExtractor
         self.settings = s = dataclasses.replace(settings, **overrides)
         if s.rule not in ("first_token", "last_yes_no") or s.max_new_tokens < 1:
             raise ValueError(f"rule must be 'first_token' or 'last_yes_no' and max_new_tokens at least 1, got "
                              f"{s.rule!r} and {s.max_new_tokens}")
         if model is None:
-            model, folder = load_judge_thinker(s.repo, weights_dir, dtype)
-            tokenizer, feature_extractor = (AutoTokenizer.from_pretrained(folder),
-                                            WhisperFeatureExtractor.from_pretrained(folder))
+            model, tokenizer, feature_extractor = load_judge(s.repo, weights_dir, dtype)
         self.tokenizer, self.feature_extractor, self.max_batch = tokenizer, feature_extractor, max_batch
         self.device = pick_device(device or "auto")
         self.model = model.to(self.device, dtype).eval()
