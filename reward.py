@@ -769,11 +769,7 @@ class QwenOmniJudge(Reward):
 # ---------------------------------------------------------------- combining rewards
 
 class WeightedSum(Reward):
-    """sum_k weight_k * reward_k, the way Resonate combines several rewards.
-
-    Args:
-        terms: {name: (reward, weight)}.
-    """
+    """sum_k weight_k * reward_k over terms {name: (reward, weight)}, the way Resonate combines rewards."""
     def __init__(self, terms):
         assert terms, "WeightedSum needs at least one reward"
         self.terms = dict(terms)
