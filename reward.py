@@ -1,18 +1,16 @@
-"""Rewards for Flow-GRPO: score a batch of generated clips against their captions.
+"""Rewards and evaluation metrics: everything that scores a batch of generated clips against their captions.
 
-Every reward is an object with
-    score(audio (B, S) float, sample_rate: int, prompts: list[str]) -> (B,) float32 tensor
-and an attribute `sample_rate`, the rate its judge listens at (None: works at any rate). Audio is resampled to
-that rate with data.resample (torchaudio's kernel, as the released metrics use). Higher is better.
+Every scorer is a Reward: `score(audio (B, S) float, sample_rate: int, prompts: list[str]) -> (B,) float32`,
+higher is better, and `sample_rate`, the rate it listens at (None: any); prepare_audio checks the input and
+resamples with data.resample (torchaudio's kernel, as the released metrics use). Read top to bottom:
 
-    QwenOmniJudge          an audio LLM asked whether the clip matches the caption: Resonate's training reward
-                           (Qwen2.5-Omni) and AQAScore, the evaluation metric (Qwen3-Omni), by JudgeSettings
-    AudioboxAesthetics     Meta's Audiobox Aesthetics (CE, CU, PC, PQ) of the clip alone; `score` gives one axis
-    MSClapScore            CLAPScore: cosine of Microsoft CLAP 2023 text and audio embeddings ("clap")
-    ClapReward             cosine of LAION-CLAP text and audio embeddings ("laion_clap")
-    LoudnessReward         signal-level rewards needing no download, for tests and CPU runs
-    SpectralCentroidReward
-    build_reward("loudness:1.0,clap:0.5")  -> WeightedSum of rewards from the REWARDS registry
+    LoudnessReward, SpectralCentroidReward   signal-level rewards, no download: tests and CPU runs
+    AudioboxAesthetics ("aes")    Meta's Audiobox Aesthetics (CE, CU, PC, PQ) of the clip alone
+    MSClapScore ("clap")          CLAPScore: cosine of Microsoft CLAP 2023 text and audio embeddings
+    ClapReward ("laion_clap")     cosine of LAION-CLAP embeddings, the released alternative GRPO reward
+    QwenOmniJudge                 an audio LLM asked whether the clip matches the caption: the training reward
+                                  ("qwen_omni", Qwen2.5-Omni) and AQAScore ("aqa", Qwen3-Omni)
+    build_reward("loudness:1.0,clap:0.5") -> a WeightedSum of REWARDS entries
 """
 
 import dataclasses
@@ -21,7 +19,6 @@ import inspect
 import json
 import math
 import re
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,20 +26,12 @@ from torch import nn
 
 from data import WeightsMissing, hub_files, pick_device, read_weights, resample, seeded_generator
 
+# ---------------------------------------------------------------- the interface
+
 
 def prepare_audio(audio, sample_rate, target_rate, prompts) -> torch.Tensor:
-    """Check a batch of clips against its prompts and resample it to `target_rate` (None: keep the rate).
-
-    Args:
-        audio: (B, S) float waveforms in [-1, 1].
-        sample_rate: their rate in Hz.
-        target_rate: the judge's rate in Hz, or None.
-        prompts: B captions.
-    Returns:
-        (B, S') float32 tensor, detached, on audio's device.
-    Raises:
-        ValueError for a wrong shape, a non-float tensor, a bad rate or a prompt count that does not match.
-    """
+    """(B, S) float clips at `sample_rate` Hz, with B prompts -> (B, S') float32, detached, at `target_rate` Hz
+    (None: as is). Raises ValueError for a wrong shape or dtype, a bad rate or a prompt count that does not match."""
     if not torch.is_tensor(audio) or audio.ndim != 2 or not audio.is_floating_point():
         shape = tuple(audio.shape) if torch.is_tensor(audio) else type(audio).__name__
         raise ValueError(f"audio must be a (B, S) float tensor, got {shape}; squeeze a (B, 1, S) vocoder output")
@@ -51,9 +40,7 @@ def prepare_audio(audio, sample_rate, target_rate, prompts) -> torch.Tensor:
     if isinstance(prompts, str) or len(prompts) != audio.shape[0]:
         raise ValueError(f"need one prompt per clip: {audio.shape[0]} clips, prompts={prompts!r:.80}")
     audio = audio.detach().float()
-    if target_rate is not None and target_rate != sample_rate:
-        audio = resample(audio, int(sample_rate), int(target_rate))
-    return audio
+    return audio if target_rate is None else resample(audio, int(sample_rate), int(target_rate))  # as is at one rate
 
 
 class Reward:
@@ -107,57 +94,6 @@ class SpectralCentroidReward(Reward):
         return -torch.log2(centroid.clamp_min(1.0) / self.target_hz).abs()
 
 
-# ---------------------------------------------------------------- LAION-CLAP
-
-class ClapReward(Reward):
-    """Cosine similarity of CLAP text and audio embeddings, at 48 kHz.
-
-    Resonate's alternative reward uses the original LAION-CLAP checkpoint (HTSAT-base,
-    `music_speech_audioset_epoch_15_esc_89.98.pt`, loaded with the laion_clap package). We use transformers'
-    port of LAION's CLAP (`ClapModel`, default `laion/clap-htsat-unfused`), so scores are close to but not the
-    released numbers. As released, the audio is quantised to int16 and back before embedding, and a clip longer
-    than 10 s is cut by the feature extractor (randomly, depending on its truncation mode).
-
-    Args:
-        model_name_or_path: a transformers CLAP checkpoint.
-        device, dtype: where and in what precision to run (default: best device, float32).
-        model, processor: an already built ClapModel / ClapProcessor (tests), instead of loading.
-    """
-    sample_rate = 48000
-
-    def __init__(self, model_name_or_path="laion/clap-htsat-unfused", device=None, dtype=None, *,
-                 model=None, processor=None):
-        from transformers import ClapModel, ClapProcessor
-        self.model = model if model is not None else ClapModel.from_pretrained(model_name_or_path)
-        self.processor = processor if processor is not None else ClapProcessor.from_pretrained(model_name_or_path)
-        self.device = torch.device(device) if device is not None else pick_device()
-        self.model.to(self.device, dtype=dtype or torch.float32).eval()
-
-    @torch.no_grad()
-    def score(self, audio, sample_rate, prompts):
-        audio = prepare_audio(audio, sample_rate, self.sample_rate, prompts)
-        # Round trip through int16 (truncating), as the LAION-CLAP reward in the released code does.
-        waves = (audio.clamp(-1, 1) * 32767.0).to(torch.int16).float() / 32767.0
-        # LAION-CLAP truncates captions to 77 tokens.
-        text = self.processor.tokenizer(list(prompts), padding=True, truncation=True, max_length=77,
-                                        return_tensors="pt").to(self.device)
-        # The unfused checkpoint takes one mel channel: "fusion" truncation would stack four.
-        truncation = "fusion" if self.model.config.audio_config.enable_fusion else "rand_trunc"
-        sound = self.processor.feature_extractor([w.numpy() for w in waves.cpu()], sampling_rate=self.sample_rate,
-                                                 truncation=truncation, return_tensors="pt")
-        dtype = next(self.model.parameters()).dtype
-        text = self.model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"])
-        sound = self.model.get_audio_features(input_features=sound["input_features"].to(self.device, dtype),
-                                              is_longer=sound["is_longer"].to(self.device))
-        text, sound = (_pooled(text), _pooled(sound))  # (B, D) each
-        return (F.normalize(text.float(), dim=-1) * F.normalize(sound.float(), dim=-1)).sum(-1).to(audio.device)
-
-
-def _pooled(features):
-    """transformers 4.x returns the projected embedding, 5.x an output whose pooler_output holds it."""
-    return features if torch.is_tensor(features) else features.pooler_output
-
-
 # ---------------------------------------------------------------- Audiobox Aesthetics
 
 AES_AXES = ("CE", "CU", "PC", "PQ")  # content enjoyment, content usefulness, production complexity, production quality
@@ -170,7 +106,7 @@ AES_WAVLM = {"extractor_mode": "default", "conv_feature_layers": "[(512,10,5)] +
              "conv_pos_groups": 16, "relative_position_embedding": True, "num_buckets": 320, "max_distance": 800,
              "gru_rel_pos": True, "normalize": False}
 # Official AesMultiOutput state-dict names -> ours (transformers' WavLMModel under `wavlm`, the heads under
-# `heads`), rewritten by every rule in turn. The one map from the published names onto our modules.
+# `heads`), rewritten by every rule in turn.
 AES_KEY_MAP = [
     (r"^wavlm_model\.mask_emb$", "wavlm.masked_spec_embed"),
     (r"conv_layers\.(\d+)\.0\.", r"conv_layers.\1.conv."),  # blocks: Sequential(conv, dropout, [norm,] gelu)
@@ -204,12 +140,9 @@ def _wavlm_config(cfg: dict):
     from transformers import WavLMConfig
     assert cfg["extractor_mode"] == "default" and not cfg["layer_norm_first"] and not cfg["normalize"], cfg
     assert cfg["relative_position_embedding"] and cfg["gru_rel_pos"], "transformers' WavLM always has both"
-    convs = []  # "[(512,10,5)] + [(512,3,2)] * 4" -> [(dim, kernel, stride), ...], read without eval
-    for term in cfg["conv_feature_layers"].split("+"):
-        dim, kernel, stride, times = re.fullmatch(r"\s*\[\((\d+),\s*(\d+),\s*(\d+)\)\]\s*(?:\*\s*(\d+))?\s*",
-                                                  term).groups()
-        convs += [(int(dim), int(kernel), int(stride))] * int(times or 1)
-    dims, kernels, strides = zip(*convs)
+    # "[(512,10,5)] + [(512,3,2)] * 4" -> (dim, kernel, stride) per conv layer, read without eval
+    terms = re.findall(r"\[\((\d+),\s*(\d+),\s*(\d+)\)\]\s*(?:\*\s*(\d+))?", cfg["conv_feature_layers"])
+    dims, kernels, strides = zip(*[(int(d), int(k), int(s)) for d, k, s, n in terms for _ in range(int(n or 1))])
     return WavLMConfig(
         hidden_size=cfg["encoder_embed_dim"], num_hidden_layers=cfg["encoder_layers"],
         num_attention_heads=cfg["encoder_attention_heads"], intermediate_size=cfg["encoder_ffn_embed_dim"],
@@ -219,38 +152,28 @@ def _wavlm_config(cfg: dict):
         max_bucket_distance=cfg["max_distance"])
 
 
-def _aes_head(dim: int, cfg: dict) -> torch.nn.Sequential:
-    """The package's create_mlp_block: (proj_num_layer - 1) x [Linear, LayerNorm?, GELU, Dropout?], Linear."""
-    assert cfg["proj_act_fn"] == "gelu", cfg["proj_act_fn"]
-    layers = []
-    for _ in range(cfg["proj_num_layer"] - 1):
-        layers += [torch.nn.Linear(dim, dim), *[torch.nn.LayerNorm(dim)] * bool(cfg["proj_ln"]), torch.nn.GELU(),
-                   *[torch.nn.Dropout(cfg["proj_dropout"])] * bool(cfg["proj_dropout"])]
-    return torch.nn.Sequential(*layers, torch.nn.Linear(dim, cfg["output_dim"]))
-
-
-class AesModel(torch.nn.Module):
+class AesModel(nn.Module):
     """The Audiobox Aesthetics network (the package's AesMultiOutput) on transformers' WavLM.
 
     Per axis: softmax-weighted sum of the L = layers + 1 hidden states (the encoder input after its layer norm,
     then every layer's output, as the package's layer_results), mean over the unpadded frames, L2 normalisation,
-    an MLP head. Two details of the package's WavLM that transformers' WavLMModel.forward does differently, so the
-    encoder is driven here layer by layer: a frame is padding only when all of its W // T samples are (transformers
-    counts frames from the unpadded length through the conv arithmetic, which gives fewer), and the hidden states
-    are collected directly instead of through output_hidden_states hooks.
-    Args:
-        wavlm_config: the package's WavLM config dict (AES_WAVLM for the published model).
-        model_cfg: the AesMultiOutput fields stored in the checkpoint (nth_layer, proj_num_layer, ...).
+    a linear head. The encoder is driven layer by layer because the package's WavLM differs from transformers'
+    WavLMModel.forward: a frame is padding only when all of its W // T samples are (transformers counts frames
+    from the unpadded length through the conv arithmetic, which gives fewer).
+    Built from the package's WavLM config dict (AES_WAVLM for the published model) and the checkpoint's
+    AesMultiOutput fields (nth_layer, proj_num_layer, ...).
     """
     def __init__(self, wavlm_config: dict, model_cfg: dict):
         from transformers import WavLMModel
         super().__init__()
         assert model_cfg["use_weighted_layer_sum"] and model_cfg["normalize_embed"], model_cfg
+        # the package's create_mlp_block with proj_num_layer 1, as published: a single Linear per axis
+        assert model_cfg["proj_num_layer"] == 1, "only the published one-layer heads are implemented"
         self.wavlm = WavLMModel(_wavlm_config(wavlm_config))
         dim, L = self.wavlm.config.hidden_size, model_cfg["nth_layer"]
         assert L == self.wavlm.config.num_hidden_layers + 1, "the package's layer sum only works on all the states"
-        self.layer_weights = torch.nn.ParameterDict({a: torch.nn.Parameter(torch.full((L,), 1 / L)) for a in AES_AXES})
-        self.heads = torch.nn.ModuleDict({a: _aes_head(dim, model_cfg) for a in AES_AXES})
+        self.layer_weights = nn.ParameterDict({a: nn.Parameter(torch.full((L,), 1 / L)) for a in AES_AXES})
+        self.heads = nn.ModuleDict({a: nn.Sequential(nn.Linear(dim, model_cfg["output_dim"])) for a in AES_AXES})
 
     @classmethod
     def from_official(cls, wavlm_config, model_cfg, state_dict):
@@ -293,13 +216,11 @@ class AudioboxAesthetics(Reward):
 
     As released: 16 kHz (data.resample is torchaudio's resampler), 10 s windows with a 10 s hop, the last one
     zero-padded and masked; each window's predictions are de-normalised (x * std + mean) and averaged with weights
-    = the fraction of the window that holds audio. Always float32, whatever the surrounding autocast, as the
-    package's precision "32". Unlike the package, clips arrive mono (B, S) and of one length (the package averages
-    the channels after resampling: the same up to rounding, resampling being linear).
-    Args:
-        model: an AesModel with its weights; target_transform: {axis: {"mean", "std"}} of the training targets.
-        axis: the figure `score` returns (default PQ, production quality).
-        device: where to run (default: best available); max_windows: 10 s windows per forward pass (memory).
+    = the fraction of the window that holds audio; float32 whatever the surrounding autocast (precision "32").
+    Unlike the package, clips arrive mono and of one length (the package averages the channels after resampling:
+    the same up to rounding, resampling being linear), and the windows of a whole batch run together,
+    max_windows per pass. Built from an AesModel and the targets' {axis: {"mean", "std"}}; `score` returns
+    `axis` (default PQ, production quality). Raises ValueError for an unknown axis.
     """
     sample_rate = 16000
     WINDOW_SECONDS = 10
@@ -307,10 +228,9 @@ class AudioboxAesthetics(Reward):
     def __init__(self, model, target_transform, axis="PQ", device=None, max_windows=16):
         if axis not in AES_AXES:
             raise ValueError(f"axis must be one of {', '.join(AES_AXES)}, got {axis!r}")
-        self.device = torch.device(device) if device is not None else pick_device()
+        self.device = pick_device(device or "auto")
         self.model = model.to(self.device, torch.float32).eval()
-        self.target_transform = {a: (float(target_transform[a]["mean"]), float(target_transform[a]["std"]))
-                                 for a in AES_AXES}
+        self.target_transform = {a: (float(t["mean"]), float(t["std"])) for a, t in target_transform.items()}
         self.axis, self.max_windows = axis, max_windows
 
     @classmethod
@@ -327,22 +247,17 @@ class AudioboxAesthetics(Reward):
     @torch.no_grad()
     def score_all(self, audio, sample_rate, prompts) -> dict:
         """{"CE", "CU", "PC", "PQ": (B,) float32} for (B, S) clips at `sample_rate` Hz."""
-        out_device = audio.device
-        audio = prepare_audio(audio, sample_rate, self.sample_rate, prompts).to(self.device)
-        B, S = audio.shape
-        W = self.WINDOW_SECONDS * self.sample_rate
+        wave = prepare_audio(audio, sample_rate, self.sample_rate, prompts).to(self.device)
+        (B, S), W, m = wave.shape, self.WINDOW_SECONDS * self.sample_rate, self.max_windows
         n = -(-S // W)  # windows per clip
-        windows = F.pad(audio, (0, n * W - S)).reshape(B * n, W)  # (B n, W), clip-major
+        windows = F.pad(wave, (0, n * W - S)).reshape(B * n, W)  # (B n, W), clip-major
         valid = (torch.arange(n * W, device=self.device) < S).reshape(n, W).repeat(B, 1)  # (B n, W)
         fill = valid.float().mean(-1).view(B, n)  # each window's weight
         with torch.autocast(self.device.type, enabled=False):
-            preds = [self.model(windows[i:i + self.max_windows], valid[i:i + self.max_windows])
-                     for i in range(0, B * n, self.max_windows)]
-        scores = {}
-        for axis, (mean, std) in self.target_transform.items():
-            per_window = torch.cat([p[axis] for p in preds]).view(B, n) * std + mean
-            scores[axis] = ((per_window * fill).sum(1) / fill.sum(1)).to(out_device)
-        return scores
+            preds = [self.model(windows[i:i + m], valid[i:i + m]) for i in range(0, B * n, m)]
+        per_window = {a: torch.cat([p[a] for p in preds]).view(B, n) * std + mean
+                      for a, (mean, std) in self.target_transform.items()}  # (B, n) each, on the 1-10 scale
+        return {a: ((p * fill).sum(1) / fill.sum(1)).to(audio.device) for a, p in per_window.items()}
 
     def score(self, audio, sample_rate, prompts):
         return self.score_all(audio, sample_rate, prompts)[self.axis]
@@ -355,6 +270,7 @@ class AudioboxAesthetics(Reward):
 MSCLAP_REPO, MSCLAP_FILE = "microsoft/msclap", "CLAP_weights_2023.pth"
 GPT2_REPO, GPT2_FILES = "gpt2", ("config.json", "vocab.json", "merges.txt")  # the weights are in MSCLAP_FILE
 MSCLAP_RATE, MSCLAP_SECONDS, MSCLAP_TEXT_LEN = 44100, 7, 77  # config_2023.yml: sampling_rate, duration, text_len
+MSCLAP_SPAN = MSCLAP_SECONDS * MSCLAP_RATE  # samples in the 7 s window
 MSCLAP_D_PROJ = 1024  # config_2023.yml: d_proj, the joint embedding size
 # HTSATWrapper ignores config_2023.yml's audio settings: it builds HTSAT_Swin_Transformer with its defaults and the
 # mel front end of models/config.py, made for 32 kHz AudioSet (the filterbank spans 50 Hz - 14 kHz at 32 kHz: the
@@ -382,23 +298,20 @@ def rename_key(key, key_map=MSCLAP_KEY_MAP):
 def seven_seconds(wave, start=None) -> torch.Tensor:
     """msclap's audio rule (CLAPWrapper.load_audio_into_tensor) for a (C, S) clip at 44.1 kHz -> (308700,):
     the channels are concatenated (no downmix), then a result of 7 s or less is tiled and cut to 7 s (exactly 7 s
-    included), a longer one cropped to 7 s from sample `start`. Raises ValueError when a long clip has no start."""
-    flat, span = wave.reshape(-1), MSCLAP_SECONDS * MSCLAP_RATE
-    if flat.numel() <= span:
-        return flat.repeat(math.ceil(span / flat.numel()))[:span]
-    if start is None:
-        raise ValueError(f"a clip of {flat.numel()} samples is longer than 7 s: give the start of its 7 s crop")
-    return flat[start:start + span]
+    included), a longer one cropped to 7 s from sample `start`."""
+    flat = wave.reshape(-1)
+    if flat.numel() <= MSCLAP_SPAN:
+        return flat.repeat(math.ceil(MSCLAP_SPAN / flat.numel()))[:MSCLAP_SPAN]
+    assert start is not None, f"a clip of {flat.numel()} samples is longer than 7 s: it needs a crop start"
+    return flat[start:start + MSCLAP_SPAN]
 
 
 def crop_start(num_samples: int, seed, prompt_id):
     """Start of the 7 s crop of a clip of `num_samples` (channels concatenated, 44.1 kHz); None when it is tiled.
     msclap draws it with the unseeded random.randrange(num_samples - 7 s); we draw from the same range with
     data.seeded_generator(seed, prompt_id), so a clip scores the same on every run."""
-    span = MSCLAP_SECONDS * MSCLAP_RATE
-    if num_samples <= span:
-        return None
-    return int(torch.randint(num_samples - span, (), generator=seeded_generator(seed, prompt_id)))
+    if num_samples > MSCLAP_SPAN:
+        return int(torch.randint(num_samples - MSCLAP_SPAN, (), generator=seeded_generator(seed, prompt_id)))
 
 
 def stft_kernels(n_fft: int):
@@ -480,23 +393,21 @@ class SwinStage(nn.Module):
         if self.downsample is None:
             return x
         B, L, C = x.shape
-        r = math.isqrt(L)
-        x = x.view(B, r, r, C)  # 2 x 2 neighbours side by side in the order (0, 0), (1, 0), (0, 1), (1, 1)
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
-        x = x.view(B, -1, 4 * C)
+        x = x.view(B, math.isqrt(L), math.isqrt(L), C)
+        # 2 x 2 neighbours side by side in the order (0, 0), (1, 0), (0, 1), (1, 1)
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1).view(B, -1, 4 * C)
         return self.downsample.reduction(self.downsample.norm(x))
 
 
 class HTSAT(nn.Module):
-    """HTS-AT audio encoder (Chen et al., arXiv 2202.00874) as msclap runs it: log-mel front end, a Swin transformer over the
-    mel image, and the mean of its final tokens (`latent_output`). Arguments: HTSAT_2023."""
+    """HTS-AT audio encoder (Chen et al., arXiv 2202.00874) as msclap runs it: log-mel front end, a Swin
+    transformer over the mel image, and the mean of its final tokens (`latent_output`). Arguments: HTSAT_2023."""
     def __init__(self, embed_dim, depths, num_heads, window_size, spec_size, patch_size, mlp_ratio, num_classes,
                  n_fft, hop, mel_bins):
         super().__init__()
         self.hop, self.spec_size, self.freq_ratio = hop, spec_size, spec_size // mel_bins
-        stft_real, stft_imag = stft_kernels(n_fft)
-        self.register_buffer("stft_real", stft_real)
-        self.register_buffer("stft_imag", stft_imag)
+        for name, kernel in zip(("stft_real", "stft_imag"), stft_kernels(n_fft)):
+            self.register_buffer(name, kernel)
         self.register_buffer("melW", torch.zeros(n_fft // 2 + 1, mel_bins))  # librosa's Slaney mel filters, loaded
         self.bn0 = nn.BatchNorm2d(mel_bins)
         self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv2d(1, embed_dim, patch_size, stride=patch_size),
@@ -574,17 +485,16 @@ class MSClap(nn.Module):
         with torch.device("meta"):
             model = cls(htsat, GPT2Config.from_json_file(gpt2["config.json"]), d_proj, tokenizer)
         model.load_official(state["model"])
-        return model.to(pick_device() if device is None else device).eval()
+        return model.to(pick_device(device or "auto")).eval()
 
     def load_official(self, state):
         """Load a state dict with msclap's key names, strictly, through MSCLAP_KEY_MAP. GPT-2's causal-mask
         buffers that older transformers saved (h.N.attn.bias, .masked_bias) are dropped, as msclap's non-strict
         load skips them; the fixed STFT kernels are computed when the state omits them."""
-        state = {rename_key(k): v for k, v in state.items()
-                 if not (k.startswith("caption_encoder.base.h.") and k.endswith((".attn.bias", ".attn.masked_bias")))}
         real, imag = stft_kernels(self.audio.stft_real.shape[-1])
-        state.setdefault("audio.stft_real", real)
-        state.setdefault("audio.stft_imag", imag)
+        state = {"audio.stft_real": real, "audio.stft_imag": imag, **{
+            rename_key(k): v for k, v in state.items()
+            if not (k.startswith("caption_encoder.base.h.") and k.endswith((".attn.bias", ".attn.masked_bias")))}}
         self.load_state_dict(state, strict=True, assign=True)
 
     @torch.no_grad()
@@ -613,14 +523,11 @@ class MSClap(nn.Module):
 class MSClapScore(Reward):
     """CLAPScore as TTA-Bench computes it: cosine of Microsoft CLAP 2023 audio and text embeddings, at 44.1 kHz.
 
-    Each (mono) clip is resampled as msclap does (torchaudio's default kernel: data.resample), then tiled or
-    cropped to 7 s (seven_seconds). msclap's crop start is unseeded; ours comes from (seed, prompt id), `ids`
-    (default: the prompt text), so a clip scores the same on every run. score_clips takes explicit crop starts.
-
-    Args:
-        weights_dir: a folder holding CLAP_weights_2023.pth and gpt2's files (default: the Hugging Face cache).
-        device: where to run (default: best available); seed: of the 7 s crops.
-        model: an already built MSClap (tests), instead of loading.
+    Unlike msclap, clips arrive mono (msclap concatenates a file's channels), and the 7 s crop of a longer clip
+    starts at a draw seeded by (seed, caption) (crop_start; msclap's is unseeded), so a clip scores the same on
+    every run. Resampling is msclap's (torchaudio's default kernel: data.resample).
+    Args: weights_dir (CLAP_weights_2023.pth and gpt2's files; default the Hugging Face cache), device, seed of the
+    crops; model: an already built MSClap, instead of loading.
     """
     sample_rate = MSCLAP_RATE
 
@@ -628,23 +535,51 @@ class MSClapScore(Reward):
         self.model = model if model is not None else MSClap.from_pretrained(weights_dir, device)
         self.seed = seed
 
-    def score(self, audio, sample_rate, prompts, ids=None):
-        audio = prepare_audio(audio, sample_rate, None, prompts)
-        if sample_rate != MSCLAP_RATE:
-            audio = resample(audio, int(sample_rate), MSCLAP_RATE)
-        ids = prompts if ids is None else ids
-        if len(ids) != len(prompts):
-            raise ValueError(f"need one id per prompt: {len(prompts)} prompts, {len(ids)} ids")
-        starts = [crop_start(audio.shape[-1], self.seed, i) for i in ids]
-        return self.score_clips(list(audio[:, None]), prompts, starts)
-
-    def score_clips(self, clips, prompts, crop_starts):
-        """(B,) cosines of B clips, each (C, S) at 44.1 kHz, cropped at crop_starts (None: tiled), and prompts."""
+    def score(self, audio, sample_rate, prompts):
+        audio = prepare_audio(audio, sample_rate, self.sample_rate, prompts)
+        clips = torch.stack([seven_seconds(w, crop_start(w.numel(), self.seed, p)) for w, p in zip(audio, prompts)])
         device = self.model.logit_scale.device
-        audio = torch.stack([seven_seconds(c, s) for c, s in zip(clips, crop_starts)])  # (B, 7 s)
-        audio = self.model.embed_audio(audio.to(device))
+        sound = self.model.embed_audio(clips.to(device))  # (B, d_proj)
         text = self.model.embed_text(*(t.to(device) for t in self.model.tokenize(prompts)))
-        return (F.normalize(audio.float(), dim=-1) * F.normalize(text.float(), dim=-1)).sum(-1).to(clips[0].device)
+        return (F.normalize(sound.float(), dim=-1) * F.normalize(text.float(), dim=-1)).sum(-1).to(audio.device)
+
+
+# ---------------------------------------------------------------- LAION-CLAP (the alternative GRPO reward)
+
+class ClapReward(Reward):
+    """Cosine of LAION-CLAP text and audio embeddings, at 48 kHz: Resonate's alternative GRPO reward.
+
+    Unlike the released reward (the laion_clap package and `music_speech_audioset_epoch_15_esc_89.98.pt`), we run
+    transformers' port (`ClapModel`, default `laion/clap-htsat-unfused`): close to, not equal to, its numbers. As
+    released, the audio goes through int16 and back, and a clip over 10 s is cut by the feature extractor.
+    Args: a transformers CLAP checkpoint, device (default the best), dtype (default float32); model, processor:
+    an already built ClapModel / ClapProcessor, instead of loading.
+    """
+    sample_rate = 48000
+
+    def __init__(self, model_name_or_path="laion/clap-htsat-unfused", device=None, dtype=None, *,
+                 model=None, processor=None):
+        from transformers import ClapModel, ClapProcessor
+        self.model = model if model is not None else ClapModel.from_pretrained(model_name_or_path)
+        self.processor = processor if processor is not None else ClapProcessor.from_pretrained(model_name_or_path)
+        self.device = pick_device(device or "auto")
+        self.model.to(self.device, dtype or torch.float32).eval()
+
+    @torch.no_grad()
+    def score(self, audio, sample_rate, prompts):
+        audio = prepare_audio(audio, sample_rate, self.sample_rate, prompts)
+        waves = (audio.clamp(-1, 1) * 32767.0).to(torch.int16).float() / 32767.0  # truncating, as released
+        text = self.processor.tokenizer(list(prompts), padding=True, truncation=True, max_length=77,
+                                        return_tensors="pt").to(self.device)  # LAION-CLAP's 77 tokens
+        # the unfused checkpoint takes one mel channel: "fusion" truncation would stack four
+        truncation = "fusion" if self.model.config.audio_config.enable_fusion else "rand_trunc"
+        sound = self.processor.feature_extractor([w.numpy() for w in waves.cpu()], sampling_rate=self.sample_rate,
+                                                 truncation=truncation, return_tensors="pt")
+        text = self.model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"])
+        sound = self.model.get_audio_features(input_features=sound["input_features"].to(self.device, self.model.dtype),
+                                              is_longer=sound["is_longer"].to(self.device))
+        text, sound = text.pooler_output, sound.pooler_output  # (B, D) each: the projected embeddings
+        return (F.normalize(text.float(), dim=-1) * F.normalize(sound.float(), dim=-1)).sum(-1).to(audio.device)
 
 
 # ---------------------------------------------------------------- Qwen-Omni judges: the LALM reward and AQAScore
@@ -684,59 +619,46 @@ AQA_QWEN3_OMNI = JudgeSettings(  # AQAScore, the TTA-Bench evaluation metric
 # what from_pretrained reads besides the weight shards the index lists
 JUDGE_FILES = ["config.json", "model.safetensors.index.json", "preprocessor_config.json", "tokenizer_config.json",
                "vocab.json", "merges.txt"]
+THINKERS = {"qwen2_5_omni": "Qwen2_5OmniThinkerForConditionalGeneration",  # config.json's model_type -> class
+            "qwen3_omni_moe": "Qwen3OmniMoeThinkerForConditionalGeneration"}
 
 
 def audio_token_count(mel_frames, chunk=None):
     """Audio tokens the Omni audio encoder emits for `mel_frames` 10 ms mel frames (int or (B,) tensor), as the
     processors count them. chunk=None: Qwen2.5-Omni, a stride-2 convolution then a stride-2 pooling over the clip.
     chunk=2 * n_window (Qwen3-Omni: 100 frames): the clip is cut into chunks, each halved three times by stride-2
-    convolutions (100 frames -> 13 tokens)."""
-    def halve(n, times=1):
-        for _ in range(times):
-            n = (n - 1) // 2 + 1  # kernel 3, padding 1; halve(0) == 0
-        return n
+    convolutions (100 frames -> 13 tokens). A stride-2 convolution of kernel 3, padding 1 gives ceil(n / 2), so
+    three of them ceil(n / 8)."""
     if chunk is None:
-        return (halve(mel_frames) - 2) // 2 + 1
-    return mel_frames // chunk * halve(chunk, 3) + halve(mel_frames % chunk, 3)
+        return (-(-mel_frames // 2) - 2) // 2 + 1
+    return mel_frames // chunk * -(-chunk // 8) + -(-(mel_frames % chunk) // 8)
 
 
-def judge_folder(repo, weights_dir=None) -> Path:
-    """The folder holding the judge's files: `weights_dir` when it has them, else the Hugging Face cache, where the
-    config, tokenizer, feature extractor and every weight shard (talker ones too: from_pretrained reads the whole
-    index) are downloaded. Raises data.WeightsMissing naming the repository, ValueError for a partial weights_dir."""
+def load_judge(repo, weights_dir, dtype):
+    """(thinker, tokenizer, Whisper feature extractor) of a Qwen2.5-Omni or Qwen3-Omni repository: from
+    `weights_dir` when it holds the files, else the Hugging Face cache, downloading the config, tokenizer, feature
+    extractor and every shard the index lists (talker ones too: from_pretrained reads the whole index, and skips
+    the talker's weights). dtype None: the checkpoint's own (bf16), as released. Raises data.WeightsMissing
+    naming the repository; ValueError for a weights_dir with only some of the files, or another model family."""
+    import transformers
     try:
         paths = hub_files(repo, JUDGE_FILES, weights_dir)
         shards = json.loads(paths["model.safetensors.index.json"].read_text())["weight_map"].values()
         paths.update(hub_files(repo, sorted(set(shards)), weights_dir))
-    except WeightsMissing:
+    except WeightsMissing:  # one message for the whole repository rather than a list of shards
         raise WeightsMissing(f"the judge https://huggingface.co/{repo} is not on this machine and could not be "
                              f"downloaded: fetch it where you have access (`hf download {repo}`) and pass that folder "
                              f"as weights_dir, or run the command here to fill the Hugging Face cache (HF_TOKEN for "
                              f"gated copies, HF_ENDPOINT for a mirror)") from None
-    folders = {p.parent for p in paths.values()}
-    if len(folders) > 1:
+    folder, *others = {p.parent for p in paths.values()}
+    if others:
         raise ValueError(f"{weights_dir} holds only some of {repo}'s files; put all of them there, or none")
-    return folders.pop()
-
-
-def _load_thinker(folder, dtype):
-    """The thinker (text half) of the Qwen2.5-Omni or Qwen3-Omni checkpoint in `folder`: transformers maps the full
-    repository's thinker.* weights onto it and skips the talker's."""
-    import transformers
-    thinkers = {"qwen2_5_omni": "Qwen2_5OmniThinkerForConditionalGeneration",
-                "qwen3_omni_moe": "Qwen3OmniMoeThinkerForConditionalGeneration"}
     family = json.loads((folder / "config.json").read_text())["model_type"].removesuffix("_thinker")
-    if family not in thinkers:
-        raise ValueError(f"{folder} holds a {family!r} model; the judge runs {' or '.join(thinkers)} checkpoints")
-    # dtype "auto": the checkpoint's own precision (bf16), as released
-    return getattr(transformers, thinkers[family]).from_pretrained(folder, dtype=dtype or "auto")
-
-
-def _single_token_id(tokenizer, text: str) -> int:
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    if len(ids) != 1:
-        raise ValueError(f"the judge reads one token for {text!r}, but the tokenizer splits it into {ids}")
-    return ids[0]
+    if family not in THINKERS:
+        raise ValueError(f"{folder} holds a {family!r} model; the judge runs {' or '.join(THINKERS)} checkpoints")
+    return (getattr(transformers, THINKERS[family]).from_pretrained(folder, dtype=dtype or "auto"),
+            transformers.AutoTokenizer.from_pretrained(folder),
+            transformers.WhisperFeatureExtractor.from_pretrained(folder))
 
 
 class QwenOmniJudge(Reward):
@@ -752,20 +674,16 @@ class QwenOmniJudge(Reward):
     answer token only: one forward pass, no decoding. They agree when the first token is the answer's only yes or
     no (the usual "yes" / "Yes."); they differ when the answer starts otherwise (first_token scores 0) or says yes
     or no again later (the released rule reads the last). QWEN25_OMNI takes first_token, the cheap training reward.
-    Batching: the released code scores one clip at a time; here a batch runs together, prompts left-padded with an
-    attention mask, every row decoded in step; the same scores up to float rounding.
-    Inputs come from the tokenizer and the Whisper feature extractor, not the Omni processors, which also need the
-    image and video stack (PIL, torchvision; still so in transformers 5.24).
+    Unlike the released code, which scores one clip at a time, a batch runs together (prompts left-padded, every
+    row decoded in step): the same scores up to float rounding. Inputs come from the tokenizer and the Whisper
+    feature extractor, not the Omni processors, which also need the image and video stack (PIL, torchvision).
 
-    Args:
-        settings: a JudgeSettings; keyword overrides replace its fields (rule="last_yes_no", max_new_tokens=32).
-        weights_dir: a folder with the repository's files (default: the Hugging Face cache, downloading).
-        device: default the best available; dtype: default the checkpoint's (bf16).
-        max_batch: clips per pass (None: the whole batch at once); lowers peak memory.
-        model, tokenizer, feature_extractor: already built parts (tests), instead of loading.
-    Raises:
-        data.WeightsMissing when the repository is neither in weights_dir nor cached and cannot be downloaded;
-        ValueError for an unknown rule, max_new_tokens < 1 or a tokenizer that does not fit the model.
+    Args: settings (a JudgeSettings; keyword overrides replace its fields, e.g. rule="last_yes_no"); weights_dir
+    (default the Hugging Face cache, downloading); device (default the best), dtype (default the checkpoint's,
+    bf16); max_batch: clips per pass (None: all), for memory; model, tokenizer, feature_extractor: the three
+    parts already built, instead of loading.
+    Raises: data.WeightsMissing (see load_judge); ValueError for an unknown rule, max_new_tokens < 1 or a
+    tokenizer that does not fit the model.
     """
     sample_rate = 16000
     QUESTION = ("Does this audio contain the sound events described by the text: {caption}? "
@@ -773,34 +691,28 @@ class QwenOmniJudge(Reward):
 
     def __init__(self, settings=QWEN25_OMNI, weights_dir=None, device=None, dtype=None, max_batch=None, *,
                  model=None, tokenizer=None, feature_extractor=None, **overrides):
-        from transformers import AutoTokenizer, WhisperFeatureExtractor
         self.settings = s = dataclasses.replace(settings, **overrides)
         if s.rule not in ("first_token", "last_yes_no") or s.max_new_tokens < 1:
             raise ValueError(f"rule must be 'first_token' or 'last_yes_no' and max_new_tokens at least 1, got "
                              f"{s.rule!r} and {s.max_new_tokens}")
-        if model is None or tokenizer is None or feature_extractor is None:
-            folder = judge_folder(s.repo, weights_dir)
-        self.model = model if model is not None else _load_thinker(folder, dtype)
-        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(folder)
-        self.feature_extractor = (feature_extractor if feature_extractor is not None
-                                  else WhisperFeatureExtractor.from_pretrained(folder))
-        self.device = torch.device(device) if device is not None else pick_device()
-        self.model.to(self.device).eval()
-        if dtype is not None:
-            self.model.to(dtype)
-        self.max_batch = max_batch
-        self.yes_id, self.no_id = (_single_token_id(self.tokenizer, w) for w in (s.yes, s.no))
-        self.eos_id = _single_token_id(self.tokenizer, "<|im_end|>")
-        if self.tokenizer.convert_tokens_to_ids(s.audio_tokens[1]) != self.model.config.audio_token_id:
-            raise ValueError(f"tokenizer's {s.audio_tokens[1]} id differs from the model's audio_token_id")
-        audio_config = self.model.config.audio_config  # Qwen3-Omni's encoder reads 2 * n_window-frame chunks
+        if model is None:
+            model, tokenizer, feature_extractor = load_judge(s.repo, weights_dir, dtype)
+        self.tokenizer, self.feature_extractor, self.max_batch = tokenizer, feature_extractor, max_batch
+        self.device = pick_device(device or "auto")
+        self.model = model.to(self.device, dtype).eval()
+        ids = [tokenizer.encode(word, add_special_tokens=False) for word in (s.yes, s.no, "<|im_end|>")]
+        audio_id = tokenizer.convert_tokens_to_ids(s.audio_tokens[1])
+        if {len(i) for i in ids} != {1} or audio_id != model.config.audio_token_id:
+            raise ValueError(f"the tokenizer does not fit the judge: {s.yes!r}, {s.no!r} and <|im_end|> must be one "
+                             f"token each (got {ids}) and {s.audio_tokens[1]} the model's audio_token_id")
+        (self.yes_id,), (self.no_id,), (self.eos_id,) = ids
+        audio_config = model.config.audio_config  # Qwen3-Omni's encoder reads 2 * n_window-frame chunks
         self.chunk = 2 * audio_config.n_window if audio_config.model_type.startswith("qwen3") else None
 
     def prompt(self, caption: str, num_audio_tokens: int) -> str:
         """The chat text for one clip, as the model's chat template renders the released conversation:
         [system turn,] user turn (question then audio), open assistant turn."""
-        start, pad, end = self.settings.audio_tokens
-        system = self.settings.system_prompt
+        (start, pad, end), system = self.settings.audio_tokens, self.settings.system_prompt
         system = "" if system is None else f"<|im_start|>system\n{system}<|im_end|>\n"
         return (f"{system}<|im_start|>user\n{self.QUESTION.format(caption=caption)}{start}{pad * num_audio_tokens}"
                 f"{end}<|im_end|>\n<|im_start|>assistant\n")
@@ -815,18 +727,16 @@ class QwenOmniJudge(Reward):
         num_tokens = audio_token_count(features["attention_mask"].sum(-1), self.chunk)  # (B,)
         texts = [self.prompt(p, int(n)) for p, n in zip(prompts, num_tokens)]
         text = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
-        dtype = next(self.model.parameters()).dtype
         return {"input_ids": text["input_ids"].to(self.device),
                 "attention_mask": text["attention_mask"].to(self.device),
-                "input_features": features["input_features"].to(self.device, dtype),
+                "input_features": features["input_features"].to(self.device, self.model.dtype),
                 "feature_attention_mask": features["attention_mask"].to(self.device)}
 
     @torch.no_grad()
     def yes_no_scores(self, inputs) -> torch.Tensor:
         """(B,) float32 p(yes) / (p(yes) + p(no)) at the greedy answer token the rule reads, 0 where it is neither
         word. All rows decode together; a row that has emitted <|im_end|> is fed on but no longer counts."""
-        if not inputs["attention_mask"][:, -1].all():
-            raise ValueError("prompts must be left-padded so that each one ends in the last column")
+        assert inputs["attention_mask"][:, -1].all(), "prompts must be left-padded, each ending in the last column"
         steps = 1 if self.settings.rule == "first_token" else self.settings.max_new_tokens
         thinker, mask = self.model.model, inputs["attention_mask"]
         out = thinker(**inputs, use_cache=steps > 1)
@@ -859,11 +769,7 @@ class QwenOmniJudge(Reward):
 # ---------------------------------------------------------------- combining rewards
 
 class WeightedSum(Reward):
-    """sum_k weight_k * reward_k, the way Resonate combines several rewards.
-
-    Args:
-        terms: {name: (reward, weight)}.
-    """
+    """sum_k weight_k * reward_k over terms {name: (reward, weight)}, the way Resonate combines rewards."""
     def __init__(self, terms):
         assert terms, "WeightedSum needs at least one reward"
         self.terms = dict(terms)
@@ -889,42 +795,24 @@ REWARDS = {
 }
 
 
-def _parse_spec(spec) -> dict:
-    """'a:1.0,b' or {'a': 1.0, 'b': {'weight': 0.5, **kwargs}} -> {name: (weight, kwargs)}."""
-    if isinstance(spec, str):
-        terms = {}
-        for item in filter(None, (s.strip() for s in spec.split(","))):
-            name, _, weight = item.partition(":")
-            terms[name.strip()] = (float(weight) if weight else 1.0, {})
-        return terms
-    if isinstance(spec, dict):
-        terms = {}
-        for name, value in spec.items():
-            if isinstance(value, dict):
-                kwargs = dict(value)
-                terms[name] = (float(kwargs.pop("weight", 1.0)), kwargs)
-            else:
-                terms[name] = (float(value), {})
-        return terms
-    raise ValueError(f"reward spec must be a string like 'loudness:1.0,clap:0.5' or a dict, got {spec!r}")
-
-
 def build_reward(spec, device=None) -> WeightedSum:
-    """Build a WeightedSum from a config spec, e.g. "loudness:1.0,clap:0.5", {"loudness": 1.0} or
+    """A WeightedSum from a config spec: "loudness:1.0,clap:0.5", {"loudness": 1.0} or
     {"loudness": {"weight": 1.0, "target_db": -14}}. `device` goes to the rewards that run a model.
-
-    Raises:
-        ValueError for an unknown name (listing the known ones), an empty spec or a malformed weight.
-    """
-    terms = _parse_spec(spec)
-    if not terms:
-        raise ValueError(f"empty reward spec {spec!r}; known rewards: {', '.join(sorted(REWARDS))}")
-    built = {}
-    for name, (weight, kwargs) in terms.items():
-        if name not in REWARDS:
-            raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}")
-        ctor = REWARDS[name]
+    Raises ValueError for an empty spec, an unknown name (listing the known ones) or a malformed weight."""
+    if isinstance(spec, str):  # "a:1.0, b" -> {"a": 1.0, "b": 1.0}
+        spec = {name.strip(): float(weight or 1.0)
+                for name, _, weight in (item.partition(":") for item in spec.split(",") if item.strip())}
+    if not isinstance(spec, dict):
+        raise ValueError(f"reward spec must be a string like 'loudness:1.0,clap:0.5' or a dict, got {spec!r}")
+    unknown = sorted(set(spec) - set(REWARDS))
+    if not spec or unknown:
+        raise ValueError(f"reward spec {spec!r} is empty or names unknown rewards {unknown}; "
+                         f"known rewards: {', '.join(sorted(REWARDS))}")
+    terms = {}
+    for name, value in spec.items():
+        kwargs = dict(value) if isinstance(value, dict) else {"weight": value}
+        weight, ctor = float(kwargs.pop("weight", 1.0)), REWARDS[name]
         if device is not None and "device" in inspect.signature(ctor).parameters:
             kwargs.setdefault("device", device)
-        built[name] = (ctor(**kwargs), weight)
-    return WeightedSum(built)
+        terms[name] = (ctor(**kwargs), weight)
+    return WeightedSum(terms)

@@ -97,7 +97,7 @@ def test_seven_second_rule():
     exact = torch.randn(1, SEVEN_S)
     assert torch.equal(seven_seconds(exact), exact[0])  # exactly 7 s is tiled (once), not cropped
     longer = torch.randn(1, SEVEN_S + 1)
-    with pytest.raises(ValueError, match="longer than 7 s"):
+    with pytest.raises(AssertionError, match="longer than 7 s"):
         seven_seconds(longer)
     assert torch.equal(seven_seconds(longer, 1), longer[0, 1:])
     assert crop_start(SEVEN_S, 0, "a dog") is None
@@ -198,14 +198,12 @@ def test_score_is_the_cosine_with_seeded_crops(loaded):
     long = 0.1 * torch.randn(3, 9 * 44100, generator=g)  # longer than 7 s: cropped
     scores = scorer.score(long, 44100, CAPTIONS)
     starts = [crop_start(9 * 44100, 3, c) for c in CAPTIONS]
-    expected = scorer.score_clips(list(long[:, None]), CAPTIONS, starts)
     audio = loaded.embed_audio(torch.stack([seven_seconds(w[None], s) for w, s in zip(long, starts)]))
     text = loaded.embed_text(*loaded.tokenize(CAPTIONS))
-    assert scores.shape == (3,) and (scores - expected).abs().max() < 1e-6
-    assert (scores - F.cosine_similarity(audio, text)).abs().max() < 1e-5
+    assert scores.shape == (3,) and (scores - F.cosine_similarity(audio, text)).abs().max() < 1e-5
     assert torch.equal(scorer.score(long, 44100, CAPTIONS), scores)  # the same crops on every call
-    by_id = scorer.score(long, 44100, CAPTIONS, ids=[10, 11, 12])
-    assert (by_id - scores).abs().max() > 1e-6  # other ids, other crops
+    other_seed = MSClapScore(model=loaded, seed=4).score(long, 44100, CAPTIONS)
+    assert (other_seed - scores).abs().max() > 1e-6  # another seed, other crops
     short = 0.1 * torch.randn(2, 16000, generator=g)  # 1 s at 16 kHz: resampled as msclap does, then tiled
     tiled = [seven_seconds(resample(w[None], 16000, 44100)) for w in short]
     assert (scorer.score(short, 16000, CAPTIONS[:2]) - F.cosine_similarity(
