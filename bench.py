@@ -18,8 +18,8 @@ the prompts are sharded over the processes.
 speed: seconds of compute per generated second of audio, split into text encoding, transformer (all Euler
 steps, CFG branches batched), VAE decoding and vocoder, with each part's FLOPs and achieved FLOP/s against a
 matmul probe run on the same machine in the same dtype. Weights are random (built on the meta device, then
-filled), so nothing is downloaded; the text encoder has FLAN-T5-large's shape unless `text_encoder` names a
-real one.
+filled; BigVGAN with its own init, which computes its fixed filters), so nothing is downloaded; the text encoder
+has FLAN-T5-large's shape unless `text_encoder` names a real one.
 Settings are the module globals below, overridden by config/*.py presets and --key=value (data.configure);
 --mode=eval first sets the released evaluation's values of MODE_DEFAULTS, which the user's settings override.
 """
@@ -125,20 +125,14 @@ def dtype_name(dev):
 
 def timed(fn, dev, n):
     """Fastest of n runs of fn() in seconds, after one warm-up run."""
-    fn()
-    best = float('inf')
-    for _ in range(n):
-        sync(dev)
+    seconds = []
+    for _ in range(n + 1):
         t0 = time.perf_counter()
         fn()
-        sync(dev)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def sync(dev):
-    if dev.type != 'cpu':  # kernels run asynchronously: wait for them before reading the clock
-        torch.accelerator.synchronize(dev)
+        if dev.type != 'cpu':  # kernels run asynchronously: wait for them before reading the clock
+            torch.accelerator.synchronize(dev)
+        seconds.append(time.perf_counter() - t0)
+    return min(seconds[1:])
 
 
 def count_flops(fn):
@@ -217,9 +211,8 @@ def speed_calls(dev, dt):
     captions = ['rain on a tin roof'] * B
     text_f, text_f_c = (x.to(dev, dt) for x in encode(captions))
     neg_f, neg_f_c = (x.to(dev, dt) for x in net.empty_conditions(B))
-    x = torch.randn(B, N, C, device=dev, dtype=dt)
+    x, z = torch.randn(B, N, C, device=dev, dtype=dt), torch.randn(B, C, N, device=dev, dtype=dt)  # noisy, VAE latents
     t = torch.full((B,), 0.5, device=dev, dtype=dt)
-    z = torch.randn(B, C, N, device=dev, dtype=dt)
     mel_in = torch.randn(B, mel_cfg['n_mels'], 2 * N, device=dev, dtype=dt)
     calls = {'text': (lambda: encode(captions), 1),
              'transformer': (lambda: guided_velocity(net, x, t, text_f, text_f_c, neg_f, neg_f_c, cfg_strength),
@@ -490,8 +483,8 @@ def clip_batches(items, folder):
     resamples (reward.prepare_audio). Silent clips are scored too (data.load_audio refuses them, for training)."""
     batch, key = [], None
     for pid, text in items:
-        data, sr = soundfile.read(wav_path(folder, pid), dtype='float32', always_2d=True)  # (S, channels)
-        wave = torch.from_numpy(data.mean(1))  # (S,)
+        samples, sr = soundfile.read(wav_path(folder, pid), dtype='float32', always_2d=True)  # (S, channels)
+        wave = torch.from_numpy(samples.mean(1))  # (S,)
         if batch and (len(batch) == score_batch_size or (sr, len(wave)) != key):
             yield [t for t, _ in batch], torch.stack([w for _, w in batch]), key[0]
             batch = []
