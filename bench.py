@@ -262,18 +262,15 @@ def eval_problems():
     names = metric_names()
     return [
         (not names or set(names) - set(reward.REWARDS),
-         f'--metrics takes names of reward.REWARDS ({", ".join(sorted(reward.REWARDS))}), comma-separated; got '
-         f'{metrics!r}'),
+         f'--metrics takes names of reward.REWARDS ({", ".join(sorted(reward.REWARDS))}), got {metrics!r}'),
         (len(set(names)) < len(names), f'--metrics names a metric twice: {metrics!r}'),
-        (set(metric_kwargs) - set(names), f'--metric_kwargs names metrics missing from --metrics={metrics}: '
-                                          f'{sorted(set(metric_kwargs) - set(names))}'),
+        (set(metric_kwargs) - set(names), f'--metric_kwargs names {sorted(metric_kwargs)}; not all are --metrics'),
         (not (os.path.isfile(prompts) and prompts.endswith('.json')),
          f'--prompts {prompts!r} is no TTA-Bench JSON file; give one such as config/tta_bench_acc.json'),
         (limit < 0, f'--limit must be 0 (every prompt) or a number of prompts, got {limit}'),
         (score_batch_size < 1, f'--score_batch_size must be at least 1, got {score_batch_size}'),
         (audio_dir and not os.path.isdir(audio_dir), f'--audio_dir {audio_dir!r} is not a folder of <id>.wav files'),
-        (not audio_dir and ckpt and not os.path.isfile(ckpt), f'--ckpt {ckpt!r} does not exist; give a train.py '
-                                                              f'ckpt.pt or a published .pth, or leave it empty'),
+        (not audio_dir and ckpt and not os.path.isfile(ckpt), f'--ckpt {ckpt!r} is no file; give a ckpt.pt or .pth'),
         (weights not in ('grpo', 'pt'), f"--weights must be 'grpo' or 'pt', got {weights!r}")]
 
 
