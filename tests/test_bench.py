@@ -158,7 +158,8 @@ def metric_kwargs(tmp_path_factory):
     """bench's metric_kwargs for tiny random versions of the paper's metrics, each from a folder in its published
     format, built as tests/test_reward.py and tests/test_msclap.py build them: Audiobox Aesthetics (checkpoint.pt of
     fixtures/aes_a.pt), MS-CLAP (CLAP_weights_2023.pth of fixtures/msclap_a.pt and a GPT-2 tokenizer) and a
-    Qwen3-Omni thinker with its tokenizer and feature extractor. MSClapScore builds the full-size HTSAT from a
+    Qwen3-Omni thinker (its answers boosted to yes/no words, so AQAScore is not 0) with its tokenizer and feature
+    extractor. MSClapScore builds the full-size HTSAT from a
     weights_dir, so the tiny one is loaded by MSClap.from_pretrained from its folder and passed as the model."""
     root = tmp_path_factory.mktemp("metrics")
     aes = torch.load(FIXTURES / "aes_a.pt", weights_only=True)
@@ -174,8 +175,8 @@ def metric_kwargs(tmp_path_factory):
     tokenizer = test_reward.tiny_qwen_tokenizer(backend)
     features = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, chunk_length=2)  # a 2 s window
     (root / "aqa").mkdir()
-    test_reward.write_published_folder(root / "aqa", "qwen3", test_reward.tiny_thinker("qwen3", tokenizer),
-                                       (backend, tokenizer, features, None))
+    thinker = test_reward.boost_answers(test_reward.tiny_thinker("qwen3", tokenizer), tokenizer, ("yes", "no"))
+    test_reward.write_published_folder(root / "aqa", "qwen3", thinker, (backend, tokenizer, features, None))
     tiny_clap = MSClap.from_pretrained(root / "clap", "cpu", htsat=test_msclap.htsat_args(clap),
                                        d_proj=clap["clap_args"]["d_proj"])
     return {"aes": {"weights_dir": str(root / "aes"), "wavlm_config": aes["wavlm_config"]},
@@ -192,8 +193,13 @@ def test_eval_end_to_end_with_the_papers_metrics(weights_dir, metric_kwargs, tmp
     rows = read_jsonl(out / "scores.jsonl")
     columns = {"CE", "CU", "PC", "PQ", "clap", "aqa"}
     assert [r["id"] for r in rows] == IDS and all(set(r) == {"id", "prompt", *columns} for r in rows)
-    assert all(-1 <= r["clap"] <= 1 and 0 <= r["aqa"] <= 1 for r in rows)
+    assert all(-1 <= r["clap"] <= 1 and 0 <= r["aqa"] <= 1 for r in rows) and any(r["aqa"] > 0 for r in rows)
     assert len({r["PQ"] for r in rows}) == 3  # three prompts, three noises
+    audio = torch.stack([torch.from_numpy(sf.read(out / f"{i}.wav", dtype="float32")[0]) for i in IDS])  # (3, S)
+    captions = [r["prompt"] for r in rows]
+    for name, key, column in (("aes", "CE", "CE"), ("clap", "score", "clap"), ("aqa", "score", "aqa")):
+        direct = reward.REWARDS[name](**metric_kwargs[name], device="cpu").score_all(audio, 16000, captions)
+        assert [r[column] for r in rows] == pytest.approx(direct[key].tolist(), abs=1e-5)  # the scorer on the files
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk == summary and summary["scored"] == 3 and summary["skipped"] == {}
     assert summary["means"] == {c: pytest.approx(sum(r[c] for r in rows) / 3, abs=1e-12) for c in columns}
