@@ -51,8 +51,8 @@ size = 'resonate_m_44k'  # transformer size, a key of transformer.MODELS
 vae = 'vae_44k'  # a key of vae.VAES; its latent channels set the transformer's
 vocoder = 'bigvgan_v2_44khz_128band_512x'  # a key of vae.BIGVGAN_CONFIGS, or 'griffin-lim' (eval: else the model's own)
 mel = '44k'  # a key of vae.MEL_CONFIGS (sample rate, hop length); the vocoder must take its bins and hop
-text_encoder = 'flan-t5-large-random'  # random weights of FLAN-T5-large's (or 't5-tiny-random') shape, or a name/folder to load
-# (eval: a name/folder replaces the model's own text encoder; the random names keep it)
+text_encoder = 'flan-t5-large-random'  # random weights of FLAN-T5-large's (or 't5-tiny-random') shape, or a name or
+# folder to load (eval: a name or folder replaces the model's own text encoder; the random names keep it)
 duration = 2.0  # seconds of audio per clip (eval: 10)
 batch_size = 1  # clips generated together (eval: 16)
 steps = 25  # Euler steps (one batched CFG forward each)
