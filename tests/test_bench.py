@@ -257,6 +257,9 @@ def test_unusable_prompts_are_skipped_and_recorded(weights_dir, tmp_path):
     prompts.write_text(json.dumps([{"id": "p1", "prompt_text": "a dog barks"}, {"id": "p2", "prompt_text": 7}]))
     vars(bench).update(SETTINGS)
     assert "'p2' has prompt_text 7" in one_line_exit(eval_args(weights_dir, out, f"--prompts={prompts}"))
+    for ids in (["p1", "p1"], ["p1", "../p2"]):  # ids name the clips' files
+        prompts.write_text(json.dumps([{"id": i, "prompt_text": "rain"} for i in ids]))
+        assert "ids must be unique file names" in one_line_exit(eval_args(weights_dir, out, f"--prompts={prompts}"))
 
 
 class LevelAndPeak(reward.Reward):
