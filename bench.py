@@ -18,34 +18,41 @@ the prompts are sharded over the processes.
 speed: seconds of compute per generated second of audio, split into text encoding, transformer (all Euler
 steps, CFG branches batched), VAE decoding and vocoder, with each part's FLOPs and achieved FLOP/s against a
 matmul probe run on the same machine in the same dtype. Weights are random (built on the meta device, then
-filled), so nothing is downloaded; the text encoder has FLAN-T5-large's shape unless `text_encoder` names a
-real one.
-Settings are the module globals below, overridden by --key=value (nanoGPT style); --mode=eval first sets the
-released evaluation's values of MODE_DEFAULTS, which later --key=value override in turn.
+filled; BigVGAN with its own init, which computes its fixed filters), so nothing is downloaded; the text encoder
+has FLAN-T5-large's shape unless `text_encoder` names a real one.
+Settings are the module globals below, overridden by config/*.py presets and --key=value (data.configure);
+--mode=eval first sets the released evaluation's values of MODE_DEFAULTS, which the user's settings override.
 """
-import ast
 import gc
-import inspect
 import json
+import math
 import os
 import re
 import sys
-import tempfile
 import time
 
+import soundfile
 import torch
 import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
+from transformers import T5Config, T5EncoderModel
+
+import data
+import reward
+from flow import guided_velocity
+from sample import check_settings, generate, load_pipeline, write_wav
+from transformer import MODELS, Resonate, load_text_encoder
+from vae import BIGVGAN_CONFIGS, MEL_CONFIGS, VAES, BigVGAN, GriffinLim, num_latent_frames
 
 # -----------------------------------------------------------------------------
 mode = 'speed'  # a key of MODES
 size = 'resonate_m_44k'  # transformer size, a key of transformer.MODELS
 vae = 'vae_44k'  # a key of vae.VAES; its latent channels set the transformer's
 vocoder = 'bigvgan_v2_44khz_128band_512x'  # a key of vae.BIGVGAN_CONFIGS, or 'griffin-lim' (eval: else the model's own)
-mel = '44k'  # a key of vae.MEL_CONFIGS (sample rate, hop length)
-text_encoder = 'flan-t5-large-random'  # random weights of FLAN-T5-large's (or 't5-tiny-random') shape, or a name/folder to load
-# (eval: a name/folder replaces the model's own text encoder; the random names keep it)
+mel = '44k'  # a key of vae.MEL_CONFIGS (sample rate, hop length); the vocoder must take its bins and hop
+text_encoder = 'flan-t5-large-random'  # random weights of FLAN-T5-large's (or 't5-tiny-random') shape, or a name or
+# folder to load (eval: a name or folder replaces the model's own text encoder; the random names keep it)
 duration = 2.0  # seconds of audio per clip (eval: 10)
 batch_size = 1  # clips generated together (eval: 16)
 steps = 25  # Euler steps (one batched CFG forward each)
@@ -64,39 +71,48 @@ ckpt = ''  # a train.py ckpt.pt or a published transformer .pth; '' = the publis
 weights = 'grpo'  # the published transformer: grpo (Resonate-GRPO) or pt (Resonate-PT)
 weights_dir = ''  # folder holding the published files; '' = the Hugging Face / nanoresonate cache, else download
 metrics = 'aes,clap,aqa'  # reward.REWARDS names, comma-separated; loudness and centroid need no download
-metric_kwargs = {}  # {metric: constructor kwargs}, e.g. {'loudness': {'target_db': -14.0}}; built models from Python
+metric_kwargs = {}  # {metric: constructor kwargs}, e.g. {'aes': {'weights_dir': 'w/aes'}}: set in a config/*.py
+# preset or from Python (built models too); a dict is no --key=value setting
 score_batch_size = 16  # clips per metric call
 out_dir = 'out/tta_bench'  # generated <id>.wav, generation.json, scores.jsonl, summary.json
 audio_dir = ''  # score this folder of <id>.wav (any system's) instead of generating
 # -----------------------------------------------------------------------------
 MODE_DEFAULTS = {'eval': dict(duration=10.0, batch_size=16, seed=42, dtype='auto')}  # as the released evaluation
+SPEED_PARTS = ('text', 'transformer', 'vae', 'vocoder')
 
 
 def configure(argv):
-    """Apply --key=value overrides to the globals above (values parsed as Python literals, else strings);
-    --mode=X first applies MODE_DEFAULTS[X]."""
-    pairs = [_setting(arg) for arg in argv]
-    for key, value in pairs:
-        if key == 'mode':
-            globals().update(MODE_DEFAULTS.get(value, {}))
-    for key, value in pairs:
-        globals()[key] = value
+    """data.configure on these settings, after MODE_DEFAULTS[X] of a --mode=X in argv, so that the user's settings
+    beat the mode's defaults. Raises ValueError or FileNotFoundError as data.configure does."""
+    for arg in argv:
+        if arg.startswith('--mode='):
+            globals().update(MODE_DEFAULTS.get(arg[len('--mode='):], {}))
+    data.configure(globals(), argv)
 
 
-def _setting(arg):
-    """'--key=value' -> (key, value of the global's type); exits with one line for anything else."""
-    if not arg.startswith('--') or '=' not in arg:
-        sys.exit(f'error: settings are --key=value, got {arg!r}')
-    key, value = arg[2:].split('=', 1)
-    if key not in globals() or key.startswith('_') or callable(globals()[key]) or key.isupper():
-        sys.exit(f'error: unknown setting --{key}')
-    try:
-        value = ast.literal_eval(value)
-    except (SyntaxError, ValueError):
-        pass
-    if type(value) is not type(globals()[key]) and not (isinstance(globals()[key], float) and isinstance(value, int)):
-        sys.exit(f'error: --{key} must be a {type(globals()[key]).__name__}, got {value!r}')
-    return key, type(globals()[key])(value)
+def check():
+    """Raise ValueError naming the first setting that cannot work, and its fix, before anything is loaded."""
+    for key, allowed in (('mode', MODES), ('dtype', [*data.DTYPES, 'auto']), ('size', MODELS), ('vae', VAES),
+                         ('mel', MEL_CONFIGS), ('vocoder', [*BIGVGAN_CONFIGS, 'griffin-lim'])):
+        if globals()[key] not in allowed:
+            raise ValueError(f'--{key} must be one of {sorted(allowed)}, got {globals()[key]!r}')
+    data.pick_device(device)
+    check_settings(['-'], duration, steps, cfg_strength, seed, 1, batch_size)
+    problems = [(threads < 0, f'--threads must be 0 (torch\'s default) or a number of threads, got {threads}')]
+    for bad, message in problems + (speed_problems() if mode == 'speed' else eval_problems()):
+        if bad:
+            raise ValueError(message)
+
+
+def speed_problems():
+    m = MEL_CONFIGS[mel]  # a vocoder fits when it takes its mel bins and upsamples by its hop
+    fits = [v for v, c in BIGVGAN_CONFIGS.items()
+            if (c['num_mels'], math.prod(c['upsample_rates'])) == (m['n_mels'], m['hop_length'])] + ['griffin-lim']
+    return [(repeats < 1, f'--repeats must be at least 1, got {repeats}'),
+            (probe_size < 1, f'--probe_size must be at least 1, got {probe_size}'),
+            (set(parts.split(',')) - set(SPEED_PARTS), f'--parts takes {",".join(SPEED_PARTS)}, got {parts!r}'),
+            (vocoder not in fits, f'--vocoder={vocoder} does not take the {m["n_mels"]} mel bins at hop '
+                                  f'{m["hop_length"]} of --mel={mel}; use --vocoder={" or ".join(fits)}')]
 
 
 def dtype_name(dev):
@@ -104,24 +120,19 @@ def dtype_name(dev):
     return ('bf16' if dev.type == 'cuda' else 'fp32') if dtype == 'auto' else dtype
 
 
-def sync(dev):
-    if dev.type == 'cuda':
-        torch.cuda.synchronize()
-    elif dev.type == 'mps':
-        torch.mps.synchronize()
-
+# -----------------------------------------------------------------------------
+# speed: seconds per generated second, FLOPs and FLOP/s of each part
 
 def timed(fn, dev, n):
-    """Fastest of n runs of fn() in seconds (after one warm-up run), and fn's result."""
-    out = fn()
-    best = float('inf')
-    for _ in range(n):
-        sync(dev)
+    """Fastest of n runs of fn() in seconds, after one warm-up run."""
+    seconds = []
+    for _ in range(n + 1):
         t0 = time.perf_counter()
-        out = fn()
-        sync(dev)
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+        fn()
+        if dev.type != 'cpu':  # kernels run asynchronously: wait for them before reading the clock
+            torch.accelerator.synchronize(dev)
+        seconds.append(time.perf_counter() - t0)
+    return min(seconds[1:])
 
 
 def count_flops(fn):
@@ -134,8 +145,7 @@ def count_flops(fn):
 def matmul_probe(dev, dt, n, reps):
     """FLOP/s of an n x n x n matmul in dtype dt: what this machine's GEMM reaches."""
     a, b = torch.randn(n, n, device=dev, dtype=dt), torch.randn(n, n, device=dev, dtype=dt)
-    seconds, _ = timed(lambda: a @ b, dev, reps)
-    return 2 * n ** 3 / seconds
+    return 2 * n ** 3 / timed(lambda: a @ b, dev, reps)
 
 
 def random_weights(module, std=0.02):
@@ -145,7 +155,7 @@ def random_weights(module, std=0.02):
         for p in module.parameters():
             p.normal_(0, std)
         for name, b in module.named_buffers():
-            if b.is_floating_point():  # statistics: mean 0, std 1; BigVGAN's filters are restored by _refilter
+            if b.is_floating_point():  # statistics: mean 0, std 1
                 b.fill_(1.0 if name.endswith('std') else 0.0)
     return module
 
@@ -160,10 +170,8 @@ def build_text_encoder():
     FLAN-T5-large's configuration and random weights fed random token ids (77 per caption, as released);
     't5-tiny-random' the same with a 32-d, one-layer T5 (tests)."""
     if text_encoder not in RANDOM_TEXT_ENCODERS:
-        from transformer import load_text_encoder
         enc = load_text_encoder(text_encoder)
         return enc.encode, enc.dim, enc
-    from transformers import T5Config, T5EncoderModel
     config = T5Config(vocab_size=32128, feed_forward_proj='gated-gelu', is_encoder_decoder=False, use_cache=False,
                       **RANDOM_TEXT_ENCODERS[text_encoder])
     with torch.device('meta'):
@@ -179,85 +187,62 @@ def build_text_encoder():
 
 def build_parts(dev, dt):
     """Random-weight transformer, VAE and vocoder of the configured sizes on dev in dt, and the text encoder."""
-    from transformer import MODELS, Resonate
-    from vae import BIGVGAN_CONFIGS, MEL_CONFIGS, VAES, BigVGAN, griffin_lim
     encode, text_dim, text_model = build_text_encoder()
     with torch.device('meta'):
         vae_net = VAES[vae]()
     vae_net = random_weights(vae_net).fold_weight_norm().eval()
     cfg_t = MODELS[size](latent_dim=vae_net.embed_dim, text_dim=text_dim, text_c_dim=text_dim)
     net = random_weights(Resonate.from_config(cfg_t, device='meta')).eval()
-    mel_cfg = MEL_CONFIGS[mel]
     if vocoder == 'griffin-lim':
-        voc = lambda m: griffin_lim(m.float(), mel_cfg).unsqueeze(1)
-    else:
-        with torch.device('meta'):
-            voc = BigVGAN.from_config(BIGVGAN_CONFIGS[vocoder])
-        voc = _refilter(random_weights(voc)).eval()
-    for m in (net, vae_net, voc, text_model):
-        if isinstance(m, torch.nn.Module):
-            m.to(dev, torch.float32 if m is text_model and dt == torch.float16 else dt)
-    return encode, net, vae_net, voc, mel_cfg
+        voc = GriffinLim(MEL_CONFIGS[mel])
+    else:  # built with its own init: its fixed Kaiser-sinc filters are buffers that random_weights would erase
+        voc = BigVGAN.from_config(BIGVGAN_CONFIGS[vocoder]).eval()
+    for m in (net, vae_net, voc):
+        m.to(dev, dt)
+    text_model.to(dev, torch.float32 if dt == torch.float16 else dt)  # T5 overflows in fp16
+    return encode, net, vae_net, voc
 
 
-def _refilter(voc):
-    """Restore the fixed Kaiser-sinc filters of a BigVGAN whose buffers random_weights overwrote (a narrow copy
-    of the same architecture has the same filters)."""
-    from vae import BIGVGAN_CONFIGS, BigVGAN
-    fresh = BigVGAN(**{**BIGVGAN_CONFIGS[vocoder], 'upsample_initial_channel': 64})
-    filters = {k: v for k, v in fresh.named_buffers() if k.endswith('filter')}
-    for name, b in voc.named_buffers():
-        if name.endswith('filter'):
-            b.copy_(filters[name])
-    return voc
+def speed_calls(dev, dt):
+    """{part: (one call, calls per clip batch)} on random inputs of the configured shapes, and the latent frames."""
+    encode, net, vae_net, voc = build_parts(dev, dt)
+    mel_cfg = MEL_CONFIGS[mel]
+    N, B, C = num_latent_frames(duration, mel_cfg, cover=True), batch_size, net.cfg.latent_dim
+    captions = ['rain on a tin roof'] * B
+    text_f, text_f_c = (x.to(dev, dt) for x in encode(captions))
+    neg_f, neg_f_c = (x.to(dev, dt) for x in net.empty_conditions(B))
+    x, z = torch.randn(B, N, C, device=dev, dtype=dt), torch.randn(B, C, N, device=dev, dtype=dt)  # noisy, VAE latents
+    t = torch.full((B,), 0.5, device=dev, dtype=dt)
+    mel_in = torch.randn(B, mel_cfg['n_mels'], 2 * N, device=dev, dtype=dt)
+    calls = {'text': (lambda: encode(captions), 1),
+             'transformer': (lambda: guided_velocity(net, x, t, text_f, text_f_c, neg_f, neg_f_c, cfg_strength),
+                             steps),
+             'vae': (lambda: vae_net.decode(z), 1),
+             'vocoder': (lambda: voc(mel_in), 1)}
+    return {name: calls[name] for name in SPEED_PARTS if name in parts.split(',')}, N
 
 
 @torch.no_grad()
 def bench_speed():
     """Seconds per generated second, FLOPs and FLOP/s of each part of the pipeline on this machine."""
-    from flow import guided_velocity
-    from data import DTYPES, pick_device
-    dev = pick_device(device)
-    dt = DTYPES[dtype_name(dev)]
-    if threads:
-        torch.set_num_threads(threads)
+    dev = data.pick_device(device)
+    dt = data.DTYPES[dtype_name(dev)]
     torch.manual_seed(seed)
-    encode, net, vae_net, voc, mel_cfg = build_parts(dev, dt)
-    N = -(-int(duration * mel_cfg['sample_rate']) // (2 * mel_cfg['hop_length']))  # latent frames, rounded up
-    B, C = batch_size, net.cfg.latent_dim
-    prompts = ['rain on a tin roof'] * B
-    text_f, text_f_c = (x.to(dev, dt) for x in encode(prompts))
-    neg_f, neg_f_c = (x.to(dev, dt) for x in net.empty_conditions(B))
-    x = torch.randn(B, N, C, device=dev, dtype=dt)
-    t = torch.full((B,), 0.5, device=dev, dtype=dt)
-    z = torch.randn(B, C, N, device=dev, dtype=dt)
-    mel_in = torch.randn(B, mel_cfg['n_mels'], 2 * N, device=dev, dtype=dt)
-    calls = {  # name -> (one call, how many calls per clip batch)
-        'text': (lambda: encode(prompts), 1),
-        'transformer': (lambda: guided_velocity(net, x, t, text_f, text_f_c, neg_f, neg_f_c, cfg_strength),
-                        steps),
-        'vae': (lambda: vae_net.decode(z), 1),
-        'vocoder': (lambda: voc(mel_in), 1)}
-    unknown = set(parts.split(',')) - set(calls)
-    if unknown:
-        sys.exit(f'error: --parts takes {",".join(calls)}, got {sorted(unknown)}')
+    calls, N = speed_calls(dev, dt)
     probe = matmul_probe(dev, dt, probe_size, repeats)
-    audio_seconds = B * duration
-    print(f'{size} on {dev} ({torch.get_num_threads()} threads), {dtype_name(dev)}, {B} x {duration:g} s clip, '
-          f'{N} latent frames, {steps} steps, CFG {cfg_strength:g}; matmul probe {probe / 1e9:.0f} GFLOP/s')
+    audio_seconds = batch_size * duration
+    print(f'{size} on {dev} ({torch.get_num_threads()} threads), {dtype_name(dev)}, {batch_size} x {duration:g} s '
+          f'clip, {N} latent frames, {steps} steps, CFG {cfg_strength:g}; matmul probe {probe / 1e9:.0f} GFLOP/s')
     print(f'{"part":<14}{"ms/call":>10}{"calls":>7}{"s per gen s":>13}{"GFLOP/call":>12}{"GFLOP/s":>9}{"of probe":>10}')
-    total = 0.0
     results = {}
     for name, (fn, n_calls) in calls.items():
-        if name not in parts.split(','):
-            continue
         flops = count_flops(fn)
-        seconds, _ = timed(fn, dev, repeats)
-        per_gen = seconds * n_calls / audio_seconds
-        total += per_gen
-        results[name] = dict(seconds=seconds, calls=n_calls, per_generated_second=per_gen, flops=flops)
-        print(f'{name:<14}{seconds * 1e3:>10.1f}{n_calls:>7}{per_gen:>13.3f}{flops / 1e9:>12.1f}'
-              f'{flops / seconds / 1e9:>9.0f}{flops / seconds / probe:>10.0%}')
+        seconds = timed(fn, dev, repeats)
+        results[name] = dict(seconds=seconds, calls=n_calls, per_generated_second=seconds * n_calls / audio_seconds,
+                             flops=flops)
+        print(f'{name:<14}{seconds * 1e3:>10.1f}{n_calls:>7}{results[name]["per_generated_second"]:>13.3f}'
+              f'{flops / 1e9:>12.1f}{flops / seconds / 1e9:>9.0f}{flops / seconds / probe:>10.0%}')
+    total = sum(r['per_generated_second'] for r in results.values())
     print(f'{"total":<14}{"":>17}{total:>13.3f}   (real-time factor {1 / total:.2f}x)')
     return dict(probe_flops_per_s=probe, parts=results, seconds_per_generated_second=total)
 
@@ -273,21 +258,78 @@ PAPER = {  # TTA-Bench accuracy subset, 1,500 prompts (arXiv 2603.11661): PQ, CU
 PAPER_COLUMNS = {'PQ': 'PQ', 'CU': 'CU', 'CLAPScore': 'clap', 'AQAScore': 'aqa'}  # the paper's header -> our column
 
 
-def bench_eval():
-    """Generate the missing clips, score every clip, write scores.jsonl and summary.json, print the table.
-    Returns the summary on rank 0, None on the other ranks."""
-    items = checked_eval_inputs()  # every setting checked before anything is loaded or written
+def eval_problems():
+    names = metric_names()
+    return [
+        (not names or set(names) - set(reward.REWARDS),
+         f'--metrics takes names of reward.REWARDS ({", ".join(sorted(reward.REWARDS))}), got {metrics!r}'),
+        (len(set(names)) < len(names), f'--metrics names a metric twice: {metrics!r}'),
+        (set(metric_kwargs) - set(names), f'--metric_kwargs names {sorted(metric_kwargs)}; not all are --metrics'),
+        (not (os.path.isfile(prompts) and prompts.endswith('.json')),
+         f'--prompts {prompts!r} is no TTA-Bench JSON file; give one such as config/tta_bench_acc.json'),
+        (limit < 0, f'--limit must be 0 (every prompt) or a number of prompts, got {limit}'),
+        (score_batch_size < 1, f'--score_batch_size must be at least 1, got {score_batch_size}'),
+        (audio_dir and not os.path.isdir(audio_dir), f'--audio_dir {audio_dir!r} is not a folder of <id>.wav files'),
+        (not audio_dir and ckpt and not os.path.isfile(ckpt), f'--ckpt {ckpt!r} is no file; give a ckpt.pt or .pth'),
+        (weights not in ('grpo', 'pt'), f"--weights must be 'grpo' or 'pt', got {weights!r}")]
+
+
+def metric_names():
+    return [m.strip() for m in metrics.split(',') if m.strip()]
+
+
+def eval_inputs():
+    """The (id, caption) pairs to evaluate and {id: reason} of the skipped ones. Raises ValueError for a prompts
+    file or out_dir that cannot serve, and when out_dir holds clips generated with other settings (resuming
+    must not mix them)."""
+    items, skipped = read_bench()
+    data.check_writable(out_dir, '--out_dir')
+    record = os.path.join(out_dir, 'generation.json')
+    if not audio_dir and os.path.isfile(record):
+        with open(record) as f:
+            old = json.load(f)
+        changed = [f'{k}={old.get(k)!r} (now {v!r})' for k, v in generation_settings(data.pick_device(device)).items()
+                   if old.get(k) != v]
+        if changed:
+            raise ValueError(f'--out_dir {out_dir} holds clips generated with {", ".join(changed)}; resume with '
+                             f'those settings or choose another --out_dir')
+    return items, skipped
+
+
+def read_bench():
+    """[(id, caption)] of the first --limit entries of the TTA-Bench file, as data.read_prompts reads them, and
+    {id: reason} of the entries among them that it skips (an empty or null prompt_text: TTA-Bench's fairness set
+    has one). Raises ValueError as read_prompts does, and for ids that repeat or cannot name a file."""
+    captions = dict(data.read_prompts(prompts))
+    with open(prompts, encoding='utf-8-sig') as f:
+        ids = [str(entry.get('id', i)) for i, entry in enumerate(json.load(f))]  # read_prompts' ids
+    bad = [i for i in ids if not re.fullmatch(r'[A-Za-z0-9_][A-Za-z0-9_.-]*', i)]
+    if bad or len(set(ids)) < len(ids):
+        raise ValueError(f'--prompts {prompts}: ids must be unique file names (letters, digits, _ . -); '
+                         f'{bad[:3] or "some ids repeat"}')
+    ids = ids[:limit or None]
+    return [(i, captions[i]) for i in ids if i in captions], {
+        i: 'empty or null prompt_text' for i in ids if i not in captions}
+
+
+def generation_settings(dev):
+    """What a generated clip depends on (not batch_size, not the number of processes)."""
+    return dict(ckpt=os.path.abspath(ckpt) if ckpt else None, weights=None if ckpt else weights,
+                duration=duration, steps=steps, cfg_strength=cfg_strength, seed=seed, dtype=dtype_name(dev),
+                vocoder='griffin-lim' if vocoder == 'griffin-lim' else 'auto',  # else the model's own
+                text_encoder=None if text_encoder in RANDOM_TEXT_ENCODERS else text_encoder)
+
+
+def bench_eval(items, skipped):
+    """Generate the missing clips of the (id, caption) items, score every clip, write scores.jsonl and
+    summary.json, print the table. Returns the summary on rank 0, None on the other ranks."""
     rank, world, dev = init_distributed()
-    if threads:
-        torch.set_num_threads(threads)
-    usable = [(pid, text) for pid, text in items if text is not None]
-    skipped = {pid: 'empty or non-text prompt_text' for pid, text in items if text is None}
     if rank == 0:
-        print(f'eval: {len(items)} prompts of {prompts} ({len(skipped)} skipped), {world} process(es) on {dev}, '
-              f'metrics {metrics}')
+        print(f'eval: {len(items) + len(skipped)} prompts of {prompts} ({len(skipped)} skipped), {world} '
+              f'process(es) on {dev}, metrics {metrics}')
     if not audio_dir:
-        generate_missing(usable, rank, world, dev)
-    rows, unreadable = score_clips(usable, audio_dir or out_dir, rank, world, dev)
+        generate_missing(items, rank, world, dev)
+    rows, unreadable = score_clips(items, audio_dir or out_dir, rank, world, dev)
     rows = [row for part in gathered(rows, world) for row in part]
     summary = None
     if rank == 0:
@@ -300,106 +342,9 @@ def bench_eval():
     return summary
 
 
-def checked_eval_inputs():
-    """The (id, caption or None) pairs to evaluate; exits with one line naming the setting and the fix when a
-    setting cannot work, before any model is loaded or clip generated."""
-    from data import pick_device
-    from reward import REWARDS
-    names = metric_names()
-    problems = [
-        (not names or set(names) - set(REWARDS),
-         f'--metrics takes names of reward.REWARDS ({", ".join(sorted(REWARDS))}), comma-separated; got {metrics!r}'),
-        (len(set(names)) < len(names), f'--metrics names a metric twice: {metrics!r}'),
-        (set(metric_kwargs) - set(names), f'--metric_kwargs names metrics missing from --metrics={metrics}: '
-                                          f'{sorted(set(metric_kwargs) - set(names))}'),
-        (not os.path.isfile(prompts), f'--prompts {prompts!r} does not exist; give a TTA-Bench JSON file such as '
-                                      f'config/tta_bench_acc.json'),
-        (limit < 0, f'--limit must be 0 (every prompt) or a number of prompts, got {limit}'),
-        (score_batch_size < 1, f'--score_batch_size must be at least 1, got {score_batch_size}'),
-        (audio_dir and not os.path.isdir(audio_dir), f'--audio_dir {audio_dir!r} is not a folder of <id>.wav files'),
-        (not audio_dir and duration < 1, f'--duration must be at least 1 second to generate, got {duration}'),
-        (not audio_dir and ckpt and not os.path.isfile(ckpt), f'--ckpt {ckpt!r} does not exist; give a train.py '
-                                                              f'ckpt.pt or a published .pth, or leave it empty'),
-        (weights not in ('grpo', 'pt'), f"--weights must be 'grpo' or 'pt', got {weights!r}")]
-    for bad, message in problems:
-        if bad:
-            sys.exit(f'error: {message}')
-    try:
-        items = read_bench(prompts)[:limit or None]
-    except ValueError as e:
-        sys.exit(f'error: --prompts {e}')
-    check_out_dir()
-    if not audio_dir:
-        check_generation_record(generation_settings(pick_device(device)))
-    return items
-
-
-def metric_names():
-    return [m.strip() for m in metrics.split(',') if m.strip()]
-
-
-def read_bench(path):
-    """[(id, caption or None)] of a TTA-Bench JSON list of {"id", "prompt_text", ...}, in file order. None marks
-    an empty, null or non-string prompt_text (TTA-Bench's fairness set has an empty one), which is skipped and
-    recorded. Raises ValueError for another shape, a duplicate id or an id that cannot name a file."""
-    try:
-        with open(path, encoding='utf-8') as f:
-            entries = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f'{path} is not JSON ({e.msg}, line {e.lineno})') from None
-    if not isinstance(entries, list) or not all(isinstance(x, dict) and 'id' in x for x in entries):
-        raise ValueError(f'{path}: expected a JSON list of {{"id": ..., "prompt_text": ...}} as in TTA-Bench')
-    ids = [str(x['id']) for x in entries]
-    bad = [i for i in ids if not re.fullmatch(r'[A-Za-z0-9_][A-Za-z0-9_.-]*', i)]
-    if bad or len(set(ids)) < len(ids):
-        raise ValueError(f'{path}: ids must be unique file names (letters, digits, _ . -); '
-                         f'{bad[:3] or "some ids repeat"}')
-    texts = [x.get('prompt_text') for x in entries]
-    return [(i, t.strip() if isinstance(t, str) and t.strip() else None) for i, t in zip(ids, texts)]
-
-
-def check_out_dir():
-    """Exit with one line unless out_dir can be created and written into."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as e:
-        sys.exit(f'error: --out_dir {out_dir!r} is not writable ({e.strerror or e}); choose another folder')
-
-
-def generation_settings(dev):
-    """What a generated clip depends on (not batch_size, not the number of processes)."""
-    return dict(ckpt=os.path.abspath(ckpt) if ckpt else None, weights=None if ckpt else weights,
-                duration=duration, steps=steps, cfg_strength=cfg_strength, seed=seed, dtype=dtype_name(dev), vocoder=eval_vocoder(),
-                text_encoder=eval_text_encoder())
-
-
-def eval_vocoder():
-    return 'griffin-lim' if vocoder == 'griffin-lim' else 'auto'
-
-
-def eval_text_encoder():
-    return None if text_encoder in RANDOM_TEXT_ENCODERS else text_encoder
-
-
-def check_generation_record(settings):
-    """Exit with one line when out_dir holds clips generated with other settings: resuming must not mix them."""
-    path = os.path.join(out_dir, 'generation.json')
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        old = json.load(f)
-    changed = [f'{k}={old.get(k)!r} (now {v!r})' for k, v in settings.items() if old.get(k) != v]
-    if changed:
-        sys.exit(f'error: --out_dir {out_dir} holds clips generated with {", ".join(changed)}; resume with those '
-                 f'settings or choose another --out_dir')
-
-
 def init_distributed():
     """(rank, world size, device): torchrun's process group (nccl on CUDA, gloo on CPU), else (0, 1, device)."""
-    from data import pick_device
-    dev = pick_device(device)
+    dev = data.pick_device(device)
     if 'RANK' not in os.environ:
         return 0, 1, dev
     if dev.type == 'cuda':
@@ -425,12 +370,10 @@ def wav_path(folder, pid):
 def generate_missing(items, rank, world, dev):
     """Write out_dir/<id>.wav for each (id, caption) without a complete clip; this rank takes every world-th.
     The noise of a clip comes from data.seeded_generator(seed, id): it does not depend on batching or sharding."""
-    from data import seeded_generator
-    from sample import generate
     todo = [(pid, text) for pid, text in items if not complete_wav(wav_path(out_dir, pid))]
     gathered(None, world)  # every rank lists the same clips before any is written
     if rank == 0:
-        write_atomic(os.path.join(out_dir, 'generation.json'), json.dumps(generation_settings(dev), indent=1))
+        write_text(os.path.join(out_dir, 'generation.json'), json.dumps(generation_settings(dev), indent=1))
         print(f'{len(items) - len(todo)} of {len(items)} clips are in {out_dir}; generating {len(todo)}')
     mine = todo[rank::world]
     if mine:
@@ -439,9 +382,9 @@ def generate_missing(items, rank, world, dev):
             for start in range(0, len(mine), batch_size):
                 batch = mine[start:start + batch_size]
                 audio, sr = generate([text for _, text in batch], pipe, duration, steps, cfg_strength, seed=[
-                    seeded_generator(seed, pid) for pid, _ in batch], batch_size=len(batch), progress=False)
+                    data.seeded_generator(seed, pid) for pid, _ in batch], batch_size=len(batch), progress=False)
                 for (pid, _), wave in zip(batch, audio):  # (S,) each
-                    write_atomic(wav_path(out_dir, pid), wave, sr)
+                    write_wav(wav_path(out_dir, pid), wave, sr)  # atomic: a clip is complete or absent
                 bar.update(len(batch))
         del pipe
         release()
@@ -450,7 +393,6 @@ def generate_missing(items, rank, world, dev):
 
 def wav_info(path):
     """soundfile's info of an audio file, or None when it is missing or unreadable."""
-    import soundfile
     try:
         return soundfile.info(path)
     except (soundfile.SoundFileError, RuntimeError, OSError):
@@ -458,39 +400,29 @@ def wav_info(path):
 
 
 def complete_wav(path):
-    """True for a readable audio file of round(duration * its rate) samples: what a finished write leaves."""
+    """True for a readable audio file of round(duration * its rate) samples, generated with these settings."""
     info = wav_info(path)
     return info is not None and info.frames == round(duration * info.samplerate)
 
 
 def load_eval_pipeline(dev):
     """sample.load_pipeline from the eval settings; exits with the loader's message when it cannot load."""
-    from sample import check_settings, load_pipeline
+    s = generation_settings(dev)
     try:
-        pipe = load_pipeline(ckpt or None, weights_dir or None, dev, dtype_name(dev), weights, eval_text_encoder(),
-                             eval_vocoder())
+        pipe = load_pipeline(ckpt or None, weights_dir or None, dev, s['dtype'], weights, s['text_encoder'],
+                             s['vocoder'])
         check_settings(['-'], duration, steps, cfg_strength, seed, 1, batch_size, pipe.max_duration())
     except (ValueError, OSError) as e:
         sys.exit(f'error: {e}')
     return pipe
 
 
-def write_atomic(path, content, sample_rate=None):
-    """Write text, or (S,) audio as sample.write_wav does, through a temporary file and os.replace: the file is
-    complete or absent, and no temporary file outlives a failed write."""
-    from sample import write_wav
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f'.{os.getpid()}.tmp.{name}')  # keeps the extension, which sets the format
-    try:
-        if sample_rate is None:
-            with open(tmp, 'w', encoding='utf-8') as f:
-                f.write(content)
-        else:
-            write_wav(tmp, content, sample_rate)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def write_text(path, text):
+    """Write text through a temporary file and os.replace: the file is complete or absent, never truncated."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def release():
@@ -508,7 +440,7 @@ def score_clips(items, folder, rank, world, dev):
     mine = [(pid, text) for pid, text in items if pid not in unreadable][rank::world]
     rows = [{'id': pid, 'prompt': text} for pid, text in mine]
     for name in metric_names() if mine else []:
-        for column, values in run_metric(name, mine, folder, rank, world, dev).items():
+        for column, values in run_metric(name, mine, folder, rank, dev).items():
             assert column not in rows[0] and len(values) == len(rows), f'{name}: column {column!r} twice or short'
             for row, value in zip(rows, values):
                 row[column] = value
@@ -516,11 +448,11 @@ def score_clips(items, folder, rank, world, dev):
 
 
 @torch.no_grad()
-def run_metric(name, items, folder, rank, world, dev):
+def run_metric(name, items, folder, rank, dev):
     """{column: [value per item]} of metric `name` on folder/<id>.wav of the (id, caption) items, in batches of
     score_batch_size. The scorer is built here and freed before returning, so only one is ever in memory.
     Columns are score_all's keys, or `name` for its single default "score"."""
-    torch.manual_seed(seed)  # scorers that crop at random (CLAPScore's 7 s window) repeat run to run
+    torch.manual_seed(seed)  # scorers that draw random numbers repeat run to run
     scorer = build_metric(name, dev)
     columns = {}
     with tqdm(total=len(items), unit='clip', desc=name, disable=rank != 0) as bar:
@@ -534,14 +466,10 @@ def run_metric(name, items, folder, rank, world, dev):
 
 
 def build_metric(name, dev):
-    """reward.REWARDS[name](**metric_kwargs[name]), given dev when it takes a device; exits with one line when
-    it cannot be built (a model that is not on this machine, kwargs that do not fit)."""
-    from reward import REWARDS
-    ctor, kwargs = REWARDS[name], dict(metric_kwargs.get(name, {}))
-    if 'device' in inspect.signature(ctor).parameters:
-        kwargs.setdefault('device', dev)
+    """reward.REWARDS[name] with metric_kwargs[name], on dev when it takes a device (reward.build_reward's rule);
+    exits with one line when it cannot be built (a model that is not on this machine, kwargs that do not fit)."""
     try:
-        return ctor(**kwargs)
+        return reward.build_reward({name: dict(metric_kwargs.get(name, {}))}, dev).terms[name][0]
     except (ValueError, TypeError, OSError) as e:
         sys.exit(f'error: metric {name!r} could not be built: {e}')
 
@@ -550,11 +478,10 @@ def clip_batches(items, folder):
     """(captions, audio (B, S) float32, sample_rate) of up to score_batch_size consecutive clips of one rate and
     length, read from folder/<id>.wav at the file's own rate and downmixed to the channel mean; the scorer
     resamples (reward.prepare_audio). Silent clips are scored too (data.load_audio refuses them, for training)."""
-    import soundfile
     batch, key = [], None
     for pid, text in items:
-        data, sr = soundfile.read(wav_path(folder, pid), dtype='float32', always_2d=True)  # (S, channels)
-        wave = torch.from_numpy(data.mean(1))  # (S,)
+        samples, sr = soundfile.read(wav_path(folder, pid), dtype='float32', always_2d=True)  # (S, channels)
+        wave = torch.from_numpy(samples.mean(1))  # (S,)
         if batch and (len(batch) == score_batch_size or (sr, len(wave)) != key):
             yield [t for t, _ in batch], torch.stack([w for _, w in batch]), key[0]
             batch = []
@@ -573,8 +500,8 @@ def write_results(rows, skipped, dev):
                    skipped_count=len(skipped), means={c: sum(r[c] for r in rows) / len(rows) for c in columns},
                    skipped=skipped)
     lines = ''.join(json.dumps(row, ensure_ascii=False) + '\n' for row in rows)
-    write_atomic(os.path.join(out_dir, 'scores.jsonl'), lines)
-    write_atomic(os.path.join(out_dir, 'summary.json'), json.dumps(summary, indent=1, ensure_ascii=False) + '\n')
+    write_text(os.path.join(out_dir, 'scores.jsonl'), lines)
+    write_text(os.path.join(out_dir, 'summary.json'), json.dumps(summary, indent=1, ensure_ascii=False) + '\n')
     print(f'wrote {out_dir}/scores.jsonl ({len(rows)} rows) and {out_dir}/summary.json ({len(skipped)} skipped)')
     return summary
 
@@ -592,23 +519,15 @@ MODES = {'speed': bench_speed, 'eval': bench_eval}
 
 
 def main(argv=None):
-    configure(sys.argv[1:] if argv is None else argv)
-    from data import DTYPES, pick_device
-    from transformer import MODELS
-    from vae import BIGVGAN_CONFIGS, MEL_CONFIGS, VAES
-    for key, allowed in (('mode', MODES), ('dtype', [*DTYPES, 'auto']), ('size', MODELS), ('vae', VAES),
-                         ('mel', MEL_CONFIGS), ('vocoder', [*BIGVGAN_CONFIGS, 'griffin-lim'])):
-        if globals()[key] not in allowed:
-            sys.exit(f'error: --{key} must be one of {sorted(allowed)}, got {globals()[key]!r}')
-    if duration <= 0:
-        sys.exit(f'error: --duration must be a positive number of seconds, got {duration}')
-    if batch_size < 1:
-        sys.exit(f'error: --batch_size must be at least 1, got {batch_size}')
     try:
-        pick_device(device)
-    except ValueError as e:  # a device this machine lacks
+        configure(sys.argv[1:] if argv is None else argv)
+        check()
+        inputs = eval_inputs() if mode == 'eval' else ()
+    except (ValueError, OSError) as e:  # a setting, preset, prompts file or folder that cannot serve
         sys.exit(f'error: {e}')
-    return MODES[mode]()
+    if threads:
+        torch.set_num_threads(threads)
+    return MODES[mode](*inputs)
 
 
 if __name__ == '__main__':
