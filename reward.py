@@ -527,12 +527,13 @@ class MSClapScore(Reward):
     starts at a draw seeded by (seed, caption) (crop_start; msclap's is unseeded), so a clip scores the same on
     every run. Resampling is msclap's (torchaudio's default kernel: data.resample).
     Args: weights_dir (CLAP_weights_2023.pth and gpt2's files; default the Hugging Face cache), device, seed of the
-    crops; model: an already built MSClap, instead of loading.
+    crops; sizes: MSClap.from_pretrained's htsat / d_proj (tests; default the published model's); model: an
+    already built MSClap instead.
     """
     sample_rate = MSCLAP_RATE
 
-    def __init__(self, weights_dir=None, device=None, seed=0, *, model=None):
-        self.model = model if model is not None else MSClap.from_pretrained(weights_dir, device)
+    def __init__(self, weights_dir=None, device=None, seed=0, model=None, **sizes):
+        self.model = model or MSClap.from_pretrained(weights_dir, device, **sizes)
         self.seed = seed
 
     def score(self, audio, sample_rate, prompts):

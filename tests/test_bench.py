@@ -21,7 +21,6 @@ import reward
 import test_msclap  # the tiny metric builders of the metric tests
 import test_reward
 from conftest import FIXTURES
-from reward import MSClap
 
 SETTINGS = {k: v for k, v in vars(bench).items() if not k.startswith("_") and isinstance(v, (int, float, str, dict))}
 TINY = ["--size=tiny", "--vae=tiny", "--vocoder=griffin-lim", "--mel=16k", "--text_encoder=t5-tiny-random",
@@ -159,8 +158,7 @@ def metric_kwargs(tmp_path_factory):
     format, built as tests/test_reward.py and tests/test_msclap.py build them: Audiobox Aesthetics (checkpoint.pt of
     fixtures/aes_a.pt), MS-CLAP (CLAP_weights_2023.pth of fixtures/msclap_a.pt and a GPT-2 tokenizer) and a
     Qwen3-Omni thinker (its answers boosted to yes/no words, so AQAScore is not 0) with its tokenizer and feature
-    extractor. MSClapScore builds the full-size HTSAT from a
-    weights_dir, so the tiny one is loaded by MSClap.from_pretrained from its folder and passed as the model."""
+    extractor. Each loads through its scorer's published-weights path."""
     root = tmp_path_factory.mktemp("metrics")
     aes = torch.load(FIXTURES / "aes_a.pt", weights_only=True)
     (root / "aes").mkdir()
@@ -177,10 +175,9 @@ def metric_kwargs(tmp_path_factory):
     (root / "aqa").mkdir()
     thinker = test_reward.boost_answers(test_reward.tiny_thinker("qwen3", tokenizer), tokenizer, ("yes", "no"))
     test_reward.write_published_folder(root / "aqa", "qwen3", thinker, (backend, tokenizer, features, None))
-    tiny_clap = MSClap.from_pretrained(root / "clap", "cpu", htsat=test_msclap.htsat_args(clap),
-                                       d_proj=clap["clap_args"]["d_proj"])
     return {"aes": {"weights_dir": str(root / "aes"), "wavlm_config": aes["wavlm_config"]},
-            "clap": {"model": tiny_clap},
+            "clap": {"weights_dir": str(root / "clap"), "htsat": test_msclap.htsat_args(clap),
+                     "d_proj": clap["clap_args"]["d_proj"]},
             "aqa": {"weights_dir": str(root / "aqa"), "max_new_tokens": 4}}  # short greedy answers: fast
 
 
