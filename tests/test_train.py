@@ -198,7 +198,7 @@ def test_grpo_settings_are_the_fields_of_grpo_config():
     ('--max_iters=2.5', 'expects int'),
     ('--resume=1', 'expects bool'),
     ('--resume', 'settings are --key=value'),
-    ('config/does_not_exist.py', 'not found'),
+    ('config/does_not_exist.py', 'config file config/does_not_exist.py does not exist'),
     ('--stage=bogus', "--stage='bogus' is not one of: vae, pretrain, grpo"),
     ('--mel=8k', 'is not one of: 16k, 44k'),
     ('--dtype=fp16', 'is not one of: fp32, bf16'),
