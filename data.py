@@ -27,12 +27,14 @@ import torch
 def read_manifest(path):
     """Rows of a JSONL caption manifest (blank lines ignored), each a dict with `audio_id` (default: the file's
     stem), `audio_path` (resolved against the manifest's folder) and `caption`, other keys passed through.
-    Raises FileNotFoundError; ValueError naming the file and line for text that is not UTF-8, a line that is not a
-    JSON object, or one without a non-empty string `audio_path` and `caption`."""
+    Raises FileNotFoundError; ValueError naming the file (and line) for an empty file, text that is not UTF-8, a
+    line that is not a JSON object, or one without a non-empty string `audio_path` and `caption`."""
     path = _existing_file(path, "manifest", "pass the path of a .jsonl caption manifest")
     root = os.path.dirname(os.path.abspath(path))
     rows = [_parse_manifest_line(line, path, n) for n, line in enumerate(_read_text(path, "manifest").split("\n"), 1)
             if line.strip()]
+    if not rows:
+        raise ValueError(f"manifest {path} is empty; add one JSON object a line for each clip")
     for row in rows:
         row["audio_path"] = os.path.normpath(os.path.join(root, os.path.expanduser(row["audio_path"])))
         row.setdefault("audio_id", os.path.splitext(os.path.basename(row["audio_path"]))[0])

@@ -153,6 +153,18 @@ def load_checkpoint(path, what, keys=()):
     return ckpt
 
 
+def open_resumed(path, extra, keys):
+    """The checkpoint --resume continues, holding `keys`, checked against what this run loaded (`extra`, see
+    check_origin). Raises FileNotFoundError or ValueError naming `path`."""
+    global last_checkpoint
+    ckpt = load_checkpoint(path, '--resume checkpoint', ('model', 'optimizer', 'step', 'config', *keys))
+    check_origin(ckpt, extra, path)
+    last_checkpoint = f'{path} (step {ckpt["step"]})'
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(f'resumed from {last_checkpoint}')
+    return ckpt
+
+
 def fingerprint(state):
     """A short hash of a state dict's names, shapes and values: which weights a run was trained on."""
     h = hashlib.sha256()
@@ -171,16 +183,11 @@ def check_origin(ckpt, extra, path):
     vae_source = f'--init_from={init_from}' if stage == 'grpo' else vae_ckpt or os.path.join(out_dir, 'vae.pt')
     text_old, text_new = ckpt.get('text_encoder', extra.get('text_encoder')), extra.get('text_encoder')
     refuse([(old and old != new, f'was fine-tuned from other starting weights than --init_from='
-             f'{init_from or "Resonate_PT.pth"!r} (fingerprints {old} and {new}); resume with the --init_from it '
-             'started from'),
+             f'{init_from or "Resonate_PT.pth"!r} (fingerprints {old} and {new}); resume with its --init_from'),
             (vae_old != vae_new, f'was trained on another VAE (fingerprint {vae_old}) than the one in {vae_source} '
-             f'({vae_new}), which was replaced or retrained since; give the one it was trained on (--vae_ckpt), or '
-             'start a new --out_dir'),
+             f'({vae_new}); give the one it was trained on (--vae_ckpt), or start a new --out_dir'),
             (text_old != text_new, f'was trained with --text_encoder={text_old!r}, not {text_new!r}; resume with '
              'that, or start a new --out_dir')], prefix=f'--resume: {path} ')
-
-
-MODEL_SETTINGS = ('mel', 'vae', 'model', 'text_encoder', 'lora_rank')  # the settings that shape the weights
 
 
 def load_resumed(module, state, ckpt, path):
@@ -190,8 +197,8 @@ def load_resumed(module, state, ckpt, path):
         module.load_state_dict(state)
     except RuntimeError as e:
         saved = ckpt.get('config', {})
-        diff = [f'{k}={saved[k]!r} (now {globals()[k]!r})' for k in MODEL_SETTINGS
-                if k in saved and saved[k] != globals()[k]]
+        diff = [f'{k}={saved[k]!r} (now {globals()[k]!r})' for k in ('mel', 'vae', 'model', 'text_encoder', 'lora_rank')
+                if k in saved and saved[k] != globals()[k]]  # the settings that shape the weights
         first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e)).rstrip('.')[:160]
         raise ValueError(f'--resume: the weights in {path} do not fit this model ({first}); it was written with '
                          f'{", ".join(diff) or "the same model settings"}. Resume with those or use a new --out_dir'
@@ -255,16 +262,13 @@ def draw_step(step, n_clips, n, latent_shape, salt=0):
 
 def load_data(sample_rate):
     """Train and validation clips from --manifest (validation: --val_manifest, else the rows with split 'val',
-    else every 20th training row). Raises ValueError naming the manifest that leaves either set empty."""
+    else every 20th training row). Raises ValueError naming a manifest that is empty or holds only 'val' rows."""
     rows = data.read_manifest(manifest)
     train_rows = rows if val_manifest else [r for r in rows if r.get('split') != 'val']
     val_rows = data.read_manifest(val_manifest) if val_manifest else \
         [r for r in rows if r.get('split') == 'val'] or train_rows[::20]
-    refuse([(not rows, f'no training rows in manifest {manifest}: it is empty; add one JSON object a line for each '
-             'clip'),
-            (not train_rows, f'no training rows in manifest {manifest}: all {len(rows)} are marked "split": "val"; '
-             'mark some "train" (or give the held-out clips as --val_manifest)'),
-            (not val_rows, f'no rows in --val_manifest={val_manifest}: it is empty; add clips or leave it out')])
+    refuse([(not train_rows, f'no training rows in manifest {manifest}: all {len(rows)} are marked "split": "val"; '
+             'mark some "train" (or give the held-out clips as --val_manifest)')])
     return [data.AudioCaptionDataset(r, sample_rate, clip_seconds) for r in (train_rows, val_rows)]
 
 
@@ -298,21 +302,16 @@ class Trainer:
                   f'{max_iters} steps, warm-up {warmup_iters}, lr {learning_rate:g}, EMA {ema_decay or "off"}')
 
     def restore(self):
-        global last_checkpoint
         path = self.ckpt_path
-        ckpt = load_checkpoint(path, '--resume checkpoint', ('model', 'optimizer', 'ema', 'step', 'config'))
-        check_origin(ckpt, self.extra_state, path)
+        ckpt = open_resumed(path, self.extra_state, ('ema',))
         refuse([((self.ema is None) != (ckpt['ema'] is None), f'--resume: {path} was written with --ema_decay='
                  f'{ckpt["config"]["ema_decay"]}; resume with that (or use a new --out_dir)')])  # never drop one
         load_resumed(self.raw, ckpt['model'], ckpt, path)
         if self.ema is not None:
             load_resumed(self.ema, ckpt['ema'], ckpt, path)
-        self.optimizer.load_state_dict(ckpt['optimizer'])
+        self.optimizer.load_state_dict(ckpt['optimizer'])  # after the weights: their errors name the settings
         self.step = ckpt['step']
         torch.set_rng_state(ckpt['rng_state'])
-        last_checkpoint = f'{path} (step {self.step})'
-        if self.s.master:
-            print(f'resumed from {path} at step {self.step}')
 
     def save(self):
         if self.s.master:
@@ -572,10 +571,8 @@ class GRPOTrainer:
         return list(self.policy.parameters()), deepcopy(self.policy).requires_grad_(False)
 
     def restore(self):
-        global last_checkpoint
         path = self.ckpt_path
-        ckpt = load_checkpoint(path, '--resume checkpoint', ('model', 'lora', 'optimizer', 'step', 'config'))
-        check_origin(ckpt, self.extra, path)
+        ckpt = open_resumed(path, self.extra, ('lora',))
         refuse([(bool(lora_rank) != (ckpt['lora'] is not None), f'--resume: {path} was written with --lora_rank='
                  f'{ckpt["config"].get("lora_rank")}; resume with that (or use a new --out_dir)')])
         # LoRA: the frozen base comes from --init_from, the adapters from the checkpoint
@@ -583,18 +580,16 @@ class GRPOTrainer:
                      ckpt, path)
         self.optimizer.load_state_dict(ckpt['optimizer'])
         self.epoch = ckpt['step']
-        last_checkpoint = f'{path} (step {self.epoch})'
 
     def describe(self):
         c, G = self.cfg, self.s.world_size * self.cfg.sample_batch_size
         mem = grpo.memory_estimate(self.policy.cfg, c, lora_rank=lora_rank, checkpointing=grpo_checkpointing,
-                                   micro_batch=grpo_micro_batch, frozen={})
-        print(f'grpo: {len(self.prompts)} training / {len(self.val_prompts)} held-out captions; per rollout batch '
-              f'{G // c.group_size} captions x {c.group_size} clips; {c.num_batches_per_epoch * G} clips and '
-              f'{c.num_batches_per_epoch // c.grad_accum_steps} updates per epoch; {c.num_steps} SDE steps, '
-              f'training on {c.num_train_steps}; {sum(p.numel() for p in self.params) / 1e6:.2f}M trainable '
-              f'({"LoRA r=%d" % lora_rank if lora_rank else "full"}); transformer memory estimate '
-              f'{mem["total"]:.2f} GiB; reward {reward}' + (f'; resumed at epoch {self.epoch}' if resume else ''))
+                                   micro_batch=grpo_micro_batch, frozen={})['total']
+        print(f'grpo: {len(self.prompts)} training / {len(self.val_prompts)} held-out captions; rollout batches of '
+              f'{G // c.group_size} captions x {c.group_size} clips, {c.num_batches_per_epoch} and '
+              f'{c.num_batches_per_epoch // c.grad_accum_steps} updates an epoch; {c.num_train_steps} of '
+              f'{c.num_steps} SDE steps trained; {sum(p.numel() for p in self.params) / 1e6:.2f}M trainable '
+              f'({f"LoRA r={lora_rank}" if lora_rank else "full"}; transformer ~{mem:.2f} GiB); reward {reward}')
 
     def evaluate(self):
         s = self.s
@@ -620,10 +615,10 @@ class GRPOTrainer:
 
     def train_epoch(self):
         """Rollouts, advantages across ranks, then the updates of one epoch (none when no group has signal)."""
-        s, t0 = self.s, time.time()
-        latent_shape = (self.policy.cfg.latent_seq_len, self.policy.cfg.latent_dim)
+        s, t0, cfg = self.s, time.time(), self.policy.cfg
         samples = grpo.sample_epoch(self.policy, self.pipe, self.reward_fn, self.text, self.prompts, self.cfg,
-                                    self.epoch, seed, latent_shape, s.rank, s.world_size, s.autocast)
+                                    self.epoch, seed, (cfg.latent_seq_len, cfg.latent_dim), s.rank, s.world_size,
+                                    s.autocast)
         samples['advantages'], logs = grpo.gather_advantages(samples['rewards'], samples['prompt_ids'], self.cfg,
                                                              s.rank)
         if logs['zero_std_share'] < 1:  # otherwise no sample carries signal: nothing to learn from
@@ -648,10 +643,6 @@ class GRPOTrainer:
         if self.val_prompts:
             self.evaluate()
         self.save()
-
-
-def train_grpo(s):
-    GRPOTrainer(s).train()
 
 
 def check_settings():
@@ -684,14 +675,13 @@ def check_out_dir(master):
              'continue it with --resume=True, replace it with --overwrite=True, or choose another --out_dir')])
     if master:
         data.check_writable(out_dir, '--out_dir')
-        stale = sorted(f for f in os.listdir(out_dir) if f.startswith(tuple(n + '.tmp' for n in CHECKPOINTS[stage])))
-        for f in stale:
-            os.remove(os.path.join(out_dir, f))
-        if stale:
-            print(f'removed what an interrupted save left: {", ".join(stale)}')
+        for f in sorted(os.listdir(out_dir)):
+            if f.startswith(tuple(name + '.tmp' for name in CHECKPOINTS[stage])):  # ckpt.pt.tmp: a save killed midway
+                os.remove(os.path.join(out_dir, f))
+                print(f'removed what an interrupted save left: {f}')
 
 
-STAGES = {'vae': train_vae, 'pretrain': train_pretrain, 'grpo': train_grpo}
+STAGES = {'vae': train_vae, 'pretrain': train_pretrain, 'grpo': lambda s: GRPOTrainer(s).train()}
 
 
 def main(argv):

@@ -77,6 +77,9 @@ def test_malformed_manifest_line_names_file_and_line(tmp_path, bad_line, needle)
 def test_missing_manifest_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         data.read_manifest(tmp_path / "nope.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="empty.jsonl is empty; add one JSON object a line"):
+        data.read_manifest(tmp_path / "empty.jsonl")
 
 
 # ---------------------------------------------------------------------------- resampling

@@ -355,7 +355,7 @@ def test_resume_refuses_a_checkpoint_trained_on_another_vae_or_text_encoder(vae_
 
 
 @pytest.mark.parametrize('rows, message', [
-    ([], r'no training rows in manifest .*m.jsonl: it is empty; add one JSON object a line'),
+    ([], r'manifest .*m.jsonl is empty; add one JSON object a line'),
     ([{'audio_path': 'a.wav', 'caption': 'a', 'split': 'val'}],
      r'no training rows in manifest .*m.jsonl: all 1 are marked "split": "val"; mark some "train"'),
 ])
