@@ -139,9 +139,8 @@ def resample(wave, orig_sr, new_sr):
     Raises:
         ValueError for non-positive or non-integer rates.
     """
-    for name, sr in (("orig_sr", orig_sr), ("new_sr", new_sr)):
-        if int(sr) != sr or sr <= 0:
-            raise ValueError(f"{name} must be a positive integer number of Hz, got {sr!r}")
+    if not all(int(sr) == sr > 0 for sr in (orig_sr, new_sr)):
+        raise ValueError(f"orig_sr, new_sr must be positive integer numbers of Hz, got {orig_sr!r}, {new_sr!r}")
     g = math.gcd(int(orig_sr), int(new_sr))
     orig, new = int(orig_sr) // g, int(new_sr) // g
     if orig == new:
@@ -259,9 +258,8 @@ class AudioCaptionDataset:
     """
 
     def __init__(self, rows, sample_rate, clip_seconds):
-        assert rows and round(clip_seconds * sample_rate) >= 1, (len(rows), clip_seconds, sample_rate)
-        self.rows, self.sample_rate = rows, int(sample_rate)
-        self.num_samples = round(clip_seconds * sample_rate)
+        self.rows, self.sample_rate, self.num_samples = rows, int(sample_rate), round(clip_seconds * sample_rate)
+        assert rows and self.num_samples >= 1, (len(rows), clip_seconds, sample_rate)
         self._audio = {}  # audio_path -> (S,) tensor
         self._bad = {}  # audio_path -> reason; remembered so a bad file is tried and reported only once
         self._skipped = set()  # row indices found bad during the current epoch
@@ -309,12 +307,9 @@ class AudioCaptionDataset:
     def end_epoch_report(self, merge=None):
         """"skipped K of N files: names" for the epoch now ending; counting starts afresh. merge: a function from
         this copy's set of bad row indices to the set over all copies (the union over DDP ranks)."""
-        skipped = merge(self._skipped) if merge else self._skipped
-        report = f"skipped {len(skipped)} of {len(self)} files"
-        if skipped:
-            report += ": " + ", ".join(sorted(os.path.basename(self.rows[i]["audio_path"]) for i in skipped))
-        self._skipped = set()
-        return report
+        skipped, self._skipped = merge(self._skipped) if merge else self._skipped, set()
+        names = ", ".join(sorted(os.path.basename(self.rows[i]["audio_path"]) for i in skipped))
+        return f"skipped {len(skipped)} of {len(self)} files" + (f": {names}" if names else "")
 
 
 # -----------------------------------------------------------------------------

@@ -315,11 +315,10 @@ class Trainer:
 
     def save(self):
         if self.s.master:
-            save_checkpoint({
-                'model': self.raw.state_dict(), 'optimizer': self.optimizer.state_dict(),
-                'ema': self.ema.state_dict() if self.ema is not None else None,
-                'step': self.step, 'rng_state': torch.get_rng_state(),
-                'config': {k: globals()[k] for k in config_keys}, **self.extra_state}, self.ckpt_path)
+            save_checkpoint({'model': self.raw.state_dict(), 'optimizer': self.optimizer.state_dict(),
+                             'ema': self.ema.state_dict() if self.ema is not None else None, 'step': self.step,
+                             'rng_state': torch.get_rng_state(), 'config': {k: globals()[k] for k in config_keys},
+                             **self.extra_state}, self.ckpt_path)
 
     def train(self, loss_fn):
         s, t0 = self.s, time.time()
@@ -615,10 +614,9 @@ class GRPOTrainer:
 
     def train_epoch(self):
         """Rollouts, advantages across ranks, then the updates of one epoch (none when no group has signal)."""
-        s, t0, cfg = self.s, time.time(), self.policy.cfg
+        s, t0, p = self.s, time.time(), self.policy.cfg
         samples = grpo.sample_epoch(self.policy, self.pipe, self.reward_fn, self.text, self.prompts, self.cfg,
-                                    self.epoch, seed, (cfg.latent_seq_len, cfg.latent_dim), s.rank, s.world_size,
-                                    s.autocast)
+                                    self.epoch, seed, (p.latent_seq_len, p.latent_dim), s.rank, s.world_size, s.autocast)
         samples['advantages'], logs = grpo.gather_advantages(samples['rewards'], samples['prompt_ids'], self.cfg,
                                                              s.rank)
         if logs['zero_std_share'] < 1:  # otherwise no sample carries signal: nothing to learn from
