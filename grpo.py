@@ -97,14 +97,7 @@ def compute_advantages(rewards, prompts, std="global", clip=5.0, eps=1e-4):
     Both stds are population stds (ddof 0, numpy's default, as released); eps is added after the std.
     Computed in float64 as released (numpy), returned in the rewards' float dtype. The group baseline comes
     from the current batch only: the released tracker is cleared every epoch.
-
-    Args:
-        rewards: (B,) rewards.
-        prompts: B prompts; equal strings form one group.
-        std: "global" or "per_prompt".
-        clip: advantages are clamped to [-clip, clip]; None for no clip.
-    Returns:
-        (B,) advantages.
+    rewards: (B,); prompts: B prompts, equal ones form a group; clip: |A| <= clip (None: no clip). Returns (B,).
     """
     assert std in ("global", "per_prompt") and rewards.shape == (len(prompts),), (std, rewards.shape, len(prompts))
     r = rewards.detach().to(torch.float64)
@@ -273,13 +266,9 @@ def train_step(model, ref_model, optimizer, batches, cfg: GRPOConfig, micro_batc
     The loss of every minibatch and each of its first cfg.num_train_steps sampling steps is averaged into one
     gradient (as the released accumulation over minibatches x timesteps does), clipped to cfg.grad_clip, then
     applied. micro_batch > 0 runs each minibatch in slices of that many clips, weighted by their share: the
-    same gradient (up to float rounding) with activations for micro_batch clips only. Under DDP, gradients are
-    synchronised on the last backward only.
-
-    Args:
-        model: the policy (a DDP wrapper is fine); ref_model: the frozen reference (a copy of the starting
-            weights, or the LoRA policy itself, whose adapters are switched off for it); used if cfg.beta > 0.
-        autocast: a context manager for mixed precision (default none).
+    same gradient (up to float rounding) with activations for micro_batch clips only. Under DDP (model wrapped),
+    gradients are synchronised on the last backward only. ref_model: the frozen reference (a copy of the starting
+    weights, or the LoRA policy itself with its adapters switched off), used if cfg.beta > 0.
     Returns the mean of grpo_loss's stats over all terms, plus loss and grad_norm, as floats.
     """
     T = cfg.num_train_steps
