@@ -153,12 +153,15 @@ def load_checkpoint(path, what, keys=()):
     return ckpt
 
 
-def open_resumed(path, extra, keys):
-    """The checkpoint --resume continues, holding `keys`, checked against what this run loaded (`extra`, see
-    check_origin). Raises FileNotFoundError or ValueError naming `path`."""
+def open_resumed(path, extra, key, setting):
+    """The checkpoint --resume continues, checked against what this run loaded (`extra`, see check_origin) and
+    refused when its `key` ('ema', 'lora') is None but --`setting` asks for one, or the other way round: never
+    drop or invent one silently. Raises FileNotFoundError or ValueError naming `path`."""
     global last_checkpoint
-    ckpt = load_checkpoint(path, '--resume checkpoint', ('model', 'optimizer', 'step', 'config', *keys))
+    ckpt = load_checkpoint(path, '--resume checkpoint', ('model', 'optimizer', 'step', 'config', key))
     check_origin(ckpt, extra, path)
+    refuse([(bool(globals()[setting]) != (ckpt[key] is not None), f'--resume: {path} was written with --{setting}='
+             f'{ckpt["config"][setting]!r}; resume with that (or use a new --out_dir)')])
     last_checkpoint = f'{path} (step {ckpt["step"]})'
     if int(os.environ.get('RANK', 0)) == 0:
         print(f'resumed from {last_checkpoint}')
@@ -303,9 +306,7 @@ class Trainer:
 
     def restore(self):
         path = self.ckpt_path
-        ckpt = open_resumed(path, self.extra_state, ('ema',))
-        refuse([((self.ema is None) != (ckpt['ema'] is None), f'--resume: {path} was written with --ema_decay='
-                 f'{ckpt["config"]["ema_decay"]}; resume with that (or use a new --out_dir)')])  # never drop one
+        ckpt = open_resumed(path, self.extra_state, 'ema', 'ema_decay')
         load_resumed(self.raw, ckpt['model'], ckpt, path)
         if self.ema is not None:
             load_resumed(self.ema, ckpt['ema'], ckpt, path)
@@ -571,9 +572,7 @@ class GRPOTrainer:
 
     def restore(self):
         path = self.ckpt_path
-        ckpt = open_resumed(path, self.extra, ('lora',))
-        refuse([(bool(lora_rank) != (ckpt['lora'] is not None), f'--resume: {path} was written with --lora_rank='
-                 f'{ckpt["config"].get("lora_rank")}; resume with that (or use a new --out_dir)')])
+        ckpt = open_resumed(path, self.extra, 'lora', 'lora_rank')
         # LoRA: the frozen base comes from --init_from, the adapters from the checkpoint
         load_resumed(self.policy, {**self.policy.state_dict(), **ckpt['lora']} if lora_rank else ckpt['model'],
                      ckpt, path)
