@@ -242,10 +242,9 @@ class Setup:
 
     def union_across_ranks(self, items: set) -> set:
         """The union of every rank's `items` (small sets of picklable values, e.g. bad row indices)."""
-        if not self.ddp:
-            return items
-        parts = [None] * self.world_size
-        torch.distributed.all_gather_object(parts, items)
+        parts = [items] * self.world_size
+        if self.ddp:
+            torch.distributed.all_gather_object(parts, items)
         return set().union(*parts)
 
 
