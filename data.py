@@ -24,35 +24,20 @@ import torch
 # manifests
 
 
-def read_manifest(path, split=None):
-    """Read a JSONL caption manifest.
-
-    Args:
-        path: the .jsonl file. Blank lines are ignored.
-        split: keep only rows whose `split` equals this ("train", "val"); None keeps every row, including rows
-            that have no `split` key (a row without the key never matches a named split).
-    Returns:
-        list of dicts with at least `audio_id`, `audio_path` (absolute or resolved against the manifest's folder),
-        `caption`; every other key is passed through. A missing `audio_id` defaults to the file's stem.
-    Raises:
-        FileNotFoundError if the manifest does not exist.
-        ValueError naming the file (and the 1-based line number) for a file that is not UTF-8 text, or a line that
-        is not a JSON object or lacks a non-empty string `audio_path` or `caption`.
-    """
-    path = os.path.expanduser(os.fspath(path))
-    if not os.path.isfile(path):
-        kind = "is a folder" if os.path.isdir(path) else "does not exist"
-        raise FileNotFoundError(f"manifest {path} {kind}; pass the path of a .jsonl caption manifest")
+def read_manifest(path):
+    """Rows of a JSONL caption manifest (blank lines ignored), each a dict with `audio_id` (default: the file's
+    stem), `audio_path` (resolved against the manifest's folder) and `caption`, other keys passed through.
+    Raises FileNotFoundError; ValueError naming the file (and line) for an empty file, text that is not UTF-8, a
+    line that is not a JSON object, or one without a non-empty string `audio_path` and `caption`."""
+    path = _existing_file(path, "manifest", "pass the path of a .jsonl caption manifest")
     root = os.path.dirname(os.path.abspath(path))
-    rows = []
-    for lineno, line in enumerate(_read_text(path, "manifest").split("\n"), start=1):
-        if not line.strip():
-            continue
-        row = _parse_manifest_line(line, path, lineno)
+    rows = [_parse_manifest_line(line, path, n) for n, line in enumerate(_read_text(path, "manifest").split("\n"), 1)
+            if line.strip()]
+    if not rows:
+        raise ValueError(f"manifest {path} is empty; add one JSON object a line for each clip")
+    for row in rows:
         row["audio_path"] = os.path.normpath(os.path.join(root, os.path.expanduser(row["audio_path"])))
         row.setdefault("audio_id", os.path.splitext(os.path.basename(row["audio_path"]))[0])
-        if split is None or row.get("split") == split:
-            rows.append(row)
     return rows
 
 
@@ -63,10 +48,7 @@ def read_prompts(path, split=None):
     TTA-Bench entries whose prompt_text is null or blank are skipped with one warning giving their count and ids.
     Raises FileNotFoundError for a missing file; ValueError naming the file for text that is not UTF-8, broken
     JSON, JSON of another shape, or a prompt_text that is neither a string nor null."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        kind = "is a folder" if os.path.isdir(path) else "does not exist"
-        raise FileNotFoundError(f"prompts file {path!r} {kind}")
+    path = _existing_file(path, "prompts file", "give a text file, a TTA-Bench .json or a .jsonl manifest")
     if path.endswith(".jsonl"):
         rows = [r for r in read_manifest(path) if split is None or r.get("split") == split or
                 (split == "train" and r.get("split") != "val")]
@@ -75,6 +57,15 @@ def read_prompts(path, split=None):
     if path.endswith(".json"):
         return _tta_bench_prompts(text, path)
     return [(None, line.strip()) for line in text.splitlines() if line.strip()]
+
+
+def _existing_file(path, what, fix, error=FileNotFoundError):
+    """`path` as a str (~ expanded); raises `error` naming `what`, the path and `fix` unless it is a file."""
+    path = os.path.expanduser(os.fspath(path))
+    if not os.path.isfile(path):
+        kind = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
+        raise error(f"{what} {path} {kind}; {fix}")
+    return path
 
 
 def _read_text(path, what):
@@ -94,36 +85,30 @@ def _tta_bench_prompts(text, path):
                          ) from None
     if not isinstance(entries, list) or not all(isinstance(x, dict) and "prompt_text" in x for x in entries):
         raise ValueError(f'{path}: expected a JSON list of {{"id": ..., "prompt_text": ...}} as in TTA-Bench')
-    items, empty = [], []
-    for i, entry in enumerate(entries):
-        pid, prompt = str(entry.get("id", i)), entry["prompt_text"]
+    entries = [(str(x.get("id", i)), x["prompt_text"]) for i, x in enumerate(entries)]
+    for pid, prompt in entries:
         if prompt is not None and not isinstance(prompt, str):
             raise ValueError(f"{path}: entry {pid!r} has prompt_text {prompt!r}; it must be a string")
-        if prompt is None or not prompt.strip():
-            empty.append(pid)
-        else:
-            items.append((pid, prompt.strip()))
+    empty = [pid for pid, prompt in entries if not (prompt or "").strip()]
     if empty:
         warnings.warn(f"{path}: skipped {len(empty)} entries with an empty or null prompt_text: "
                       f"{', '.join(empty[:20])}{' ...' if len(empty) > 20 else ''}", stacklevel=3)
-    return items
+    return [(pid, prompt.strip()) for pid, prompt in entries if (prompt or "").strip()]
 
 
 def _parse_manifest_line(line, path, lineno):
-    where = f"{path}, line {lineno}"
-    fix = ('each line must be one JSON object such as {"audio_id": "x", "audio_path": "audio/x.flac", '
-           '"caption": "a dog barking", "duration": 4.2}')
     try:
         row = json.loads(line)
+        problem = None if isinstance(row, dict) else f"expected a JSON object, got {type(row).__name__}"
     except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg}); {fix}") from None
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}; {fix}")
+        row, problem = {}, f"not valid JSON ({e.msg})"
     for key in ("audio_path", "caption"):
-        value = row.get(key)
-        if not isinstance(value, str) or not value.strip():
-            problem = "is missing" if key not in row else f"must be a non-empty string, got {value!r}"
-            raise ValueError(f"{where}: key '{key}' {problem}; {fix}")
+        if problem is None and (not isinstance(row.get(key), str) or not row[key].strip()):
+            problem = f"key '{key}' " + ("is missing" if key not in row else
+                                         f"must be a non-empty string, got {row[key]!r}")
+    if problem:
+        raise ValueError(f'{path}, line {lineno}: {problem}; each line must be one JSON object such as '
+                         '{"audio_id": "x", "audio_path": "audio/x.flac", "caption": "a dog barking", "duration": 4.2}')
     return row
 
 
@@ -154,9 +139,8 @@ def resample(wave, orig_sr, new_sr):
     Raises:
         ValueError for non-positive or non-integer rates.
     """
-    for name, sr in (("orig_sr", orig_sr), ("new_sr", new_sr)):
-        if int(sr) != sr or sr <= 0:
-            raise ValueError(f"{name} must be a positive integer number of Hz, got {sr!r}")
+    if not all(int(sr) == sr > 0 for sr in (orig_sr, new_sr)):
+        raise ValueError(f"orig_sr, new_sr must be positive integer numbers of Hz, got {orig_sr!r}, {new_sr!r}")
     g = math.gcd(int(orig_sr), int(new_sr))
     orig, new = int(orig_sr) // g, int(new_sr) // g
     if orig == new:
@@ -216,44 +200,31 @@ class AudioError(ValueError):
 
 
 def load_audio(path, sample_rate):
-    """Decode an audio file to a mono float32 waveform at `sample_rate`.
+    """Decode an audio file (any format libsndfile reads) to a mono float32 waveform at `sample_rate` Hz.
 
-    Channels are averaged (mono = mean of channels), except when they largely cancel out (a polarity-inverted
-    channel: the mean's peak under a tenth of the loudest channel's); then the loudest channel is kept. The rate
-    is changed with `resample`.
-    Args:
-        path: any format libsndfile reads (wav, flac, ogg, ...).
-        sample_rate: target rate in Hz.
-    Returns:
-        (S,) float32 CPU tensor, S = ceil(frames * sample_rate / file_rate).
-    Raises:
-        AudioError (a ValueError) naming the file when it is missing or a folder, cannot be decoded or resampled
-        (whatever the exception), has no samples, holds NaN or infinite samples, is silent (peak below
-        SILENCE_PEAK) or far too loud (peak above LOUD_PEAK), so one odd file is skipped, never fatal.
+    Mono is the mean of the channels, unless they largely cancel out (a polarity-inverted channel: the mean's
+    peak under a tenth of the loudest channel's); then the loudest channel is kept. Resampled with `resample`.
+    Returns a (S,) float32 CPU tensor, S = ceil(frames * sample_rate / file_rate).
+    Raises AudioError (a ValueError) naming the file when it is missing or a folder, cannot be decoded or resampled
+    (whatever the exception), has no samples, holds NaN or inf, is silent (peak below SILENCE_PEAK) or far too loud
+    (peak above LOUD_PEAK): one odd file is skipped, never fatal.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        problem = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
-        raise AudioError(f"audio file {path} {problem}; fix its audio_path in the manifest or restore the file")
+    path = _existing_file(path, "audio file", "fix its audio_path in the manifest or restore the file", AudioError)
     try:
         data, sr = soundfile.read(path, dtype="float32", always_2d=True)  # (S, C)
     except Exception as e:  # libsndfile, format and memory errors alike: this file cannot be used
         raise AudioError(f"audio file {path} could not be decoded ({e}); re-encode it as wav or flac") from None
-    if data.shape[0] == 0:
-        raise AudioError(f"audio file {path} holds no samples; drop it from the manifest")
     finite = np.isfinite(data)
-    if not finite.all():
-        raise AudioError(f"audio file {path} holds {finite.size - finite.sum()} NaN or infinite samples; "
-                         "re-export it or drop it from the manifest")
-    mono = data.mean(axis=1)  # (S,)
-    peak = float(np.abs(mono).max())  # numpy: cheaper than torch's thread pool for one small reduction
-    channel_peaks = np.abs(data).max(axis=0)  # (C,)
-    if peak < 0.1 * channel_peaks.max():  # channels in antiphase cancel out (-20 dB or more): keep the loudest
-        mono = data[:, channel_peaks.argmax()]
-        peak = float(channel_peaks.max())
-    if not SILENCE_PEAK <= peak <= LOUD_PEAK:
-        problem = f"is silent (peak {peak:.1e} < {SILENCE_PEAK:.0e})" if peak < SILENCE_PEAK else \
-            f"peaks at {peak:.3g}, far outside [-1, 1] (not audio)"
+    if data.size and finite.all():
+        mono = data.mean(axis=1)  # (S,)
+        peak, channel_peaks = float(np.abs(mono).max()), np.abs(data).max(axis=0)  # (C,); numpy: cheaper here
+        if peak < 0.1 * channel_peaks.max():  # channels in antiphase cancel out (-20 dB or more): keep the loudest
+            mono, peak = data[:, channel_peaks.argmax()], float(channel_peaks.max())
+    problem = ("holds no samples" if not data.size else
+               f"holds {finite.size - finite.sum()} NaN or infinite samples (re-export it)" if not finite.all() else
+               f"is silent (peak {peak:.1e} < {SILENCE_PEAK:.0e})" if peak < SILENCE_PEAK else
+               f"peaks at {peak:.3g}, far outside [-1, 1] (not audio)" if peak > LOUD_PEAK else "")
+    if problem:
         raise AudioError(f"audio file {path} {problem}; drop it from the manifest")
     try:
         return resample(torch.from_numpy(np.ascontiguousarray(mono)), sr, sample_rate)
@@ -263,24 +234,10 @@ def load_audio(path, sample_rate):
 
 
 def crop_or_pad(wave, num_samples, start=0.0):
-    """Cut or zero-pad a waveform to exactly `num_samples`.
-
-    Longer clips are cropped to the window beginning at fraction `start` in [0, 1) of the valid start range
-    (0 = the beginning; the caller draws `start` uniformly for a random crop, so one number per clip whatever
-    its length keeps the random stream aligned). Shorter clips are zero-padded at the end.
-    Args:
-        wave: (S,) tensor.
-        num_samples: output length in samples (> 0).
-        start: float in [0, 1), where the window starts.
-    Returns:
-        (num_samples,) tensor, same dtype and device.
-    Raises:
-        ValueError if `wave` is not 1-D or num_samples < 1.
-    """
-    if wave.dim() != 1:
-        raise ValueError(f"crop_or_pad expects a 1-D waveform (S,), got shape {tuple(wave.shape)}; downmix first")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    """(S,) -> (num_samples,): the window beginning at fraction `start` in [0, 1) of the valid start range of a
+    longer clip (one number per clip whatever its length, so a random stream stays aligned), or a shorter clip
+    zero-padded at the end."""
+    assert wave.dim() == 1 and num_samples >= 1, (tuple(wave.shape), num_samples)
     S = wave.shape[0]
     if S >= num_samples:
         first = min(int(float(start) * (S - num_samples + 1)), S - num_samples)
@@ -292,98 +249,38 @@ def crop_or_pad(wave, num_samples, start=0.0):
 # dataset
 
 
-class AudioCaptionDataset(torch.utils.data.Dataset):
-    """Clips and captions from a manifest, as fixed-length mono waveforms.
+class AudioCaptionDataset:
+    """Manifest rows (see `read_manifest`) as fixed-length mono clips of clip_seconds at sample_rate Hz.
 
-    Bad files (missing, undecodable, empty, silent) are not fatal: `__getitem__` returns None for them, warns
-    once per file naming it and the reason, and counts it. `end_epoch_report()` says how many were skipped.
-
-    Args:
-        manifest: path of a JSONL manifest (see `read_manifest`) or a list of rows already read.
-        sample_rate: Hz of the returned audio.
-        clip_seconds: length of every returned clip; longer clips are cropped, shorter ones zero-padded.
-        split: keep only rows of this split (see `read_manifest`); also applied to a list of rows.
-        cache: keep decoded, resampled audio in memory (worth it when a small set is read many times).
-        random_crop: crop long clips at a random start (training) or from the beginning (evaluation).
-    Raises:
-        ValueError if no rows are left, or clip_seconds * sample_rate < 1 sample.
+    Decoded audio is kept in memory (a training set is read many times). A bad file (see `load_audio`) is not
+    fatal: it warns once, naming the file and the reason, is replaced in batches by the next readable row and is
+    counted until `end_epoch_report()`.
     """
 
-    def __init__(self, manifest, sample_rate, clip_seconds, split=None, cache=True, random_crop=True):
-        if isinstance(manifest, (str, os.PathLike)):
-            rows = read_manifest(manifest, split=split)
-        else:
-            rows = [r for r in manifest if split is None or r.get("split") == split]
-        if not rows:
-            where = f"manifest {manifest}" if isinstance(manifest, (str, os.PathLike)) else "the rows given"
-            raise ValueError(f"no rows in {where}" + (f" for split={split!r}; check the split name" if split else
-                                                      "; add clips to the manifest"))
-        self.rows = rows
-        self.sample_rate = int(sample_rate)
-        self.num_samples = round(clip_seconds * sample_rate)
-        if self.num_samples < 1:
-            raise ValueError(f"clip_seconds={clip_seconds} at {sample_rate} Hz is less than one sample")
-        self.cache = cache
-        self.random_crop = random_crop
-        self._audio = {}  # audio_path -> (S,) tensor, when caching
+    def __init__(self, rows, sample_rate, clip_seconds):
+        self.rows, self.sample_rate, self.num_samples = rows, int(sample_rate), round(clip_seconds * sample_rate)
+        assert rows and self.num_samples >= 1, (len(rows), clip_seconds, sample_rate)
+        self._audio = {}  # audio_path -> (S,) tensor
         self._bad = {}  # audio_path -> reason; remembered so a bad file is tried and reported only once
         self._skipped = set()  # row indices found bad during the current epoch
 
     def __len__(self):
         return len(self.rows)
 
-    @property
-    def captions(self):
-        """All captions, in row order (for precomputing text features)."""
-        return [r["caption"] for r in self.rows]
-
-    @property
-    def num_skipped(self):
-        """Number of distinct rows found bad since the last `end_epoch_report()`."""
-        return len(self._skipped)
-
-    def __getitem__(self, i, generator=None):
-        """Returns dict(audio=(num_samples,) float32, caption=str, audio_id=str), or None for a bad file.
-
-        With random_crop the crop start is one uniform draw from `generator` (None: the global RNG).
-        """
-        start = torch.rand((), generator=generator).item() if self.random_crop else 0.0
-        row = self.rows[i]
-        wave = self._load(row["audio_path"])
-        if wave is None:
-            self._skipped.add(i)
-            return None
-        audio = crop_or_pad(wave, self.num_samples, start)
-        return dict(audio=audio, caption=row["caption"], audio_id=row["audio_id"])
-
     def _load(self, path):
-        if path in self._bad:
-            return None
-        if path in self._audio:
-            return self._audio[path]
-        try:
-            wave = load_audio(path, self.sample_rate)
-        except AudioError as e:
-            self._bad[path] = str(e)
-            warnings.warn(f"skipping bad audio file: {e}", stacklevel=3)
-            return None
-        if self.cache:
-            self._audio[path] = wave
-        return wave
+        if path not in self._audio and path not in self._bad:
+            try:
+                self._audio[path] = load_audio(path, self.sample_rate)
+            except AudioError as e:
+                self._bad[path] = str(e)
+                warnings.warn(f"skipping bad audio file: {e}", stacklevel=3)
+        return self._audio.get(path)
 
     def get_batch(self, indices, starts=None):
-        """Load rows `indices` as a batch of fixed size, for a trainer that draws its own random numbers.
-
-        A bad row is replaced by the next readable row (i + 1, i + 2, ... wrapping around), so the batch, and
-        every rank's or a resumed run's view of it, depends only on `indices` and `starts`.
-        Args:
-            indices: row numbers, length B.
-            starts: (B,) crop starts as fractions in [0, 1) (see `crop_or_pad`); None crops from the beginning.
-        Returns:
-            audio (B, num_samples) float32, captions list[str] of length B.
-        Raises:
-            ValueError if no row of the manifest is readable.
-        """
+        """Rows `indices` (length B) as audio (B, num_samples) float32 and captions (B strings), each cropped at
+        starts[b] (a fraction, see `crop_or_pad`; None: from the beginning). A bad row is replaced by the next
+        readable one (i + 1, i + 2, ... wrapping around), so a batch depends only on `indices` and `starts`, on
+        every rank and in a resumed run. Raises ValueError if no row of the manifest is readable."""
         audio = torch.zeros(len(indices), self.num_samples)  # (B, S)
         captions = []
         for b, i in enumerate(indices):
@@ -408,28 +305,11 @@ class AudioCaptionDataset(torch.utils.data.Dataset):
                          "resolved against the manifest's folder)")
 
     def end_epoch_report(self, merge=None):
-        """Return "skipped K of N files: names" for the epoch now ending, and start counting afresh.
-        merge: optional function from this copy's set of bad row indices to the set over all copies (e.g. the
-        union over DDP ranks, each of which read its own share of the rows)."""
-        skipped = merge(self._skipped) if merge else self._skipped
-        report = f"skipped {len(skipped)} of {len(self)} files"
-        if skipped:
-            report += ": " + ", ".join(sorted(os.path.basename(self.rows[i]["audio_path"]) for i in skipped))
-        self._skipped = set()
-        return report
-
-
-def collate(items):
-    """Stack dataset items into a batch, dropping None (bad files).
-
-    Returns:
-        audio (B', S) float32 and captions list[str] of length B' (B' = number of good items; B' may be 0,
-        in which case audio is a (0, 0) tensor).
-    """
-    items = [it for it in items if it is not None]
-    if not items:
-        return torch.zeros(0, 0), []
-    return torch.stack([it["audio"] for it in items]), [it["caption"] for it in items]
+        """"skipped K of N files: names" for the epoch now ending; counting starts afresh. merge: a function from
+        this copy's set of bad row indices to the set over all copies (the union over DDP ranks)."""
+        skipped, self._skipped = merge(self._skipped) if merge else self._skipped, set()
+        names = ", ".join(sorted(os.path.basename(self.rows[i]["audio_path"]) for i in skipped))
+        return f"skipped {len(skipped)} of {len(self)} files" + (f": {names}" if names else "")
 
 
 # -----------------------------------------------------------------------------
@@ -454,8 +334,7 @@ def configure(namespace, argv):
     overrides = dict(_parse_setting(arg, namespace, names) for arg in argv if arg.startswith("--"))
     namespace.update(overrides)
     for path in (arg for arg in argv if not arg.startswith("--")):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file {path!r} not found (settings are --key=value, presets config/*.py)")
+        path = _existing_file(path, "config file", "settings are --key=value, presets config/*.py")
         print(f"config: {path}")
         with open(path) as f:
             exec(f.read(), namespace)
@@ -526,7 +405,8 @@ def check_writable(folder, flag):
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        raise ValueError(f"{flag} {folder} is not a writable folder ({e.strerror}); choose another") from None
+        why = "it is a file" if os.path.isfile(folder) else e.strerror or str(e)
+        raise ValueError(f"{flag} {folder!r} is not a writable folder ({why}); choose another {flag}") from None
 
 
 def seeded_generator(*keys) -> torch.Generator:
@@ -580,10 +460,7 @@ def read_weights(path, allow=()):
     """The dict stored at `path`: a .safetensors file, or a torch file read with weights_only=True, so no code
     runs from the file. `allow`: the classes beyond tensors and containers that a published file holds
     (passed to torch.serialization.safe_globals). Raises FileNotFoundError or ValueError naming the path."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        kind = "is a folder" if os.path.isdir(path) else "does not exist"
-        raise FileNotFoundError(f"weights file {path} {kind}; give the path of a .pt/.pth or .safetensors file")
+    path = _existing_file(path, "weights file", "give the path of a .pt/.pth or .safetensors file")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file

@@ -29,7 +29,7 @@ from flow import euler_sample, guided_velocity, sde_step_with_logprob
 
 @dataclass
 class GRPOConfig:
-    """Flow-GRPO hyper-parameters; defaults are the released Resonate run (the released repository's config/GRPO_*.yaml, SPEC figures).
+    """Flow-GRPO hyper-parameters; defaults are the released Resonate run (the released config/GRPO_*.yaml).
 
     Per epoch and process: num_batches_per_epoch rollout batches of sample_batch_size clips; across processes
     each rollout batch holds world_size * sample_batch_size / group_size captions, group_size clips each. The
@@ -63,16 +63,20 @@ class GRPOConfig:
         return int(self.num_steps * self.timestep_fraction)
 
     def check(self, world_size: int = 1):
-        """Raise ValueError, naming the setting, for a layout that does not divide evenly."""
-        if (world_size * self.sample_batch_size) % self.group_size:
-            raise ValueError(f"world_size x sample_batch_size = {world_size} x {self.sample_batch_size} must be a "
-                             f"multiple of group_size={self.group_size}: every rollout batch holds whole groups")
-        if self.num_batches_per_epoch % self.grad_accum_steps:
-            raise ValueError(f"num_batches_per_epoch={self.num_batches_per_epoch} must be a multiple of "
-                             f"grad_accum_steps={self.grad_accum_steps}")
-        if not 1 <= self.num_train_steps <= self.num_steps:
-            raise ValueError(f"timestep_fraction={self.timestep_fraction} trains on {self.num_train_steps} of "
-                             f"{self.num_steps} steps; it must give at least one")
+        """Raise ValueError, naming the setting, for a layout that does not divide evenly or an unknown name."""
+        problems = [
+            ((world_size * self.sample_batch_size) % self.group_size,
+             f"world_size x sample_batch_size = {world_size} x {self.sample_batch_size} must be a multiple of "
+             f"group_size={self.group_size}: every rollout batch holds whole groups"),
+            (self.num_batches_per_epoch % self.grad_accum_steps, f"num_batches_per_epoch="
+             f"{self.num_batches_per_epoch} must be a multiple of grad_accum_steps={self.grad_accum_steps}"),
+            (not 1 <= self.num_train_steps <= self.num_steps, f"timestep_fraction={self.timestep_fraction} trains "
+             f"on {self.num_train_steps} of {self.num_steps} steps; it must give at least one"),
+            (self.advantage_std not in ("global", "per_prompt"),
+             f"advantage_std must be 'global' or 'per_prompt', got {self.advantage_std!r}")]
+        for bad, message in problems:
+            if bad:
+                raise ValueError(message)
 
 
 # ---------------------------------------------------------------- advantages
@@ -85,12 +89,6 @@ def _groups(prompts) -> list[torch.Tensor]:
     return [torch.tensor(ix) for ix in index.values()]
 
 
-def _check_rewards(rewards, prompts):
-    if rewards.ndim != 1 or len(prompts) != rewards.shape[0]:
-        raise ValueError(f"rewards must be (B,) with one prompt each; got rewards {tuple(rewards.shape)} "
-                         f"and {len(prompts)} prompts")
-
-
 def compute_advantages(rewards, prompts, std="global", clip=5.0, eps=1e-4):
     """GRPO advantages: each reward minus the mean reward of its prompt's group, over a std, clipped.
 
@@ -99,20 +97,9 @@ def compute_advantages(rewards, prompts, std="global", clip=5.0, eps=1e-4):
     Both stds are population stds (ddof 0, numpy's default, as released); eps is added after the std.
     Computed in float64 as released (numpy), returned in the rewards' float dtype. The group baseline comes
     from the current batch only: the released tracker is cleared every epoch.
-
-    Args:
-        rewards: (B,) rewards.
-        prompts: B prompts; equal strings form one group.
-        std: "global" or "per_prompt".
-        clip: advantages are clamped to [-clip, clip]; None for no clip.
-    Returns:
-        (B,) advantages.
-    Raises:
-        ValueError on a bad std name or mismatched lengths.
+    rewards: (B,); prompts: B prompts, equal ones form a group; clip: |A| <= clip (None: no clip). Returns (B,).
     """
-    if std not in ("global", "per_prompt"):
-        raise ValueError(f"std must be 'global' or 'per_prompt', got {std!r}")
-    _check_rewards(rewards, prompts)
+    assert std in ("global", "per_prompt") and rewards.shape == (len(prompts),), (std, rewards.shape, len(prompts))
     r = rewards.detach().to(torch.float64)
     global_scale = r.std(correction=0) + eps
     advantages = torch.empty_like(r)
@@ -130,7 +117,6 @@ def compute_advantages(rewards, prompts, std="global", clip=5.0, eps=1e-4):
 def zero_std_fraction(rewards, prompts) -> float:
     """Share of prompt groups whose rewards are all equal (zero std): their advantages are all zero,
     so they carry no policy-gradient signal. The diagnostic to log each epoch (released: zero_std_ratio)."""
-    _check_rewards(rewards, prompts)
     groups = _groups(prompts)
     flat = sum(bool((rewards[idx.to(rewards.device)] == rewards[idx[0]]).all()) for idx in groups)
     return flat / len(groups)
@@ -143,10 +129,8 @@ def informative_mask(advantages, multiple_of=1, generator=None):
     (as released). If the kept count is not a positive multiple of `multiple_of` (the number of training
     minibatches), randomly chosen dropped samples are put back to make it one (released; we also make sure at
     least `multiple_of` are kept, so that every process takes the same number of steps under DDP).
-    Raises ValueError if there are fewer than `multiple_of` samples.
     """
-    if advantages.ndim != 1 or advantages.shape[0] < multiple_of:
-        raise ValueError(f"advantages must be (B,) with B >= {multiple_of}, got {tuple(advantages.shape)}")
+    assert advantages.ndim == 1 and advantages.shape[0] >= multiple_of, (advantages.shape, multiple_of)
     mask = advantages.detach().cpu() != 0
     kept = int(mask.sum())
     short = multiple_of if kept == 0 else (-kept) % multiple_of
@@ -179,13 +163,9 @@ def grpo_loss(log_prob, old_log_prob, advantages, prev_sample_mean=None, prev_sa
     Returns:
         loss (scalar), stats: dict of detached scalars policy_loss, kl_loss, approx_kl
         (= 0.5 * mean((log_prob - old_log_prob)^2), as released) and clipfrac (share with |ratio - 1| > clip_range).
-    Raises:
-        ValueError on mismatched (B,) shapes or beta > 0 without the means and std.
     """
     B = log_prob.shape[0]
-    if log_prob.shape != (B,) or old_log_prob.shape != (B,) or advantages.shape != (B,):
-        raise ValueError(f"log_prob, old_log_prob, advantages must all be ({B},), got {tuple(log_prob.shape)}, "
-                         f"{tuple(old_log_prob.shape)}, {tuple(advantages.shape)}")
+    assert log_prob.shape == old_log_prob.shape == advantages.shape == (B,), (old_log_prob.shape, advantages.shape)
     advantages = advantages.to(log_prob.dtype)
     log_ratio = log_prob - old_log_prob
     ratio = torch.exp(log_ratio)
@@ -195,9 +175,7 @@ def grpo_loss(log_prob, old_log_prob, advantages, prev_sample_mean=None, prev_sa
 
     kl_loss = torch.zeros((), device=log_prob.device)
     if beta > 0:
-        if prev_sample_mean is None or prev_sample_mean_ref is None or std_dev_t is None:
-            raise ValueError("beta > 0 needs prev_sample_mean, prev_sample_mean_ref and std_dev_t; pass beta=0 "
-                             "to train without the KL term")
+        assert prev_sample_mean is not None and prev_sample_mean_ref is not None and std_dev_t is not None
         sq = ((prev_sample_mean - prev_sample_mean_ref) ** 2).flatten(1).mean(1)  # (B,)
         kl_loss = (sq / (2 * std_dev_t.reshape(B) ** 2)).mean()
     loss = policy_loss + beta * kl_loss
@@ -239,15 +217,11 @@ def rollout(model, noise, text_f, text_f_c, num_steps=10, cfg_strength=4.5, nois
         dict of latents (B, T + 1, N, C): the chain x_0 .. x_T, so step j goes from latents[:, j] to
         latents[:, j + 1] (latent and next latent share one tensor); log_probs (B, T) fp32; timesteps (B, T + 1),
         step j going from timesteps[:, j] to timesteps[:, j + 1]; sample (B, N, C), the final normalised latents.
-    Raises ValueError for a step_noise of the wrong shape or keep_steps out of range.
     """
     B = noise.shape[0]
     T = num_steps if keep_steps is None else keep_steps
-    if not 0 <= T <= num_steps:
-        raise ValueError(f"keep_steps must be in [0, num_steps={num_steps}], got {keep_steps}")
-    if step_noise is not None and step_noise.shape != (B, num_steps, *noise.shape[1:]):
-        raise ValueError(f"step_noise must be (B, num_steps, N, C) = {(B, num_steps, *noise.shape[1:])}, "
-                         f"got {tuple(step_noise.shape)}")
+    assert 0 <= T <= num_steps, (keep_steps, num_steps)
+    assert step_noise is None or step_noise.shape == (B, num_steps, *noise.shape[1:]), step_noise.shape
     neg_f, neg_f_c = _unconditional(model, B, text_f, text_f_c)
     grid = torch.linspace(1, 0, num_steps + 1, device=noise.device)  # fp32, as released
     x, chain, log_probs = noise, [noise.float()], []
@@ -292,13 +266,9 @@ def train_step(model, ref_model, optimizer, batches, cfg: GRPOConfig, micro_batc
     The loss of every minibatch and each of its first cfg.num_train_steps sampling steps is averaged into one
     gradient (as the released accumulation over minibatches x timesteps does), clipped to cfg.grad_clip, then
     applied. micro_batch > 0 runs each minibatch in slices of that many clips, weighted by their share: the
-    same gradient (up to float rounding) with activations for micro_batch clips only. Under DDP, gradients are
-    synchronised on the last backward only.
-
-    Args:
-        model: the policy (a DDP wrapper is fine); ref_model: the frozen reference (a copy of the starting
-            weights, or the LoRA policy itself, whose adapters are switched off for it); used if cfg.beta > 0.
-        autocast: a context manager for mixed precision (default none).
+    same gradient (up to float rounding) with activations for micro_batch clips only. Under DDP (model wrapped),
+    gradients are synchronised on the last backward only. ref_model: the frozen reference (a copy of the starting
+    weights, or the LoRA policy itself with its adapters switched off), used if cfg.beta > 0.
     Returns the mean of grpo_loss's stats over all terms, plus loss and grad_norm, as floats.
     """
     T = cfg.num_train_steps
@@ -344,16 +314,12 @@ class LoRA(nn.Module):
 
     def __init__(self, base: nn.Module, rank: int, alpha: float):
         super().__init__()
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        assert rank >= 1 and (isinstance(base, nn.Linear) or type(base).__name__ == "Conv1dNLC"), (rank, base)
         if isinstance(base, nn.Linear):
-            down = nn.Linear(base.in_features, rank, bias=False)
-            out_features = base.out_features
-        elif isinstance(base, nn.Conv1d) and type(base).__name__ == "Conv1dNLC":
+            down, out_features = nn.Linear(base.in_features, rank, bias=False), base.out_features
+        else:
             down = type(base)(base.in_channels, rank, base.kernel_size[0], padding=base.padding[0], bias=False)
             out_features = base.out_channels
-        else:
-            raise TypeError(f"LoRA wraps nn.Linear or a channels-last Conv1dNLC, not {type(base).__name__}")
         self.base = base.requires_grad_(False)
         self.lora_down, self.lora_up = down, nn.Linear(rank, out_features, bias=False)
         nn.init.zeros_(self.lora_up.weight)
@@ -376,12 +342,11 @@ def apply_lora(model: nn.Module, rank: int = 32, alpha: float = 64.0, targets=LO
     Default targets: the attention qkv and output projections and the three SwiGLU projections of every
     block, on both streams (Linear on the text stream, kernel-3 convs on the audio stream); embedders, adaLN
     modulation and the output layer stay frozen. rank 32, alpha 64 as the released LoRA option.
-    Returns the trainable LoRA parameters. Raises ValueError if no module matches.
+    Returns the trainable LoRA parameters.
     """
     model.requires_grad_(False)
     names = [n for n, m in model.named_modules() if any(n == t or n.endswith("." + t) for t in targets)]
-    if not names:
-        raise ValueError(f"no module of {type(model).__name__} matches the LoRA targets {targets}")
+    assert names, f"no module of {type(model).__name__} matches the LoRA targets {targets}"
     for name in names:
         parent, _, child = name.rpartition(".")
         holder = model.get_submodule(parent) if parent else model
@@ -679,5 +644,3 @@ RELEASED_FROZEN = {
     "reward Qwen2.5-Omni-7B thinker (bf16)": (8_931_813_888, 2),  # approximate: LLM 7.6 B + audio/vision encoders
 }
 
-
-# ---------------------------------------------------------------- prompts

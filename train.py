@@ -15,7 +15,6 @@ each rank takes its slice: a run resumed from a checkpoint, or split over more p
 import hashlib
 import math
 import os
-import re
 import sys
 import time
 from contextlib import nullcontext
@@ -105,14 +104,20 @@ def get_lr(it):
     return learning_rate * 0.1 ** sum(it >= m * max_iters for m in lr_decay_milestones)
 
 
+def refuse(problems, prefix=''):
+    """Raise ValueError(prefix + message) for the first (condition, message) pair whose condition holds."""
+    for bad, message in problems:
+        if bad:
+            raise ValueError(prefix + message)
+
+
 def save_checkpoint(obj, path):
-    """Write a checkpoint atomically: to `path`.tmp, flushed to disk, then renamed over `path`, so a crash while
-    saving keeps the previous one (and the next save replaces a temporary file a SIGKILL left behind).
-    Raises FloatingPointError, writing nothing, when a tensor in `obj` holds NaN or inf."""
-    bad = nonfinite(obj)
-    if bad:
+    """Write `obj` to `path`.tmp, flushed to disk, then rename it over `path`: a crash while saving keeps the
+    previous checkpoint. Raises FloatingPointError, writing nothing, when a tensor in `obj` holds NaN or inf, and
+    OSError naming `path` when it cannot be written."""
+    if bad := nonfinite(obj):
         raise FloatingPointError(f'not saving {path}: NaN or inf in {len(bad)} tensors ({", ".join(bad[:3])}'
-                                 f'{", ..." if len(bad) > 3 else ""}); the previous checkpoint is kept')
+                                 f'{", ..." * (len(bad) > 3)}); the previous checkpoint is kept')
     tmp = f'{path}.tmp'
     try:
         with open(tmp, 'wb') as f:
@@ -120,7 +125,7 @@ def save_checkpoint(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:  # a full disk, a folder removed under the run: name the file, keep the previous one
+    except OSError as e:  # a full disk, a folder removed under the run
         raise OSError(f'could not write {path} ({e}); the previous checkpoint there, if any, is kept') from None
     finally:
         if os.path.exists(tmp):
@@ -144,8 +149,22 @@ def load_checkpoint(path, what, keys=()):
         raise FileNotFoundError(f'{what} {path!r} does not exist; train it first or give its path (see README)')
     ckpt = data.read_weights(path)
     missing = [k for k in keys if k not in ckpt]
-    if missing:
-        raise ValueError(f'{path} is not a {what} written by train.py (it has no {", ".join(missing)})')
+    refuse([(missing, f'{path} is not a {what} written by train.py (it has no {", ".join(missing)})')])
+    return ckpt
+
+
+def open_resumed(path, extra, key, setting):
+    """The checkpoint --resume continues, checked against what this run loaded (`extra`, see check_origin) and
+    refused when its `key` ('ema', 'lora') is None but --`setting` asks for one, or the other way round: never
+    drop or invent one silently. Raises FileNotFoundError or ValueError naming `path`."""
+    global last_checkpoint
+    ckpt = load_checkpoint(path, '--resume checkpoint', ('model', 'optimizer', 'step', 'config', key))
+    check_origin(ckpt, extra, path)
+    refuse([(bool(globals()[setting]) != (ckpt[key] is not None), f'--resume: {path} was written with --{setting}='
+             f'{ckpt["config"][setting]!r}; resume with that (or use a new --out_dir)')])
+    last_checkpoint = f'{path} (step {ckpt["step"]})'
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(f'resumed from {last_checkpoint}')
     return ckpt
 
 
@@ -153,7 +172,6 @@ def fingerprint(state):
     """A short hash of a state dict's names, shapes and values: which weights a run was trained on."""
     h = hashlib.sha256()
     for k in sorted(state):
-        assert torch.is_tensor(state[k]), k
         v = state[k].detach().cpu().contiguous()
         h.update(f'{k}{tuple(v.shape)}{v.dtype}'.encode())
         h.update(v.reshape(-1).view(torch.uint8).numpy())
@@ -162,38 +180,32 @@ def fingerprint(state):
 
 def check_origin(ckpt, extra, path):
     """--resume: refuse a checkpoint trained from other starting weights, VAE or text encoder than those this run
-    loaded (`extra`: what it will store), naming the files. Raises ValueError."""
-    if ckpt.get('init_fingerprint', extra.get('init_fingerprint')) != extra.get('init_fingerprint'):
-        raise ValueError(f'--resume: {path} was fine-tuned from other starting weights than --init_from='
-                         f'{init_from or "Resonate_PT.pth"!r} (fingerprints {ckpt["init_fingerprint"]} and '
-                         f'{extra["init_fingerprint"]}); resume with the --init_from it started from')
-    if 'vae' in ckpt and 'vae' in extra and fingerprint(ckpt['vae']) != fingerprint(extra['vae']):
-        source = f'--init_from={init_from}' if stage == 'grpo' else vae_ckpt or os.path.join(out_dir, 'vae.pt')
-        raise ValueError(f'--resume: {path} was trained on another VAE (fingerprint {fingerprint(ckpt["vae"])}) than '
-                         f'the one in {source} ({fingerprint(extra["vae"])}), which was replaced or retrained since; '
-                         'give the one it was trained on (--vae_ckpt), or start a new --out_dir')
-    if ckpt.get('text_encoder', extra.get('text_encoder')) != extra.get('text_encoder'):
-        raise ValueError(f'--resume: {path} was trained with --text_encoder={ckpt["text_encoder"]!r}, not '
-                         f'{extra["text_encoder"]!r}; resume with that, or start a new --out_dir')
+    loaded (`extra`: what it will store). Raises ValueError naming the files."""
+    old, new = ckpt.get('init_fingerprint'), extra.get('init_fingerprint')
+    vae_old, vae_new = (fingerprint(c['vae']) if 'vae' in ckpt and 'vae' in extra else '' for c in (ckpt, extra))
+    vae_source = f'--init_from={init_from}' if stage == 'grpo' else vae_ckpt or os.path.join(out_dir, 'vae.pt')
+    text_old, text_new = ckpt.get('text_encoder', extra.get('text_encoder')), extra.get('text_encoder')
+    refuse([(old and old != new, f'was fine-tuned from other starting weights than --init_from='
+             f'{init_from or "Resonate_PT.pth"!r} (fingerprints {old} and {new}); resume with its --init_from'),
+            (vae_old != vae_new, f'was trained on another VAE (fingerprint {vae_old}) than the one in {vae_source} '
+             f'({vae_new}); give the one it was trained on (--vae_ckpt), or start a new --out_dir'),
+            (text_old != text_new, f'was trained with --text_encoder={text_old!r}, not {text_new!r}; resume with '
+             'that, or start a new --out_dir')], prefix=f'--resume: {path} ')
 
 
-MODEL_SETTINGS = ('mel', 'vae', 'model', 'text_encoder', 'lora_rank')  # the settings that shape the weights
-
-
-def load_resumed(module, state, ckpt, path, strict=True):
+def load_resumed(module, state, ckpt, path):
     """module.load_state_dict(state) for --resume; when the weights do not fit (another model size, LoRA rank, ...)
     raise ValueError naming the model settings that differ from those stored in the checkpoint `ckpt` (at `path`)."""
     try:
-        return module.load_state_dict(state, strict=strict)
+        module.load_state_dict(state)
     except RuntimeError as e:
         saved = ckpt.get('config', {})
-        diff = [f'{k}={saved[k]!r} (now {globals()[k]!r})' for k in MODEL_SETTINGS
-                if k in saved and saved[k] != globals()[k]]
-        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e)).rstrip('.')
-        first = first if len(first) <= 160 else first[:160] + ' ...'
-        raise ValueError(f'--resume: the weights in {path} do not fit this model ({first}); it was '
-                         f'written with {", ".join(diff) or "the same model settings"}. Resume with those or use a '
-                         'new --out_dir') from None
+        diff = [f'{k}={saved[k]!r} (now {globals()[k]!r})' for k in ('mel', 'vae', 'model', 'text_encoder', 'lora_rank')
+                if k in saved and saved[k] != globals()[k]]  # the settings that shape the weights
+        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e)).rstrip('.')[:160]
+        raise ValueError(f'--resume: the weights in {path} do not fit this model ({first}); it was written with '
+                         f'{", ".join(diff) or "the same model settings"}. Resume with those or use a new --out_dir'
+                         ) from None
 
 
 # -----------------------------------------------------------------------------
@@ -204,20 +216,17 @@ class Setup:
 
     def __init__(self):
         self.ddp = int(os.environ.get('RANK', -1)) != -1
+        self.rank, self.world_size = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if self.ddp else (0, 1)
         dev = str(data.pick_device(device))
         if self.ddp:
             init_process_group(backend='nccl' if dev.startswith('cuda') else 'gloo')
-            self.rank, self.world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
             if dev.startswith('cuda'):
                 dev = f'cuda:{int(os.environ["LOCAL_RANK"])}'
                 torch.cuda.set_device(dev)
-        else:
-            self.rank, self.world_size = 0, 1
-        self.device = torch.device(dev)
-        self.master = self.rank == 0
+        self.device, self.master = torch.device(dev), self.rank == 0
         self.autocast = torch.autocast(self.device.type, dtype=data.DTYPES[dtype]) if dtype != 'fp32' else nullcontext()
         self.global_batch = batch_size * gradient_accumulation_steps * self.world_size
-        torch.manual_seed(seed + self.rank)  # anything not drawn from step_generator differs per rank
+        torch.manual_seed(seed + self.rank)  # anything not drawn by draw_step differs per rank
         if self.master:
             batch = ('' if stage == 'grpo' else f'; micro-batch {batch_size} x {gradient_accumulation_steps} '
                      f'accumulation x {self.world_size} = global batch {self.global_batch}')
@@ -229,34 +238,22 @@ class Setup:
         return slice(start, start + batch_size)
 
     def mean_across_ranks(self, x):
-        if self.ddp:
-            x = x.clone()
-            torch.distributed.all_reduce(x)
-            x /= self.world_size
-        return x
+        return grpo.all_gather(x[None]).mean(0)  # x itself in one process
 
     def union_across_ranks(self, items: set) -> set:
         """The union of every rank's `items` (small sets of picklable values, e.g. bad row indices)."""
-        if not self.ddp:
-            return items
-        parts = [None] * self.world_size
-        torch.distributed.all_gather_object(parts, items)
+        parts = [items] * self.world_size
+        if self.ddp:
+            torch.distributed.all_gather_object(parts, items)
         return set().union(*parts)
 
 
-def step_generator(step, salt=0):
-    """A CPU generator seeded by (seed, step, salt): the same on every rank and in a resumed run."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step * 7919 + salt)
-
-
 def draw_step(step, n_clips, n, latent_shape, salt=0):
-    """Every random number of one optimizer step, for all `n` samples of the global batch.
-
-    Drawn from one generator seeded by (seed, step, salt), so every rank draws the same numbers and takes its own
-    slice; a resumed or re-split run therefore sees exactly the same clips, crops, noise, t and dropped captions.
-    latent_shape: (E, N) latent channels and frames, the VAE's layout. Returns a dict of tensors with leading n.
-    """
-    g = step_generator(step, salt)
+    """Every random number of one optimizer step for all `n` samples of the global batch, from one generator
+    seeded by (seed, step, salt): every rank draws the same and takes its slice, so a resumed or re-split run sees
+    the same clips, crops, noise, t and dropped captions. latent_shape: (E, N), the VAE's layout.
+    Returns a dict of tensors with leading n."""
+    g = data.seeded_generator(seed, 'step', step, salt)
     return {'index': torch.randint(n_clips, (n,), generator=g),
             'crop': torch.rand(n, generator=g),  # where in a long clip the window starts, as a fraction
             'posterior_eps': torch.randn(n, *latent_shape, generator=g),  # z = mean + std * eps
@@ -266,49 +263,40 @@ def draw_step(step, n_clips, n, latent_shape, salt=0):
 
 
 def load_data(sample_rate):
-    """Train and validation clips from --manifest (validation: --val_manifest, else the rows with split 'val')."""
-    if not manifest:
-        raise ValueError('no --manifest given: pass a JSONL manifest (audio_id, audio_path, caption, duration), '
-                         'e.g. --manifest=data/sfx/manifest.jsonl')
+    """Train and validation clips from --manifest (validation: --val_manifest, else the rows with split 'val',
+    else every 20th training row). Raises ValueError naming a manifest that is empty or holds only 'val' rows."""
     rows = data.read_manifest(manifest)
-    if val_manifest:
-        train_rows, val_rows = rows, data.read_manifest(val_manifest)
-    else:
-        train_rows = [r for r in rows if r.get('split') != 'val']
-        val_rows = [r for r in rows if r.get('split') == 'val'] or train_rows[::20]
-    if not train_rows:
-        raise ValueError(f'no training rows in manifest {manifest}: ' + (
-            f'all {len(rows)} are marked "split": "val"; mark some "train" (or give the held-out clips as '
-            '--val_manifest)' if rows else 'it is empty; add one JSON object a line for each clip'))
-    if not val_rows:
-        raise ValueError(f'no rows in --val_manifest={val_manifest}: it is empty; add clips or leave it out '
-                         '(the manifest\'s "split": "val" rows are used then)')
+    train_rows = rows if val_manifest else [r for r in rows if r.get('split') != 'val']
+    val_rows = data.read_manifest(val_manifest) if val_manifest else \
+        [r for r in rows if r.get('split') == 'val'] or train_rows[::20]
+    refuse([(not train_rows, f'no training rows in manifest {manifest}: all {len(rows)} are marked "split": "val"; '
+             'mark some "train" (or give the held-out clips as --val_manifest)')])
     return [data.AudioCaptionDataset(r, sample_rate, clip_seconds) for r in (train_rows, val_rows)]
 
 
 class Trainer:
     """What the stages share: optimizer, LR schedule, EMA, DDP, gradient accumulation, evaluation, checkpoints.
 
-    A stage supplies `loss_fn(model, draws) -> (loss, logs)` for its slice of the step's draws (logs: a dict, or
-    a function returning one when computing it would cost a device sync on steps that print nothing; tensor
-    values are this rank's batch means, averaged over ranks; floats must already speak for all ranks) and
-    `eval_fn(model) -> loss`. `extra_state` is stored in the checkpoint so sample.py can rebuild from it alone."""
+    A stage supplies `loss_fn(model, draws, dataset) -> (loss, logs)` for its slice of the step's draws. logs: a
+    dict, or a function returning one (computed on log steps only: it may sync the device); tensor values are
+    this rank's batch means, averaged over ranks, floats must already speak for all ranks. `extra_state` is
+    stored in the checkpoint so sample.py can rebuild from it alone."""
 
-    def __init__(self, s, model, ckpt_name, extra_state, latent_shape, dataset, betas=None, wd=None):
+    def __init__(self, s, model, ckpt_name, extra_state, latent_shape, train_set, val_set):
         self.s, self.ckpt_path, self.extra_state = s, os.path.join(out_dir, ckpt_name), extra_state
-        self.latent_shape, self.dataset, self.n_clips = latent_shape, dataset, len(dataset)
+        self.latent_shape, self.dataset, self.n_clips = latent_shape, train_set, len(train_set)
+        self.val_set, self.val_draws = val_set, self.fixed_val_draws(len(val_set))
         self.raw = model.to(s.device)
         params = [p for p in model.parameters() if p.requires_grad]
-        wd = weight_decay if wd is None else wd
         self.optimizer = torch.optim.AdamW(
-            [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': wd},  # no decay on gains and biases
-             {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
-            lr=learning_rate, betas=betas or (beta1, beta2))
+            [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+             {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],  # no decay on gains and biases
+            lr=learning_rate, betas=(beta1, beta2))
         self.model = torch.compile(model) if compile else model
         if s.ddp:  # wrapping broadcasts rank 0's weights to every rank
             self.model = DDP(self.model, device_ids=[s.device.index] if s.device.type == 'cuda' else None)
         self.ema = deepcopy(model).requires_grad_(False) if ema_decay > 0 else None
-        self.step, self.best_val, self.bad_steps = 0, float('inf'), 0
+        self.step, self.bad_steps = 0, 0
         if resume:
             self.restore()
         if s.master:
@@ -316,35 +304,27 @@ class Trainer:
                   f'{max_iters} steps, warm-up {warmup_iters}, lr {learning_rate:g}, EMA {ema_decay or "off"}')
 
     def restore(self):
-        global last_checkpoint
-        ckpt = load_checkpoint(self.ckpt_path, '--resume checkpoint', ('model', 'optimizer', 'ema', 'step', 'config'))
-        check_origin(ckpt, self.extra_state, self.ckpt_path)
-        load_resumed(self.raw, ckpt['model'], ckpt, self.ckpt_path)
-        self.optimizer.load_state_dict(ckpt['optimizer'])
-        if (self.ema is None) != (ckpt['ema'] is None):  # never drop or invent an EMA silently
-            raise ValueError(f'--resume: {self.ckpt_path} was written with --ema_decay='
-                             f'{ckpt["config"]["ema_decay"]}; resume with that (or use a new --out_dir)')
+        path = self.ckpt_path
+        ckpt = open_resumed(path, self.extra_state, 'ema', 'ema_decay')
+        load_resumed(self.raw, ckpt['model'], ckpt, path)
         if self.ema is not None:
-            load_resumed(self.ema, ckpt['ema'], ckpt, self.ckpt_path)
-        self.step, self.best_val = ckpt['step'], ckpt['best_val']
+            load_resumed(self.ema, ckpt['ema'], ckpt, path)
+        self.optimizer.load_state_dict(ckpt['optimizer'])  # after the weights: their errors name the settings
+        self.step = ckpt['step']
         torch.set_rng_state(ckpt['rng_state'])
-        last_checkpoint = f'{self.ckpt_path} (step {self.step})'
-        if self.s.master:
-            print(f'resumed from {self.ckpt_path} at step {self.step}')
 
     def save(self):
         if self.s.master:
-            save_checkpoint({
-                'model': self.raw.state_dict(), 'optimizer': self.optimizer.state_dict(),
-                'ema': self.ema.state_dict() if self.ema is not None else None,
-                'step': self.step, 'best_val': self.best_val, 'rng_state': torch.get_rng_state(),
-                'config': {k: globals()[k] for k in config_keys}, **self.extra_state}, self.ckpt_path)
+            save_checkpoint({'model': self.raw.state_dict(), 'optimizer': self.optimizer.state_dict(),
+                             'ema': self.ema.state_dict() if self.ema is not None else None, 'step': self.step,
+                             'rng_state': torch.get_rng_state(), 'config': {k: globals()[k] for k in config_keys},
+                             **self.extra_state}, self.ckpt_path)
 
-    def train(self, loss_fn, eval_fn):
+    def train(self, loss_fn):
         s, t0 = self.s, time.time()
         while self.step < max_iters:
             if self.step % eval_interval == 0:
-                self.evaluate(eval_fn)
+                self.evaluate(loss_fn)
             draws = draw_step(self.step, self.n_clips, s.global_batch, self.latent_shape)
             loss, logs, norm = self.take_step(loss_fn, draws)
             self.step += 1
@@ -357,7 +337,7 @@ class Trainer:
                 if s.master:
                     print(f'step {self.step}: ' + ' '.join(f'{k} {v:.4f}' for k, v in logs.items()) +
                           f' grad-norm {norm:.3f} lr {self.lr:.2e} {dt / log_interval * 1000:.0f} ms/step')
-        self.evaluate(eval_fn)
+        self.evaluate(loss_fn)
 
     def take_step(self, loss_fn, draws):
         """One optimizer step on the global batch of `draws`, over this rank's micro-batches; no update when the
@@ -369,7 +349,7 @@ class Trainer:
             mine = {k: v[s.my_slice(micro)] for k, v in draws.items()}
             last = micro == gradient_accumulation_steps - 1
             with (self.model.no_sync() if s.ddp and not last else nullcontext()), s.autocast:
-                loss, logs = loss_fn(self.model, mine)
+                loss, logs = loss_fn(self.model, mine, self.dataset)
             (loss / gradient_accumulation_steps).backward()  # DDP averages over ranks on the last one
         norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), grad_clip or math.inf)
         if torch.isfinite(norm):  # one sync a step; the same verdict on every rank, the gradients being all-reduced
@@ -388,7 +368,7 @@ class Trainer:
         names = sorted({os.path.basename(p) for p in self.dataset.paths(index.tolist())})
         if self.s.master:  # numbered like the log line after it: the step that would have been taken
             print(f'step {self.step + 1}: skipped, gradient norm {norm.item()}; the {len(names)} audio file(s) it '
-                  f'read: {", ".join(names[:10])}{" ..." if len(names) > 10 else ""}')
+                  f'read: {", ".join(names[:10])}{" ..." * (len(names) > 10)}')
         if self.bad_steps >= MAX_BAD_STEPS:
             raise FloatingPointError(f'{self.bad_steps} steps in a row had a NaN or inf gradient: the run diverged. '
                                      f'Resume from {last_checkpoint or "the start"} with a lower --learning_rate')
@@ -405,20 +385,20 @@ class Trainer:
             for e, p in zip(self.ema.parameters(), self.raw.parameters()):
                 e.lerp_(p, 1 - ema_decay)
 
-    def evaluate(self, eval_fn):
+    def evaluate(self, loss_fn):
         """Validation loss on the same clips and random numbers every time (so values compare), then save."""
         model = self.ema if self.ema is not None else self.raw
         model.eval()
         with torch.no_grad(), self.s.autocast:
-            val = self.s.mean_across_ranks(eval_fn(model).float()).item()
+            val = torch.stack([loss_fn(model, d, self.val_set)[0] for d in self.val_draws]).mean()
+            val = self.s.mean_across_ranks(val.float()).item()
         model.train()
-        self.best_val = min(self.best_val, val)
         if self.s.master:
             print(f'step {self.step}: val loss {val:.4f}')
         if self.step > 0:
             self.save()
 
-    def val_draws(self, n_clips):
+    def fixed_val_draws(self, n_clips):
         """This rank's share of the fixed validation draws: eval_batches batches of the global batch size."""
         n = self.s.global_batch * eval_batches
         draws = draw_step(0, n_clips, n, self.latent_shape, salt=1)  # salt 1: never a training step's numbers
@@ -437,30 +417,28 @@ def load_mels(dataset, mel_fn, draws, s):
     return mel[..., :mel.shape[-1] // 2 * 2], captions
 
 
+def stat_draws(n_clips, latent_shape, s):
+    """The draws of the latent_stat_batches global batches that set a model's input statistics."""
+    return draw_step(0, n_clips, s.global_batch * latent_stat_batches, latent_shape, salt=2)
+
+
 def train_vae(s):
     mel_cfg = MEL_CONFIGS[mel]
     train_set, val_set = load_data(mel_cfg['sample_rate'])
     mel_fn = MelSpectrogram(mel_cfg).to(s.device)
     model = VAES[vae]()
-    if model.data_dim != mel_cfg['n_mels']:
-        raise ValueError(f'--vae={vae} takes {model.data_dim} mel bins but --mel={mel} makes {mel_cfg["n_mels"]}')
+    refuse([(model.data_dim != mel_cfg['n_mels'],
+             f'--vae={vae} takes {model.data_dim} mel bins but --mel={mel} makes {mel_cfg["n_mels"]}')])
     latent_shape = (model.embed_dim, num_latent_frames(clip_seconds, mel_cfg))
     if not resume:  # the VAE's input is normalised per mel bin with the training data's statistics
-        stat_draws = draw_step(0, len(train_set), s.global_batch * latent_stat_batches, latent_shape, salt=2)
-        mels = load_mels(train_set, mel_fn, stat_draws, s)[0]
+        mels = load_mels(train_set, mel_fn, stat_draws(len(train_set), latent_shape, s), s)[0]
         model.set_mel_stats(mels.mean(dim=(0, 2)), mels.std(dim=(0, 2)).clamp(min=1e-3))  # silent bins
-    trainer = Trainer(s, model, 'vae.pt', {'vae_args': model.args, 'mel': mel}, latent_shape, train_set)
 
-    def loss_fn(model, draws):
-        mels = load_mels(train_set, mel_fn, draws, s)[0]
+    def loss_fn(model, draws, dataset):
+        mels = load_mels(dataset, mel_fn, draws, s)[0]
         return vae_loss(model, mels, eps=draws['posterior_eps'].to(s.device), kl_weight=kl_weight)
 
-    val_draws = trainer.val_draws(len(val_set))
-
-    def eval_fn(model):
-        return torch.stack([loss_fn(model, d)[0] for d in val_draws]).mean()
-
-    trainer.train(loss_fn, eval_fn)
+    Trainer(s, model, 'vae.pt', {'vae_args': model.args, 'mel': mel}, latent_shape, train_set, val_set).train(loss_fn)
 
 
 def load_vae(s):
@@ -471,7 +449,7 @@ def load_vae(s):
     try:
         model.load_state_dict(ckpt['ema'] or ckpt['model'])
     except RuntimeError:
-        raise ValueError(f'{path} does not hold the weights of a VAE; --vae_ckpt must be a vae.pt of train.py\'s '
+        raise ValueError(f"{path} does not hold the weights of a VAE; --vae_ckpt must be a vae.pt of train.py's "
                          'vae stage') from None
     model.to(s.device).eval().requires_grad_(False)
     return model, ckpt, MEL_CONFIGS[ckpt['mel']], MelSpectrogram(MEL_CONFIGS[ckpt['mel']]).to(s.device)
@@ -503,7 +481,7 @@ def train_pretrain(s):
                         latent_seq_len=n_frames)
     net = Resonate(cfg)
 
-    def latents(draws, dataset=train_set):
+    def latents(draws, dataset):
         """The slice's clips as VAE posterior samples (B, N, E), un-normalised, and their captions."""
         mels, captions = load_mels(dataset, mel_fn, draws, s)
         with torch.no_grad():
@@ -512,31 +490,23 @@ def train_pretrain(s):
         return z.transpose(1, 2), captions
 
     if not resume:  # per-channel latent statistics and the empty-string features are stored in the model
-        stat_draws = draw_step(0, len(train_set), s.global_batch * latent_stat_batches, latent_shape, salt=2)
-        z = latents(stat_draws)[0]
+        z = latents(stat_draws(len(train_set), latent_shape, s), train_set)[0]
         net.set_latent_stats(z.mean(dim=(0, 1)), z.std(dim=(0, 1)))
         net.set_empty_string(*encoder.encode(['']))
     extra = {'model_args': asdict(cfg), 'text_encoder': text_encoder, 'mel': vae_file['mel'],
              'vae_args': vae_file['vae_args'], 'vae': vae_model.state_dict()}
-    trainer = Trainer(s, net, 'ckpt.pt', extra, latent_shape, train_set)
-    raw = trainer.raw
 
-    def loss_fn(model, draws, dataset=train_set):
+    def loss_fn(model, draws, dataset):
         z, captions = latents(draws, dataset)
         text_f, text_f_c = text(captions, s.device)
         loss, per_sample, t = flow_matching_loss(
-            model, raw.normalize(z), text_f, text_f_c, t=draws['t'].to(s.device),
+            model, net.normalize(z), text_f, text_f_c, t=draws['t'].to(s.device),
             noise=draws['noise'].transpose(1, 2).to(s.device), drop_text=draws['drop_text'].to(s.device),
-            empty=raw.empty_conditions(len(captions)))
+            empty=net.empty_conditions(len(captions)))
         # computed only on log steps (it syncs the device), over every rank's samples
         return loss, lambda: loss_by_t_bin(grpo.all_gather(per_sample.detach()), grpo.all_gather(t))
 
-    val_draws = trainer.val_draws(len(val_set))
-
-    def eval_fn(model):
-        return torch.stack([loss_fn(model, d, val_set)[0] for d in val_draws]).mean()
-
-    trainer.train(loss_fn, eval_fn)
+    Trainer(s, net, 'ckpt.pt', extra, latent_shape, train_set, val_set).train(loss_fn)
 
 
 def captions(path, split):
@@ -546,14 +516,11 @@ def captions(path, split):
 
 def grpo_prompts():
     """Training and held-out captions. Held-out: --val_prompt_file, else the 'val' rows of --val_manifest or
-    --manifest (the first grpo_eval_prompts); they are never trained on."""
-    if not (prompt_file or manifest):
-        raise ValueError('no training captions: give --prompt_file (one caption a line, or a manifest) or --manifest')
+    --manifest (the first grpo_eval_prompts); they are never trained on. Raises ValueError when none is left."""
     val_src = val_prompt_file or val_manifest or manifest
     val = captions(val_src, None if val_prompt_file or val_manifest else 'val')[:grpo_eval_prompts] if val_src else []
     train = [p for p in captions(prompt_file or manifest, None if prompt_file else 'train') if p not in set(val)]
-    if not train:
-        raise ValueError(f'no training prompts in {prompt_file or manifest!r} (held-out captions excluded)')
+    refuse([(not train, f'no training prompts in {prompt_file or manifest!r} (held-out captions excluded)')])
     return train, val
 
 
@@ -575,9 +542,8 @@ class GRPOTrainer:
         self.extra = self.origin()
         self.text, self.reward_fn = TextFeatures(self.pipe.text_encoder), build_reward(reward, device=s.device)
         self.params, self.ref = self.reference()
-        c = self.cfg
-        self.optimizer = torch.optim.AdamW(self.params, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay,
-                                           eps=c.adam_eps)
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, betas=self.cfg.betas, eps=self.cfg.adam_eps,
+                                           weight_decay=self.cfg.weight_decay)
         self.ckpt_path, self.epoch = os.path.join(out_dir, 'grpo.pt'), 0
         if resume:
             self.restore()
@@ -604,36 +570,23 @@ class GRPOTrainer:
         return list(self.policy.parameters()), deepcopy(self.policy).requires_grad_(False)
 
     def restore(self):
-        global last_checkpoint
         path = self.ckpt_path
-        ckpt = load_checkpoint(path, '--resume checkpoint', ('model', 'lora', 'optimizer', 'step', 'config'))
-        check_origin(ckpt, self.extra, path)
-        saved_rank = ckpt['config'].get('lora_rank')
-        if lora_rank and ckpt['lora'] is None:  # the frozen base comes from --init_from
-            raise ValueError(f'--resume: {path} was written by full fine-tuning; resume with --lora_rank=0 '
-                             '(or use a new --out_dir)')
-        if not lora_rank and ckpt['lora'] is not None:
-            raise ValueError(f'--resume: {path} holds LoRA adapters; resume with --lora_rank={saved_rank} '
-                             '(or use a new --out_dir)')
-        if lora_rank and load_resumed(self.policy, ckpt['lora'], ckpt, path, strict=False).unexpected_keys:
-            raise ValueError(f'--resume: the LoRA adapters in {path} are not those of this model; resume '
-                             f'with its --lora_rank={saved_rank} (or use a new --out_dir)')
-        if not lora_rank:
-            load_resumed(self.policy, ckpt['model'], ckpt, path)
+        ckpt = open_resumed(path, self.extra, 'lora', 'lora_rank')
+        # LoRA: the frozen base comes from --init_from, the adapters from the checkpoint
+        load_resumed(self.policy, {**self.policy.state_dict(), **ckpt['lora']} if lora_rank else ckpt['model'],
+                     ckpt, path)
         self.optimizer.load_state_dict(ckpt['optimizer'])
         self.epoch = ckpt['step']
-        last_checkpoint = f'{path} (step {self.epoch})'
 
     def describe(self):
         c, G = self.cfg, self.s.world_size * self.cfg.sample_batch_size
         mem = grpo.memory_estimate(self.policy.cfg, c, lora_rank=lora_rank, checkpointing=grpo_checkpointing,
-                                   micro_batch=grpo_micro_batch, frozen={})
-        print(f'grpo: {len(self.prompts)} training / {len(self.val_prompts)} held-out captions; per rollout batch '
-              f'{G // c.group_size} captions x {c.group_size} clips; {c.num_batches_per_epoch * G} clips and '
-              f'{c.num_batches_per_epoch // c.grad_accum_steps} updates per epoch; {c.num_steps} SDE steps, '
-              f'training on {c.num_train_steps}; {sum(p.numel() for p in self.params) / 1e6:.2f}M trainable '
-              f'({"LoRA r=%d" % lora_rank if lora_rank else "full"}); transformer memory estimate '
-              f'{mem["total"]:.2f} GiB; reward {reward}' + (f'; resumed at epoch {self.epoch}' if resume else ''))
+                                   micro_batch=grpo_micro_batch, frozen={})['total']
+        print(f'grpo: {len(self.prompts)} training / {len(self.val_prompts)} held-out captions; rollout batches of '
+              f'{G // c.group_size} captions x {c.group_size} clips, {c.num_batches_per_epoch} and '
+              f'{c.num_batches_per_epoch // c.grad_accum_steps} updates an epoch; {c.num_train_steps} of '
+              f'{c.num_steps} SDE steps trained; {sum(p.numel() for p in self.params) / 1e6:.2f}M trainable '
+              f'({f"LoRA r={lora_rank}" if lora_rank else "full"}; transformer ~{mem:.2f} GiB); reward {reward}')
 
     def evaluate(self):
         s = self.s
@@ -659,15 +612,15 @@ class GRPOTrainer:
 
     def train_epoch(self):
         """Rollouts, advantages across ranks, then the updates of one epoch (none when no group has signal)."""
-        s, t0 = self.s, time.time()
-        latent_shape = (self.policy.cfg.latent_seq_len, self.policy.cfg.latent_dim)
+        s, t0, p = self.s, time.time(), self.policy.cfg
         samples = grpo.sample_epoch(self.policy, self.pipe, self.reward_fn, self.text, self.prompts, self.cfg,
-                                    self.epoch, seed, latent_shape, s.rank, s.world_size, s.autocast)
+                                    self.epoch, seed, (p.latent_seq_len, p.latent_dim), s.rank, s.world_size, s.autocast)
         samples['advantages'], logs = grpo.gather_advantages(samples['rewards'], samples['prompt_ids'], self.cfg,
                                                              s.rank)
         if logs['zero_std_share'] < 1:  # otherwise no sample carries signal: nothing to learn from
+            g = data.seeded_generator(seed, 'grpo_train', self.epoch)  # mask padding and shuffles, as on resume
             steps = grpo.train_epoch(self.model, self.ref, self.optimizer, samples, self.text, self.prompts,
-                                     self.cfg, step_generator(self.epoch, salt=7), grpo_micro_batch, s.autocast)
+                                     self.cfg, g, grpo_micro_batch, s.autocast)
             for k in steps[0]:
                 logs[k] = s.mean_across_ranks(torch.tensor([sum(x[k] for x in steps) / len(steps)],
                                                            device=s.device)).item()
@@ -688,28 +641,23 @@ class GRPOTrainer:
         self.save()
 
 
-def train_grpo(s):
-    GRPOTrainer(s).train()
-
-
 def check_settings():
     """Refuse settings that cannot work, naming each with what is allowed. Raises ValueError."""
+    g = globals()
     choices = {'stage': STAGES, 'dtype': ('fp32', 'bf16'), 'mel': MEL_CONFIGS, 'model': MODELS, 'vae': VAES}
-    for key, allowed in choices.items():
-        if globals()[key] not in allowed:
-            raise ValueError(f'--{key}={globals()[key]!r} is not one of: {", ".join(allowed)}')
-    for key in ('batch_size', 'gradient_accumulation_steps', 'max_iters', 'eval_interval', 'log_interval',
-                'eval_batches', 'latent_stat_batches', 'grpo_eval_interval', 'grpo_eval_seeds', 'grpo_eval_steps'):
-        if globals()[key] < 1:
-            raise ValueError(f'--{key} must be at least 1, got {globals()[key]}')
-    for key, ok, rule in (('clip_seconds', clip_seconds > 0, 'above 0'),
-                          ('learning_rate', learning_rate > 0, 'above 0'),
-                          ('cfg_dropout', 0 <= cfg_dropout <= 1, 'in [0, 1]'),
-                          ('ema_decay', 0 <= ema_decay < 1, 'in [0, 1)'),
-                          ('grad_clip', grad_clip >= 0, '0 (off) or more'),
-                          ('warmup_iters', warmup_iters >= 0, '0 or more')):
-        if not ok:
-            raise ValueError(f'--{key} must be {rule}, got {globals()[key]}')
+    rules = [(k, g[k] >= 1, 'at least 1') for k in ('batch_size', 'gradient_accumulation_steps', 'max_iters',
+             'eval_interval', 'log_interval', 'eval_batches', 'latent_stat_batches', 'grpo_eval_interval',
+             'grpo_eval_seeds', 'grpo_eval_steps')]
+    rules += [('clip_seconds', clip_seconds > 0, 'above 0'), ('learning_rate', learning_rate > 0, 'above 0'),
+              ('cfg_dropout', 0 <= cfg_dropout <= 1, 'in [0, 1]'), ('ema_decay', 0 <= ema_decay < 1, 'in [0, 1)'),
+              ('grad_clip', grad_clip >= 0, '0 (off) or more'), ('warmup_iters', warmup_iters >= 0, '0 or more'),
+              ('lora_rank', lora_rank >= 0, '0 (full fine-tuning) or more')]
+    refuse([(g[k] not in allowed, f'--{k}={g[k]!r} is not one of: {", ".join(allowed)}') for k, allowed in
+            choices.items()] + [(not ok, f'--{k} must be {rule}, got {g[k]}') for k, ok, rule in rules] +
+           [(stage != 'grpo' and not manifest, 'no --manifest given: pass a JSONL manifest (audio_id, audio_path, '
+             'caption, duration), e.g. --manifest=data/sfx/manifest.jsonl'),
+            (stage == 'grpo' and not (prompt_file or manifest), 'no training captions: give --prompt_file (one '
+             'caption a line, or a manifest) or --manifest')])
 
 
 def check_out_dir(master):
@@ -719,28 +667,17 @@ def check_out_dir(master):
     path = os.path.join(out_dir, CHECKPOINTS[stage][0])
     if resume and not os.path.isfile(path):
         raise FileNotFoundError(f'--resume=True but {path} does not exist; leave out --resume to start this stage')
-    if not resume and not overwrite and os.path.exists(path):
-        raise ValueError(f'{path} already holds a {stage} checkpoint; continue it with --resume=True, replace it with '
-                         '--overwrite=True, or choose another --out_dir')
-    if not master:
-        return
-    probe = os.path.join(out_dir, f'.write_test{os.getpid()}')
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        open(probe, 'wb').close()
-        os.remove(probe)
-    except OSError as e:
-        why = 'it is a file' if os.path.isfile(out_dir) else e.strerror or str(e)
-        raise ValueError(f'--out_dir={out_dir!r} is not a writable folder ({why}); choose another --out_dir') from None
-    leftovers = re.compile('|'.join(re.escape(name) + r'\.tmp\d*' for name in CHECKPOINTS[stage]))  # ckpt.pt.tmp1234
-    stale = sorted(f for f in os.listdir(out_dir) if leftovers.fullmatch(f))
-    for f in stale:
-        os.remove(os.path.join(out_dir, f))
-    if stale:
-        print(f'removed what an interrupted save left: {", ".join(stale)}')
+    refuse([(not resume and not overwrite and os.path.exists(path), f'{path} already holds a {stage} checkpoint; '
+             'continue it with --resume=True, replace it with --overwrite=True, or choose another --out_dir')])
+    if master:
+        data.check_writable(out_dir, '--out_dir')
+        for f in sorted(os.listdir(out_dir)):
+            if f.startswith(tuple(name + '.tmp' for name in CHECKPOINTS[stage])):  # ckpt.pt.tmp: a save killed midway
+                os.remove(os.path.join(out_dir, f))
+                print(f'removed what an interrupted save left: {f}')
 
 
-STAGES = {'vae': train_vae, 'pretrain': train_pretrain, 'grpo': train_grpo}
+STAGES = {'vae': train_vae, 'pretrain': train_pretrain, 'grpo': lambda s: GRPOTrainer(s).train()}
 
 
 def main(argv):
@@ -759,10 +696,9 @@ def main(argv):
 
 def interrupted():
     """The one line printed on Ctrl-C: what is on disk, and how to go on."""
-    if last_checkpoint:
-        return f'interrupted; the last checkpoint is {last_checkpoint}: continue with the same command and ' \
-               '--resume=True'
-    return f'interrupted before the first checkpoint of this run; nothing was saved to {out_dir}'
+    return (f'interrupted; the last checkpoint is {last_checkpoint}: continue with the same command and '
+            '--resume=True' if last_checkpoint else
+            f'interrupted before the first checkpoint of this run; nothing was saved to {out_dir}')
 
 
 if __name__ == '__main__':

