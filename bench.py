@@ -298,8 +298,7 @@ def eval_inputs():
 
 def read_bench():
     """[(id, caption)] of the first --limit entries of the TTA-Bench file, as data.read_prompts reads them, and
-    {id: reason} of the entries among them that it skips (an empty or null prompt_text: TTA-Bench's fairness set
-    has one). Raises ValueError as read_prompts does, and for ids that repeat or cannot name a file."""
+    {id: reason} of those it skips (an empty, null or non-text prompt_text: TTA-Bench's fairness set has one). Raises ValueError as read_prompts does, and for ids that repeat or cannot name a file."""
     captions = dict(data.read_prompts(prompts))
     with open(prompts, encoding='utf-8-sig') as f:
         ids = [str(entry.get('id', i)) for i, entry in enumerate(json.load(f))]  # read_prompts' ids
@@ -309,7 +308,7 @@ def read_bench():
                          f'{bad[:3] or "some ids repeat"}')
     ids = ids[:limit or None]
     return [(i, captions[i]) for i in ids if i in captions], {
-        i: 'empty or null prompt_text' for i in ids if i not in captions}
+        i: 'empty, null or non-text prompt_text' for i in ids if i not in captions}
 
 
 def generation_settings(dev):
