@@ -52,7 +52,7 @@ def test_configure_overrides_and_presets(tmp_path, capsys):
     bench.configure([str(preset)])
     assert bench.metric_kwargs == {"loudness": {"target_db": -14.0}}
     for bad, named in ((["--nope=1"], "unknown setting --nope"), (["--steps=ten"], "--steps"),
-                       (["duration=3"], "config file 'duration=3'"), (["--configure=1"], "unknown setting")):
+                       (["duration=3"], "config file duration=3 does not exist"), (["--configure=1"], "unknown setting")):
         assert named in one_line_exit(bad)
 
 
