@@ -227,6 +227,7 @@ def bench_speed():
     """Seconds per generated second, FLOPs and FLOP/s of each part of the pipeline on this machine."""
     dev = data.pick_device(device)
     dt = data.DTYPES[dtype_name(dev)]
+    data.warn_if_slow_bf16(str(dev), dtype_name(dev))  # the probe shows it too, but only after the work
     torch.manual_seed(seed)
     calls, N = speed_calls(dev, dt)
     probe = matmul_probe(dev, dt, probe_size, repeats)

@@ -382,12 +382,15 @@ def pick_device(name='auto'):
     return device
 
 
+CPUINFO = "/proc/cpuinfo"  # Linux: the CPU's feature flags
+
+
 def warn_if_slow_bf16(device, dtype):
     """Say once, before the work, that bf16 on a CPU without native bf16 (e.g. AVX2 only) runs ~15-50x slower
     than fp32 (a 2 s clip: 61 s per CFG step against 4 s, measured on such a machine)."""
-    if dtype != "bf16" or pick_device(device).type != "cpu" or not os.path.exists("/proc/cpuinfo"):
+    if dtype != "bf16" or pick_device(device).type != "cpu" or not os.path.exists(CPUINFO):
         return
-    with open("/proc/cpuinfo") as f:
+    with open(CPUINFO) as f:
         flags = set(f.read().split())
     if not flags & {"avx512_bf16", "amx_bf16", "bf16"}:  # x86 AVX-512 BF16 / AMX, or Arm's bf16 feature
         warnings.warn("this CPU has no native bf16: --dtype=bf16 will be far slower than --dtype=fp32 here",

@@ -225,6 +225,7 @@ class Setup:
                 torch.cuda.set_device(dev)
         self.device, self.master = torch.device(dev), self.rank == 0
         self.autocast = torch.autocast(self.device.type, dtype=data.DTYPES[dtype]) if dtype != 'fp32' else nullcontext()
+        data.warn_if_slow_bf16(str(self.device), dtype)
         self.global_batch = batch_size * gradient_accumulation_steps * self.world_size
         torch.manual_seed(seed + self.rank)  # anything not drawn by draw_step differs per rank
         if self.master:

@@ -349,3 +349,15 @@ def test_configure_applies_presets_then_overrides_with_type_checks(tmp_path):
                          ("--flag=1", "--flag expects bool"), ("--betas=0.9", "--betas expects tuple")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             data.configure(settings, [bad])
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_announced(tmp_path, monkeypatch, recwarn):
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(data, "CPUINFO", str(cpuinfo))
+    cpuinfo.write_text("flags\t: fpu sse2 avx2 fma\n")  # an AVX2-only machine
+    with pytest.warns(UserWarning, match="no native bf16"):
+        data.warn_if_slow_bf16("cpu", "bf16")
+    data.warn_if_slow_bf16("cpu", "fp32")  # fp32 is fine there
+    cpuinfo.write_text("flags\t: fpu avx2 avx512f avx512_bf16\n")
+    data.warn_if_slow_bf16("cpu", "bf16")
+    assert not [w for w in recwarn if "bf16" in str(w.message)]
