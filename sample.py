@@ -40,9 +40,8 @@ TEXT_ENCODER = 'flan-t5-large'  # google/flan-t5-large (~3 GB, transformers' cac
 
 @dataclass
 class Pipeline:
-    """Everything between a caption and a waveform: text encoder, transformer, VAE, vocoder and the mel settings.
-    `vocoder(mel (B, n_mels, T)) -> waveform (B, 1, T * hop_length)`; `text_encoder` may be None when the caller
-    supplies text features itself."""
+    """Caption -> waveform: text encoder, transformer, VAE, vocoder (mel (B, n_mels, T) -> (B, 1, T * hop)) and
+    the mel settings; text_encoder may be None for callers that bring text features."""
     transformer: Resonate
     vae: MelVAE
     vocoder: torch.nn.Module
@@ -60,12 +59,8 @@ class Pipeline:
     @torch.no_grad()
     def synthesize(self, text_f, text_f_c, noise, num_steps=25, cfg_strength=4.5, negative_text_f=None,
                    negative_text_f_c=None, progress=False):
-        """The released chain: Euler + CFG from noise -> un-normalise -> VAE decode -> vocoder.
-
-        text_f (B, 77, Dt), text_f_c (B, Dc), noise (B, N, C) at t = 1, all on the transformer's device.
-        negative_*: features for the unconditional branch (default: the stored empty-string features).
-        Returns latents (B, N, C) un-normalised, mel (B, n_mels, 2N) and waveform (B, 1, 2N * hop_length)
-        float32 in [-1, 1]."""
+        """The released chain: Euler + CFG from noise (B, N, C) at t = 1, then `decode`. text_f (B, 77, Dt),
+        text_f_c (B, Dc); negative_*: the unconditional branch's features (default: the stored empty caption's)."""
         x = euler_sample(self.transformer, noise, text_f, text_f_c, num_steps=num_steps, cfg_strength=cfg_strength,
                          negative_text_f=negative_text_f, negative_text_f_c=negative_text_f_c, progress=progress)
         return self.decode(x)
@@ -89,16 +84,12 @@ def _dtype_of(module, default=torch.float32):
 
 def load_pipeline(ckpt=None, weights_dir=None, device='auto', dtype='fp32', weights='grpo', text_encoder=None,
                   vocoder='auto'):
-    """Build the pipeline from a train.py checkpoint, or from the published Resonate weights.
-
-    ckpt: a train.py `ckpt.pt` / `grpo.pt` (self-describing: sizes, VAE, mel settings, text encoder), a published
-    transformer file (.pth or .safetensors), or None for the published `weights` ('grpo' or 'pt'). Published files
-    come from `weights_dir` when it holds them, else the Hugging Face cache, else they are downloaded.
-    dtype: a key of data.DTYPES. text_encoder: a name or folder (default: the checkpoint's; FLAN-T5-large, from
-    `weights_dir`/flan-t5-large when that folder exists). vocoder: 'auto' (BigVGAN at 44.1 kHz, else Griffin-Lim),
-    'bigvgan' or 'griffin-lim'.
-    Raises FileNotFoundError / ValueError for a bad checkpoint or option, WeightsMissing naming the published
-    files and where to put them, OSError when the text encoder cannot be loaded."""
+    """The pipeline of a train.py checkpoint (ckpt.pt / grpo.pt: self-describing), of a published transformer file
+    (.pth / .safetensors), or, with ckpt=None, of the published `weights` ('grpo' or 'pt'). Published files come
+    from `weights_dir`, else the Hugging Face cache, else a download. text_encoder: a name or folder (default: the
+    checkpoint's; FLAN-T5-large, from weights_dir/flan-t5-large if there). vocoder: auto (BigVGAN at 44.1 kHz,
+    else Griffin-Lim), bigvgan, griffin-lim. Raises FileNotFoundError / ValueError for a bad checkpoint or
+    option, data.WeightsMissing naming the missing files, OSError when the text encoder cannot load."""
     if dtype not in DTYPES or vocoder not in ('auto', 'bigvgan', 'griffin-lim') or weights not in ('grpo', 'pt'):
         raise ValueError(f'dtype must be one of {sorted(DTYPES)}, vocoder auto|bigvgan|griffin-lim, weights '
                          f'grpo|pt; got {dtype!r}, {vocoder!r}, {weights!r}')
@@ -183,17 +174,14 @@ def check_settings(prompts, duration=10.0, steps=25, cfg_strength=4.5, seed=42, 
 
 def generate(prompts, pipeline=None, duration=10.0, steps=25, cfg_strength=4.5, negative=None, seed=42,
              num_samples=1, batch_size=8, progress=True, **load_kwargs):
-    """Text -> audio: (audio (len(prompts) * num_samples, S) float32 CPU tensor in [-1, 1], S = round(duration *
-    sample_rate); sample_rate in Hz). The samples of prompt i are rows i * num_samples ... (i + 1) * num_samples - 1.
-    Without `pipeline`, `load_pipeline(**load_kwargs)` builds one (the published GRPO weights).
+    """Text -> (audio (P * num_samples, S) float32 CPU in [-1, 1], S = round(duration * rate), rate in Hz); prompt
+    i's samples are rows i * num_samples ... Without `pipeline`, load_pipeline(**load_kwargs) builds one.
 
-    duration in seconds (1 to the model's longest, 47.5 s for the released model); steps = NFE of the Euler sampler
-    (both CFG branches share one batched forward); cfg_strength = guidance scale; negative = a caption whose
-    features replace the empty-string features of the unconditional branch. Sample k of every prompt starts from
-    noise seeded with seed + k, so a prompt's audio depends on the seed alone, not on the other prompts or on
-    batch_size. `seed` may instead be a list of one seed or torch.Generator per prompt (e.g.
-    data.seeded_generator(42, prompt_id)); sample k is then that stream's k-th draw. Raises ValueError for a
-    setting out of range (see check_settings) and when the model produces non-finite audio (non-finite weights)."""
+    duration in s (1 to the model's longest: 47.5 for the released one); steps = NFE (both CFG branches in one
+    forward); negative: a caption replacing the empty caption in the unconditional branch. Sample k of a prompt
+    starts from noise seeded seed + k, so its audio depends on the seed alone, not on batching; `seed` may also be
+    one seed or torch.Generator per prompt (sample k = its k-th draw). Raises ValueError for a setting out of range
+    (check_settings) and for non-finite audio (non-finite weights)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if pipeline is None:  # fail before the slow load
         check_settings(prompts, duration, steps, cfg_strength, seed, num_samples, batch_size)
@@ -286,11 +274,8 @@ def parse_args(argv=None):
 
 
 def best_of(audio, sample_rate, prompts, n, reward):
-    """Keep the highest-scoring of each run of n candidates.
-
-    audio: (P * n, S) with the candidates of output i in rows i * n ... i * n + n - 1 (as `generate` orders
-    num_samples); prompts: P captions; reward: an object with reward.py's score(audio, sample_rate, prompts).
-    Returns audio (P, S) and scores (P, n)."""
+    """The highest-scoring of each run of n candidates: audio (P * n, S) ordered as `generate` orders samples,
+    P prompts, a reward.py scorer -> (audio (P, S), scores (P, n))."""
     assert audio.shape[0] == len(prompts) * n, 'best_of: rows must be prompts x candidates'
     scores = reward.score(audio, sample_rate, [p for p in prompts for _ in range(n)]).float().cpu().view(-1, n)
     best = scores.argmax(1)  # (P,)
