@@ -1,11 +1,7 @@
-"""
-Data: caption manifests, audio loading and resampling, the training dataset, the scripts' settings
-(`configure`), devices, and the loading path for published weights.
-
-A manifest is JSONL, one clip a line, in the format of the released Resonate training manifests:
-    {"audio_id": "...", "audio_path": "audio/x.flac", "caption": "a dog barking", "duration": 4.2, ...}
-Relative `audio_path`s are resolved against the manifest's own folder; extra keys (`split`, `source`) are kept.
-"""
+"""Data: caption manifests, audio loading and resampling, the training dataset, the scripts' settings (`configure`),
+devices, and the loading path for published weights. A manifest is JSONL, one clip a line, as the released Resonate
+training manifests: {"audio_id": "...", "audio_path": "audio/x.flac", "caption": "a dog barking", "duration": 4.2}
+(extra keys kept); relative audio_paths are resolved against the manifest's own folder."""
 
 import ast
 import difflib
@@ -25,10 +21,9 @@ import torch
 
 
 def read_manifest(path):
-    """Rows of a JSONL caption manifest (blank lines ignored), each a dict with `audio_id` (default: the file's
-    stem), `audio_path` (resolved against the manifest's folder) and `caption`, other keys passed through.
-    Raises FileNotFoundError; ValueError naming the file (and line) for an empty file, text that is not UTF-8, a
-    line that is not a JSON object, or one without a non-empty string `audio_path` and `caption`."""
+    """Rows of a JSONL manifest (blank lines skipped): audio_id (default: the file's stem), resolved audio_path, caption
+    and any other keys. Raises FileNotFoundError; ValueError naming the file (and line) for an empty or non-UTF-8
+    file, a line that is not a JSON object, or one without a non-empty string `audio_path` and `caption`."""
     path = _existing_file(path, "manifest", "pass the path of a .jsonl caption manifest")
     root = os.path.dirname(os.path.abspath(path))
     rows = [_parse_manifest_line(line, path, n) for n, line in enumerate(_read_text(path, "manifest").split("\n"), 1)
@@ -42,12 +37,10 @@ def read_manifest(path):
 
 
 def read_prompts(path, split=None):
-    """Prompts as [(id, prompt)] from a text file (one a line, id None; blank lines skipped), a TTA-Bench JSON list
-    of {"id", "prompt_text", ...}, or a JSONL manifest (its captions, id = audio_id; `split` keeps that split's
-    rows, and split="train" every row not marked "val").
-    TTA-Bench entries whose prompt_text is empty, null or not a string are skipped with one warning naming them.
-    Raises FileNotFoundError for a missing file; ValueError naming the file for text that is not UTF-8, broken
-    JSON or JSON of another shape."""
+    """[(id, prompt)] from a text file (one a line, id None), a TTA-Bench JSON list of {"id", "prompt_text", ...}
+    (entries whose prompt_text is empty, null or not a string skipped, with one warning) or a JSONL manifest (id =
+    audio_id; `split` keeps that split, "train" every row not marked "val"). Raises FileNotFoundError; ValueError
+    naming the file for non-UTF-8 text, broken JSON or JSON of another shape."""
     path = _existing_file(path, "prompts file", "give a text file, a TTA-Bench .json or a .jsonl manifest")
     if path.endswith(".jsonl"):
         rows = [r for r in read_manifest(path) if split is None or r.get("split") == split or
@@ -119,24 +112,13 @@ _MAX_BANK_TAPS = 1 << 20  # a larger polyphase bank (near-coprime rates, 44101 -
 
 
 def resample(wave, orig_sr, new_sr):
-    """Change the sample rate of `wave`, reproducing torchaudio.functional.resample with its default arguments
-    (sinc_interp_hann, lowpass_filter_width 6, rolloff 0.99), which the released metrics use.
-
-    The ratio is reduced to orig/new by the gcd. Output sample n sits at input time n * orig / new and
-        y[n] = sum_i x[i] * (fc / orig) * sinc(u) * cos(pi u / (2 Z))^2,   u = fc (i / orig - n / new) in [-Z, Z],
-    with cutoff fc = RESAMPLE_ROLLOFF * min(orig, new), Z = RESAMPLE_ZEROS, and x zero outside its ends
-    (J. O. Smith, "Digital Audio Resampling", ccrma.stanford.edu/~jos/resample). Rates whose polyphase bank
-    (new phases x (orig + 2 half-widths) taps) is small run as one strided conv1d; others gather the taps around
-    each output sample in chunks, with the same kernel values, so any pair of integer rates works in bounded memory.
-
-    Args:
-        wave: (..., S) float tensor, any device.
-        orig_sr, new_sr: sample rates in Hz (positive integers).
-    Returns:
-        (..., ceil(S * new_sr / orig_sr)) tensor, same dtype and device; `wave` itself when the rates agree.
-    Raises:
-        ValueError for non-positive or non-integer rates.
-    """
+    """`wave` (..., S) float at orig_sr -> (..., ceil(S * new_sr / orig_sr)) at new_sr, same dtype and device (`wave`
+    itself at equal rates), as torchaudio.functional.resample with its defaults, which the released metrics use.
+    With the rates reduced by their gcd, output n sits at input time n * orig / new (J. O. Smith, "Digital Audio
+    Resampling"):  y[n] = sum_i x[i] (fc / orig) sinc(u) cos(pi u / (2 Z))^2,  u = fc (i / orig - n / new) in [-Z, Z],
+    fc = RESAMPLE_ROLLOFF * min(orig, new), Z = RESAMPLE_ZEROS. A small polyphase bank runs as one strided conv1d,
+    a large one gathers the taps per output in chunks (bounded memory). Raises ValueError for non-positive or
+    non-integer rates."""
     if not all(int(sr) == sr > 0 for sr in (orig_sr, new_sr)):
         raise ValueError(f"orig_sr, new_sr must be positive integer numbers of Hz, got {orig_sr!r}, {new_sr!r}")
     g = math.gcd(int(orig_sr), int(new_sr))
@@ -153,11 +135,8 @@ def resample(wave, orig_sr, new_sr):
 
 
 def _sinc_kernel(offset, phase, orig, new, dtype):
-    """Weight of input sample block_start + `offset` for the output of phase `phase` (n mod new) of that block.
-
-    A block is `orig` inputs and `new` outputs, so t = offset / orig - phase / new stays small and the kernel is
-    the same for every block, whichever path evaluates it (and rounds as torchaudio's float32 kernel does).
-    """
+    """Weight of input block_start + `offset` for the output of phase `phase` of a block (orig inputs, new outputs):
+    the same for every block and on both paths, rounded as torchaudio's float32 kernel."""
     fc = RESAMPLE_ROLLOFF * min(orig, new)
     u = ((offset.to(dtype) / orig - phase.to(dtype) / new) * fc).clamp(-RESAMPLE_ZEROS, RESAMPLE_ZEROS)
     return torch.sinc(u) * torch.cos(u * (math.pi / (2 * RESAMPLE_ZEROS))) ** 2 * (fc / orig)
@@ -198,15 +177,10 @@ class AudioError(ValueError):
 
 
 def load_audio(path, sample_rate):
-    """Decode an audio file (any format libsndfile reads) to a mono float32 waveform at `sample_rate` Hz.
-
-    Mono is the mean of the channels, unless they largely cancel out (a polarity-inverted channel: the mean's
-    peak under a tenth of the loudest channel's); then the loudest channel is kept. Resampled with `resample`.
-    Returns a (S,) float32 CPU tensor, S = ceil(frames * sample_rate / file_rate).
-    Raises AudioError (a ValueError) naming the file when it is missing or a folder, cannot be decoded or resampled
-    (whatever the exception), has no samples, holds NaN or inf, is silent (peak below SILENCE_PEAK) or far too loud
-    (peak above LOUD_PEAK): one odd file is skipped, never fatal.
-    """
+    """Decode a file (any format libsndfile reads) to a (S,) float32 CPU mono waveform at `sample_rate` Hz (resample).
+    Mono is the channels' mean unless they largely cancel (its peak under a tenth of the loudest channel's: an inverted
+    channel); then the loudest channel. Raises AudioError naming the file if it is missing, undecodable, not
+    resamplable, empty, not finite, silent (< SILENCE_PEAK) or far too loud (> LOUD_PEAK): one odd file is skipped."""
     path = _existing_file(path, "audio file", "fix its audio_path in the manifest or restore the file", AudioError)
     try:
         data, sr = soundfile.read(path, dtype="float32", always_2d=True)  # (S, C)
@@ -232,9 +206,8 @@ def load_audio(path, sample_rate):
 
 
 def crop_or_pad(wave, num_samples, start=0.0):
-    """(S,) -> (num_samples,): the window beginning at fraction `start` in [0, 1) of the valid start range of a
-    longer clip (one number per clip whatever its length, so a random stream stays aligned), or a shorter clip
-    zero-padded at the end."""
+    """(S,) -> (num_samples,): the window at fraction `start` in [0, 1) of a longer clip's valid start range (one number
+    per clip whatever its length, so a random stream stays aligned), or the clip zero-padded at the end."""
     assert wave.dim() == 1 and num_samples >= 1, (tuple(wave.shape), num_samples)
     S = wave.shape[0]
     if S >= num_samples:
@@ -248,12 +221,9 @@ def crop_or_pad(wave, num_samples, start=0.0):
 
 
 class AudioCaptionDataset:
-    """Manifest rows (see `read_manifest`) as fixed-length mono clips of clip_seconds at sample_rate Hz.
-
-    Decoded audio is kept in memory (a training set is read many times). A bad file (see `load_audio`) is not
-    fatal: it warns once, naming the file and the reason, is replaced in batches by the next readable row and is
-    counted until `end_epoch_report()`.
-    """
+    """Manifest rows as fixed-length mono clips of clip_seconds at sample_rate Hz, decoded audio cached in memory.
+    A bad file warns once, naming it, is replaced in batches by the next readable row and is counted until
+    end_epoch_report()."""
 
     def __init__(self, rows, sample_rate, clip_seconds):
         self.rows, self.sample_rate, self.num_samples = rows, int(sample_rate), round(clip_seconds * sample_rate)
@@ -275,10 +245,9 @@ class AudioCaptionDataset:
         return self._audio.get(path)
 
     def get_batch(self, indices, starts=None):
-        """Rows `indices` (length B) as audio (B, num_samples) float32 and captions (B strings), each cropped at
-        starts[b] (a fraction, see `crop_or_pad`; None: from the beginning). A bad row is replaced by the next
-        readable one (i + 1, i + 2, ... wrapping around), so a batch depends only on `indices` and `starts`, on
-        every rank and in a resumed run. Raises ValueError if no row of the manifest is readable."""
+        """audio (B, num_samples) float32 and B captions of rows `indices`, cropped at fractions starts[b] (None: 0). A
+        bad row is replaced by the next readable one (wrapping), so a batch depends only on `indices` and `starts`, on
+        every rank and in a resume. Raises ValueError if no row of the manifest is readable."""
         audio = torch.zeros(len(indices), self.num_samples)  # (B, S)
         captions = []
         for b, i in enumerate(indices):
@@ -315,19 +284,16 @@ class AudioCaptionDataset:
 
 
 def setting_names(namespace):
-    """The settings among a script's globals: the names holding a bool, int, float, str or tuple, except _private
-    and UPPER_CASE ones."""
+    """A script's settings: its globals holding a bool, int, float, str or tuple, except _private and UPPER_CASE."""
     return [k for k, v in namespace.items()
             if not k.startswith("_") and not k.isupper() and isinstance(v, (bool, int, float, str, tuple))]
 
 
 def configure(namespace, argv):
-    """Apply `config/*.py` presets, then `--key=value` overrides, to a script's settings (its `globals()`).
-
-    Values are Python literals (`--resume=True`, `--betas=(0.9,0.99)`), else strings; each must have its
-    default's type (an int is accepted for a float). The overrides also apply before the presets run, so a preset
-    can branch on them (`if stage == 'vae':`).
-    Raises ValueError naming an unknown or mistyped setting, FileNotFoundError for a missing preset."""
+    """Apply `config/*.py` presets, then `--key=value` overrides, to a script's globals(). Values are Python literals,
+    else strings, of the default's type (an int passes for a float); the overrides also apply before the presets,
+    so a preset can branch on them. Raises ValueError naming an unknown or mistyped setting, FileNotFoundError for
+    a missing preset."""
     names = setting_names(namespace)
     overrides = dict(_parse_setting(arg, namespace, names) for arg in argv if arg.startswith("--"))
     namespace.update(overrides)
@@ -411,9 +377,8 @@ def check_writable(folder, flag):
 
 
 def seeded_generator(*keys) -> torch.Generator:
-    """A CPU torch.Generator seeded from a stable hash of `keys` (ints and strings): the same stream on every
-    machine, run and process split. Every random draw the project derives from (seed, step, prompt id, ...)
-    starts here, so no two derivations collide by arithmetic accident."""
+    """CPU torch.Generator seeded by a stable hash of `keys` (ints, strings): the same stream on every machine, run and
+    process split. Every derived random draw starts here, so no two derivations collide by arithmetic accident."""
     digest = hashlib.sha256(repr(keys).encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
@@ -423,17 +388,14 @@ def seeded_generator(*keys) -> torch.Generator:
 
 
 class WeightsMissing(FileNotFoundError):
-    """Published files that are neither in the given folder nor in the Hugging Face cache, and could not be
-    downloaded. The message names the repository, each file and where to put it."""
+    """Published files neither in the given folder nor in the Hugging Face cache, and not downloadable."""
 
 
 def hub_files(repo_id, filenames, weights_dir=None):
-    """{filename: Path} of files of Hugging Face repository `repo_id` (sub-folders kept in the names).
-
-    A file is taken from `weights_dir`/filename when that folder holds it, else from the standard Hugging Face
-    cache, downloading it there with huggingface_hub (which honours HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE and
-    HF_HOME). After the first failed download the remaining files are only looked up in the cache, so an offline
-    machine fails once. Raises WeightsMissing listing every missing file."""
+    """{filename: Path} of files of Hugging Face repository `repo_id`: `weights_dir`/filename when it exists, else the
+    Hugging Face cache, downloading with huggingface_hub (HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE, HF_HOME apply).
+    After one failed download the rest are only looked up in the cache, so an offline machine fails once.
+    Raises WeightsMissing listing every missing file."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     paths, missing, offline = {}, [], False

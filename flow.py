@@ -1,7 +1,5 @@
-"""Flow matching: the pretraining loss, the Euler sampler with CFG, and the SDE step with its log-prob that
-Flow-GRPO trains through. As released (arXiv 2603.11661; rectified flow, arXiv 2209.03003): t = 1 is noise,
-x_t = (1 - t) * x_data + t * noise, v = noise - x_data, on normalised latents (`model.normalize`).
-"""
+"""Flow matching as released (arXiv 2603.11661; rectified flow, arXiv 2209.03003): t = 1 is noise, x_t = (1 - t) *
+x_data + t * noise, v = noise - x_data, on normalised latents: the loss, the Euler/CFG sampler, Flow-GRPO's SDE step."""
 
 import math
 
@@ -12,9 +10,8 @@ from tqdm import tqdm
 def flow_matching_loss(model, x_data, text_f, text_f_c, t=None, noise=None, drop_text=None, cfg_dropout=0.1,
                        generator=None, empty=None):
     """MSE of the predicted velocity for x_data (B, N, C), text_f (B, 77, Dt), text_f_c (B, Dc). Unless given,
-    `generator` draws t (B,) ~ sigmoid(N(0, 1)) (Esser et al. 2024), noise (B, N, C) and drop_text (B,) ~
-    Bernoulli(cfg_dropout), which swaps in `empty` (default model.empty_conditions(B); pass it for a DDP wrapper).
-    Returns loss (scalar), loss_per_sample (B,) fp32, t (B,)."""
+    `generator` draws t (B,) ~ sigmoid(N(0, 1)) (Esser et al. 2024), noise and drop_text (B,) ~ Bernoulli(cfg_dropout),
+    which swaps in `empty` (default model.empty_conditions(B)). Returns loss, loss_per_sample (B,) fp32, t (B,)."""
     B, device = x_data.shape[0], x_data.device
     if t is None:
         t = torch.sigmoid(torch.randn(B, device=device, generator=generator))
@@ -35,8 +32,7 @@ def flow_matching_loss(model, x_data, text_f, text_f_c, t=None, noise=None, drop
 
 
 def loss_by_t_bin(loss_per_sample, t, bins: int = 4) -> dict:
-    """Mean loss per equal-width bin of t (B,) in [0, 1], as minRF logs it: {"loss_t0.00-0.25": float, ...};
-    empty bins are left out."""
+    """Mean loss per equal-width bin of t (B,), as minRF logs it: {"loss_t0.00-0.25": float, ...}; no empty bins."""
     idx = (t.detach().float() * bins).long().clamp(0, bins - 1)  # (B,)
     out = {}
     for b in range(bins):
@@ -59,9 +55,8 @@ def guided_velocity(model, x, t, text_f, text_f_c, neg_f, neg_f_c, cfg_strength:
 @torch.no_grad()
 def euler_sample(model, noise, text_f, text_f_c, num_steps: int = 25, cfg_strength: float = 4.5,
                  negative_text_f=None, negative_text_f_c=None, progress: bool = False):
-    """Euler integration of the guided velocity on linspace(1, 0, num_steps + 1), from noise (B, N, C) to
-    normalised latents (B, N, C) (apply `model.unnormalize` before the VAE). text_f (B, 77, Dt), text_f_c (B, Dc);
-    the negative features ((B or 1, 77, Dt), (B or 1, Dc)) default to the model's empty caption."""
+    """Euler steps of the guided velocity on linspace(1, 0, num_steps + 1): noise (B, N, C) -> normalised latents
+    (B, N, C). The negative features ((B or 1, 77, Dt), (B or 1, Dc)) default to the model's empty caption."""
     B = noise.shape[0]
     assert (negative_text_f is None) == (negative_text_f_c is None), "give both negative features or neither"
     if negative_text_f is None:
@@ -81,17 +76,13 @@ def euler_sample(model, noise, text_f, text_f_c, num_steps: int = 25, cfg_streng
 # ---------------------------------------------------------------- the SDE sampler of Flow-GRPO
 
 def sde_step_with_logprob(x, velocity, t, t_next, noise_level=0.7, noise=None, prev_sample=None, generator=None):
-    """One Flow-GRPO SDE step from t to t_next < t (arXiv 2505.05470, eq. 9; Euler-Maruyama with dt = t_next - t),
-    and the Gaussian log-prob of the result:
+    """Flow-GRPO SDE step t -> t_next < t (arXiv 2505.05470, eq. 9; Euler-Maruyama, dt = t_next - t), with log-prob:
         sigma_t = a * sqrt(t / (1 - t))        (at t = 1, 1 - t_next replaces 1 - t, as released)
         mean    = x + [v + sigma_t^2 / (2 t) * (x + (1 - t) v)] * dt
         x_next  = mean + sigma_t * sqrt(-dt) * eps,   eps ~ N(0, I)
-
-    x, velocity (B, ...); t, t_next floats or (B,) with 0 < t <= 1; noise_level a (0: a plain Euler step, NaN
-    log-prob). eps is `noise` if given, else drawn from `generator`; or pass `prev_sample` to score a stored x_next.
-    All in float32 (bf16 overflows in the mean). Returns x_next (B, ...), log_prob (B,) (the log-density averaged
-    over elements, as released; its gradient flows through the mean), mean (B, ...), sigma_t (B, 1, ..., 1).
-    """
+    x, velocity (B, ...); t, t_next floats or (B,), 0 < t <= 1; a = noise_level (0: Euler, NaN log-prob). eps is
+    `noise`, else drawn from `generator`; `prev_sample` scores a stored x_next. float32 (bf16 overflows in the mean).
+    Returns x_next, log_prob (B,) (mean over elements, as released), mean (B, ...), sigma_t (B, 1, ..., 1)."""
     assert velocity.shape == x.shape, (velocity.shape, x.shape)
     assert noise is None or prev_sample is None, "pass noise (to sample) or prev_sample (to score), not both"
     x, velocity = x.float(), velocity.float()

@@ -1,20 +1,7 @@
-"""Flow-GRPO for the flow-matching generator, as Resonate runs it.
-
-Flow-GRPO (Liu et al. 2025, "Flow-GRPO: Training Flow Matching Models via Online RL", arXiv 2505.05470) turns
-the deterministic Euler sampler into an SDE with the same marginals (flow.sde_step_with_logprob), so every
-sampling step is a Gaussian policy with a log-prob. Resonate (arXiv 2603.11661) samples a group of clips per
-caption, scores them with a reward (reward.py), and updates the transformer with a PPO-style clipped loss plus a
-KL penalty to a frozen copy of the starting weights. One epoch of `train.py --stage=grpo` is:
-
-    sample_epoch       rollouts (SDE + CFG) for this rank's share of the global batch, decoded and scored
-    gather_advantages  rewards and prompt ids from every rank -> per-caption advantages -> this rank's slice
-    train_epoch        drop samples without signal, shuffle, minibatches -> train_step (clipped loss + KL, update)
-
-built from `rollout`, `compute_advantages`, `grpo_loss` and `train_step`. Memory: `apply_lora` (the frozen
-base doubles as the reference model) and `Resonate.grad_checkpointing`; `memory_estimate` does the arithmetic.
-
-Time convention as in flow.py: t = 1 is noise, t = 0 is data, the network predicts v = noise - data.
-"""
+"""Flow-GRPO (Liu et al. 2025, arXiv 2505.05470) for the flow-matching generator, as Resonate (arXiv 2603.11661)
+runs it: SDE rollouts (flow.sde_step_with_logprob) of a group of clips per caption, scored by reward.py, give
+group-relative advantages for a PPO-style clipped loss plus a KL penalty to the frozen starting weights. One epoch
+of `train.py --stage=grpo` is sample_epoch -> gather_advantages -> train_epoch. As in flow.py, t = 1 is noise."""
 
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -29,14 +16,10 @@ from flow import euler_sample, guided_velocity, sde_step_with_logprob
 
 @dataclass
 class GRPOConfig:
-    """Flow-GRPO hyper-parameters; defaults are the released Resonate run (the released config/GRPO_*.yaml).
-
-    Per epoch and process: num_batches_per_epoch rollout batches of sample_batch_size clips; across processes
-    each rollout batch holds world_size * sample_batch_size / group_size captions, group_size clips each. The
-    epoch's samples (less those without signal) are then split into num_batches_per_epoch training minibatches,
-    and every grad_accum_steps of them (each accumulated over its num_train_steps timesteps) make one update.
-    train.py reads every field from its setting grpo_<field> (`--grpo_group_size=4`); the defaults live here only.
-    """
+    """Flow-GRPO hyper-parameters; defaults are the released run (the released config/GRPO_*.yaml).
+    Per process and epoch: num_batches_per_epoch rollout batches of sample_batch_size clips, whole groups of group_size
+    across processes; less the zero-signal samples, they are split into num_batches_per_epoch minibatches, each
+    accumulated over num_train_steps timesteps, grad_accum_steps per update. train.py sets each as --grpo_<field>."""
     num_steps: int = 10               # SDE sampling steps per rollout, on t = linspace(1, 0, num_steps + 1)
     noise_level: float = 0.7          # a in sigma_t = a * sqrt(t / (1 - t))
     cfg_strength: float = 4.5         # CFG also during rollouts and training
@@ -59,7 +42,7 @@ class GRPOConfig:
 
     @property
     def num_train_steps(self) -> int:
-        """Number of sampling steps trained on per rollout (9 for the defaults)."""
+        """Sampling steps trained on per rollout (9 for the defaults)."""
         return int(self.num_steps * self.timestep_fraction)
 
     def check(self, world_size: int = 1):
@@ -90,15 +73,9 @@ def _groups(prompts) -> list[torch.Tensor]:
 
 
 def compute_advantages(rewards, prompts, std="global", clip=5.0, eps=1e-4):
-    """GRPO advantages: each reward minus the mean reward of its prompt's group, over a std, clipped.
-
-    std="global" (released): A = (r - mean_group) / (std(all B rewards) + eps).
-    std="per_prompt":        A = (r - mean_group) / (std(group) + eps).
-    Both stds are population stds (ddof 0, numpy's default, as released); eps is added after the std.
-    Computed in float64 as released (numpy), returned in the rewards' float dtype. The group baseline comes
-    from the current batch only: the released tracker is cleared every epoch.
-    rewards: (B,); prompts: B prompts, equal ones form a group; clip: |A| <= clip (None: no clip). Returns (B,).
-    """
+    """GRPO advantages (B,) of rewards (B,): (r - mean of its prompt's group) / (std + eps), clipped to +-clip
+    (None: no clip). std "global" (released): of all B rewards; "per_prompt": of the group. Population stds (ddof 0)
+    in float64, as released numpy; the baseline is this batch's (the released tracker is cleared every epoch)."""
     assert std in ("global", "per_prompt") and rewards.shape == (len(prompts),), (std, rewards.shape, len(prompts))
     r = rewards.detach().to(torch.float64)
     global_scale = r.std(correction=0) + eps
@@ -115,21 +92,16 @@ def compute_advantages(rewards, prompts, std="global", clip=5.0, eps=1e-4):
 
 
 def zero_std_fraction(rewards, prompts) -> float:
-    """Share of prompt groups whose rewards are all equal (zero std): their advantages are all zero,
-    so they carry no policy-gradient signal. The diagnostic to log each epoch (released: zero_std_ratio)."""
+    """Share of prompt groups whose rewards are all equal, hence zero advantages (released: zero_std_ratio)."""
     groups = _groups(prompts)
     flat = sum(bool((rewards[idx.to(rewards.device)] == rewards[idx[0]]).all()) for idx in groups)
     return flat / len(groups)
 
 
 def informative_mask(advantages, multiple_of=1, generator=None):
-    """(B,) bool mask of the samples to train on: those with a non-zero advantage.
-
-    A zero-std group has all advantages exactly zero and carries no policy-gradient signal, so it is dropped
-    (as released). If the kept count is not a positive multiple of `multiple_of` (the number of training
-    minibatches), randomly chosen dropped samples are put back to make it one (released; we also make sure at
-    least `multiple_of` are kept, so that every process takes the same number of steps under DDP).
-    """
+    """(B,) bool mask of the samples with a non-zero advantage (zero-std groups carry no signal: dropped, as released).
+    Random dropped samples are put back to make the count a positive multiple of `multiple_of` (the minibatches;
+    released, plus at least `multiple_of` so every DDP process takes the same number of steps)."""
     assert advantages.ndim == 1 and advantages.shape[0] >= multiple_of, (advantages.shape, multiple_of)
     mask = advantages.detach().cpu() != 0
     kept = int(mask.sum())
@@ -142,28 +114,14 @@ def informative_mask(advantages, multiple_of=1, generator=None):
 
 def grpo_loss(log_prob, old_log_prob, advantages, prev_sample_mean=None, prev_sample_mean_ref=None,
               std_dev_t=None, clip_range=1e-4, beta=0.04):
-    """Flow-GRPO loss of one sampling step: PPO clipped surrogate plus beta * KL to the reference policy.
-
-        ratio  = exp(log_prob - old_log_prob)
-        policy = mean(max(-A * ratio, -A * clamp(ratio, 1 - clip_range, 1 + clip_range)))   (PPO, Schulman 2017)
-        KL     = mean_b[ mean_elements((mu_theta - mu_ref)^2) / (2 sigma_t^2) ]
-        loss   = policy + beta * KL
-    The KL is the closed form between the two Gaussian steps with equal covariance, divided by the step's
-    element count as the log-prob is; the released code divides by sigma_t^2, not (sigma_t^2 * -dt), and so do we.
-
-    Args:
-        log_prob: (B,) log-probs of the stored next latents under the current weights (with gradient).
-        old_log_prob: (B,) log-probs stored at rollout time.
-        advantages: (B,) advantages (already clipped).
-        prev_sample_mean, prev_sample_mean_ref: (B, ...) step means under the current and reference weights;
-            only needed when beta > 0.
-        std_dev_t: (B,) or (B, 1, ..., 1) sigma_t of the step; only needed when beta > 0.
-        clip_range: PPO clip epsilon.
-        beta: KL weight; 0 skips the KL term.
-    Returns:
-        loss (scalar), stats: dict of detached scalars policy_loss, kl_loss, approx_kl
-        (= 0.5 * mean((log_prob - old_log_prob)^2), as released) and clipfrac (share with |ratio - 1| > clip_range).
-    """
+    """Flow-GRPO loss of one sampling step (arXiv 2505.05470): PPO clipped surrogate + beta * KL to the reference.
+        ratio = exp(log_prob - old_log_prob)
+        loss  = mean(max(-A ratio, -A clamp(ratio, 1 - clip_range, 1 + clip_range)))
+                + beta * mean_b[mean((mu_theta - mu_ref)^2) / (2 sigma_t^2)]
+    The KL is the closed form between the equal-covariance Gaussian steps, averaged over elements like the log-prob;
+    the released code divides by sigma_t^2, not sigma_t^2 * -dt, and so do we. log_prob, old_log_prob, advantages
+    (B,); step means (B, ...) and std_dev_t (B,) or (B, 1, ..., 1) only when beta > 0. Returns loss (scalar) and
+    detached stats policy_loss, kl_loss, approx_kl (0.5 mean(log-ratio^2), as released), clipfrac."""
     B = log_prob.shape[0]
     assert log_prob.shape == old_log_prob.shape == advantages.shape == (B,), (old_log_prob.shape, advantages.shape)
     advantages = advantages.to(log_prob.dtype)
@@ -200,24 +158,11 @@ def _unconditional(model, B, text_f, text_f_c):
 @torch.no_grad()
 def rollout(model, noise, text_f, text_f_c, num_steps=10, cfg_strength=4.5, noise_level=0.7, keep_steps=None,
             step_noise=None, generator=None):
-    """Sample latents with the Flow-GRPO SDE and keep what training needs to re-score its steps, nothing more.
-
-    Args:
-        model: velocity model, model(latent (B, N, C), text_f, text_f_c, t (B,)) -> (B, N, C), with
-            empty_conditions(B) for the unconditional CFG branch.
-        noise: (B, N, C) starting latents at t = 1.
-        text_f (B, 77, Dt), text_f_c (B, Dc): caption features.
-        num_steps: SDE steps on t = linspace(1, 0, num_steps + 1); cfg_strength: CFG scale (also in training).
-        noise_level: a of the SDE.
-        keep_steps: T, how many of the first steps to keep for training (default all); later steps are still
-            sampled, but their latents are not stored.
-        step_noise: (B, num_steps, N, C) the eps of every step (reproducible per sample); otherwise drawn from
-            `generator`.
-    Returns:
-        dict of latents (B, T + 1, N, C): the chain x_0 .. x_T, so step j goes from latents[:, j] to
-        latents[:, j + 1] (latent and next latent share one tensor); log_probs (B, T) fp32; timesteps (B, T + 1),
-        step j going from timesteps[:, j] to timesteps[:, j + 1]; sample (B, N, C), the final normalised latents.
-    """
+    """Flow-GRPO SDE sampling from noise (B, N, C) at t = 1, keeping what training needs to re-score the first
+    T = keep_steps (default all) steps. model(latent, text_f (B, 77, Dt), text_f_c (B, Dc), t (B,)) -> velocity, with
+    empty_conditions(B) for CFG; step_noise (B, num_steps, N, C): each step's eps, else drawn from `generator`.
+    Returns latents (B, T + 1, N, C) (step j: latents[:, j] -> latents[:, j + 1]), log_probs (B, T) fp32,
+    timesteps (B, T + 1) and sample (B, N, C), the final normalised latents."""
     B = noise.shape[0]
     T = num_steps if keep_steps is None else keep_steps
     assert 0 <= T <= num_steps, (keep_steps, num_steps)
@@ -240,10 +185,8 @@ def rollout(model, noise, text_f, text_f_c, num_steps=10, cfg_strength=4.5, nois
 
 
 def step_log_prob(model, batch, j, cfg_strength=4.5, noise_level=0.7):
-    """Re-score stored step j of `batch` (a rollout dict plus text_f, text_f_c) under `model`'s current weights.
-
-    Returns log_prob (B,), step mean (B, N, C) and sigma_t (B, 1, 1); gradients flow if enabled.
-    """
+    """Re-score stored step j of `batch` (rollout dict plus text_f, text_f_c) under the current weights:
+    log_prob (B,), step mean (B, N, C), sigma_t (B, 1, 1)."""
     x, x_next = batch["latents"][:, j], batch["latents"][:, j + 1]  # (B, N, C)
     t, t_next = batch["timesteps"][:, j], batch["timesteps"][:, j + 1]  # (B,)
     neg_f, neg_f_c = _unconditional(model, x.shape[0], batch["text_f"], batch["text_f_c"])
@@ -260,17 +203,11 @@ def _micro_slices(B, micro_batch):
 
 
 def train_step(model, ref_model, optimizer, batches, cfg: GRPOConfig, micro_batch=0, autocast=None):
-    """One optimizer update from `batches` (a list of minibatches, the gradient-accumulation group).
-
-    Each minibatch is a rollout dict (latents, log_probs, timesteps) plus text_f, text_f_c and advantages (B,).
-    The loss of every minibatch and each of its first cfg.num_train_steps sampling steps is averaged into one
-    gradient (as the released accumulation over minibatches x timesteps does), clipped to cfg.grad_clip, then
-    applied. micro_batch > 0 runs each minibatch in slices of that many clips, weighted by their share: the
-    same gradient (up to float rounding) with activations for micro_batch clips only. Under DDP (model wrapped),
-    gradients are synchronised on the last backward only. ref_model: the frozen reference (a copy of the starting
-    weights, or the LoRA policy itself with its adapters switched off), used if cfg.beta > 0.
-    Returns the mean of grpo_loss's stats over all terms, plus loss and grad_norm, as floats.
-    """
+    """One optimizer update from `batches`, a gradient-accumulation group of minibatches (rollout dicts plus text_f,
+    text_f_c, advantages (B,)): the loss averaged over minibatches x the first num_train_steps steps (as released),
+    the gradient clipped to cfg.grad_clip. micro_batch > 0 runs slices of that many clips (same gradient, less
+    activation memory); under DDP gradients sync on the last backward only. ref_model: the KL's frozen reference
+    (a copy, or the LoRA policy itself). Returns the mean stats plus loss and grad_norm, as floats."""
     T = cfg.num_train_steps
     jobs = [(batch, j, sl) for batch in batches for j in range(T)
             for sl in _micro_slices(len(batch["advantages"]), micro_batch)]
@@ -303,14 +240,9 @@ LORA_TARGETS = ("attn.qkv", "linear1", "ffn.w1", "ffn.w2", "ffn.w3")  # attentio
 
 
 class LoRA(nn.Module):
-    """A frozen projection plus a trainable low-rank update: y = base(x) + (alpha / rank) * up(down(x)).
-
-    LoRA (Hu et al. 2021, arXiv 2106.09685). `base` is an nn.Linear, or a channels-last Conv1d over time
-    (transformer.Conv1dNLC, the audio stream's kernel-3 projections): then `down` is a conv with the same
-    kernel and padding and `up` a linear map, so the update is itself a rank-r conv. `up` starts at zero, so
-    the wrapped model starts equal to the base. With `enabled` False the module is exactly the base: that is
-    the frozen reference of the KL term, with no second copy of the weights.
-    """
+    """y = base(x) + (alpha / rank) * up(down(x)) (LoRA, arXiv 2106.09685) around a frozen nn.Linear or a channels-last
+    Conv1dNLC (then `down` is a conv with the base's kernel: a rank-r conv update). `up` starts at zero. With `enabled`
+    False the module is exactly the base: the KL's reference without a second copy of the weights."""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float):
         super().__init__()
@@ -337,13 +269,8 @@ class LoRA(nn.Module):
 
 
 def apply_lora(model: nn.Module, rank: int = 32, alpha: float = 64.0, targets=LORA_TARGETS) -> list:
-    """Freeze `model` and wrap every module whose name ends in one of `targets` with LoRA, in place.
-
-    Default targets: the attention qkv and output projections and the three SwiGLU projections of every
-    block, on both streams (Linear on the text stream, kernel-3 convs on the audio stream); embedders, adaLN
-    modulation and the output layer stay frozen. rank 32, alpha 64 as the released LoRA option.
-    Returns the trainable LoRA parameters.
-    """
+    """Freeze `model` and wrap in place every module whose name ends in one of `targets` (default: attention and
+    SwiGLU projections of both streams) with LoRA; rank 32, alpha 64 as released. Returns the LoRA parameters."""
     model.requires_grad_(False)
     names = [n for n, m in model.named_modules() if any(n == t or n.endswith("." + t) for t in targets)]
     assert names, f"no module of {type(model).__name__} matches the LoRA targets {targets}"
@@ -373,8 +300,7 @@ def lora_state_dict(model) -> dict:
 
 
 def merged_state_dict(model) -> dict:
-    """The model's state dict with every LoRA folded into its base weight, under the plain keys: loads into
-    the unwrapped model (e.g. sample.py). Without LoRA this is model.state_dict()."""
+    """State dict with every LoRA folded into its base weight, under the plain keys (for the unwrapped model)."""
     state = dict(model.state_dict())
     for name, m in model.named_modules():
         if isinstance(m, LoRA):
@@ -389,13 +315,9 @@ def merged_state_dict(model) -> dict:
 # ---------------------------------------------------------------- one epoch, across processes
 
 def draw_prompt_ids(seed, epoch, batch, n_prompts, cfg: GRPOConfig, world_size=1) -> torch.Tensor:
-    """Caption ids of rollout batch `batch` of `epoch` for all processes: (world_size * sample_batch_size,).
-
-    world_size * sample_batch_size / group_size distinct captions, each repeated group_size times, shuffled so
-    a caption's group spans processes (as the released sampler does); process r takes slice r. Drawn from a
-    generator seeded by (seed, epoch, batch), so a resumed run draws the same. Raises ValueError if there are
-    fewer captions than one batch needs.
-    """
+    """(world_size * sample_batch_size,) caption ids of rollout batch `batch`: whole groups, shuffled so a group spans
+    processes (as released); rank r takes slice r. Seeded by (seed, epoch, batch), so a resume draws the same.
+    Raises ValueError if there are fewer captions than one batch needs."""
     G = world_size * cfg.sample_batch_size
     m = G // cfg.group_size
     if m > n_prompts:
@@ -407,10 +329,8 @@ def draw_prompt_ids(seed, epoch, batch, n_prompts, cfg: GRPOConfig, world_size=1
 
 
 def draw_noise(seed, epoch, sample_index, num_steps, latent_shape) -> torch.Tensor:
-    """(B, num_steps + 1, N, C): the starting noise and the eps of every SDE step of each listed sample.
-
-    Each sample of an epoch has its own generator, seeded by (seed, epoch, global sample index), so a sample's
-    noise does not depend on how the batch is split across processes or on a resume."""
+    """(B, num_steps + 1, N, C): starting noise and SDE eps per sample, seeded by (seed, epoch, global sample index),
+    so independent of the process split and of resumes."""
     out = []
     for i in sample_index.tolist():
         out.append(torch.randn(num_steps + 1, *latent_shape, generator=seeded_generator(seed, 'noise', epoch, i)))
@@ -418,11 +338,9 @@ def draw_noise(seed, epoch, sample_index, num_steps, latent_shape) -> torch.Tens
 
 
 def rollout_noise(seed, epoch, batch, prompt_ids, cfg: GRPOConfig, latent_shape, rank=0, world_size=1):
-    """(B, num_steps + 1, N, C): draw_noise for this rank's B = sample_batch_size clips of rollout batch `batch`.
-
-    With cfg.same_noise (flow_grpo's same_latent) the clips of one caption (prompt_ids (B,)) share their starting
-    noise, drawn by (seed, epoch, batch, caption id) so that it is equal across processes too; their SDE steps'
-    eps still differ, so reward differences within a group come only from the steps the policy is trained on."""
+    """draw_noise for this rank's clips of rollout batch `batch`. With cfg.same_noise (flow_grpo's same_latent) a
+    caption's clips share their starting noise, seeded by (seed, epoch, batch, caption id) to agree across processes;
+    their SDE eps still differ, so in-group reward differences come only from the trained steps."""
     per = cfg.sample_batch_size
     noise = draw_noise(seed, epoch, batch * world_size * per + rank * per + torch.arange(per), cfg.num_steps,
                        latent_shape)
@@ -434,16 +352,10 @@ def rollout_noise(seed, epoch, batch, prompt_ids, cfg: GRPOConfig, latent_shape,
 
 def sample_epoch(policy, pipe, reward_fn, text, prompts, cfg: GRPOConfig, epoch, seed, latent_shape, rank=0,
                  world_size=1, autocast=None):
-    """This rank's rollouts of one epoch, decoded and scored.
-
-    Args:
-        policy: the transformer (unwrapped); pipe: sample.Pipeline for decoding (its vae, vocoder, mel_cfg).
-        reward_fn: reward.score-like callable (audio (B, S), sample_rate, prompts) -> (B,).
-        text: callable (captions, device) -> text_f (B, 77, Dt), text_f_c (B, Dc) (e.g. a caching encoder).
-        prompts: the caption list; latent_shape: (N, C) latent frames and channels.
-    Returns dict with (B_rank, ...) tensors latents (B, T + 1, N, C), log_probs (B, T), timesteps (B, T + 1),
-    prompt_ids (B,) and rewards (B,) fp32, B_rank = num_batches_per_epoch * sample_batch_size.
-    """
+    """This rank's rollouts of one epoch, decoded by `pipe` and scored by reward_fn(audio (B, S), rate, prompts).
+    text(captions, device) -> text_f (B, 77, Dt), text_f_c (B, Dc); latent_shape: (N, C). Returns latents
+    (B, T + 1, N, C), log_probs (B, T), timesteps (B, T + 1), prompt_ids (B,), rewards (B,) fp32, with
+    B = num_batches_per_epoch * sample_batch_size."""
     device, dtype = policy.latent_mean.device, policy.latent_mean.dtype
     per = cfg.sample_batch_size
     batches = []
@@ -471,12 +383,8 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
 
 
 def gather_advantages(rewards, prompt_ids, cfg: GRPOConfig, rank=0):
-    """Advantages of this rank's samples, computed over every process's rewards so a caption's group may
-    span processes. rewards, prompt_ids: (B,) of this rank (same B on every rank).
-
-    Returns (advantages (B,), stats) with the global reward_mean, reward_std (ddof 0) and zero_std_share (the
-    share of caption groups whose rewards are all equal).
-    """
+    """This rank's advantages (B,), computed over every process's rewards (a caption's group spans processes), and
+    the global stats reward_mean, reward_std (ddof 0) and zero_std_share."""
     all_rewards, all_ids = all_gather(rewards.float()), all_gather(prompt_ids)
     ids = all_ids.tolist()
     advantages = compute_advantages(all_rewards, ids, std=cfg.advantage_std, clip=cfg.adv_clip_max)
@@ -488,13 +396,9 @@ def gather_advantages(rewards, prompt_ids, cfg: GRPOConfig, rank=0):
 
 def train_epoch(model, ref_model, optimizer, samples, text, prompts, cfg: GRPOConfig, generator, micro_batch=0,
                 autocast=None):
-    """Train on one epoch's samples: drop those without signal, then per inner epoch shuffle, split into
-    cfg.num_batches_per_epoch minibatches and take one train_step per cfg.grad_accum_steps of them.
-
-    samples: sample_epoch's dict plus advantages (B,); text, prompts as in sample_epoch; generator: a seeded
-    torch.Generator (CPU) for the mask padding and shuffles, so a resumed run repeats them.
-    Returns the list of train_step stats (one per update) with `kept`, the number of samples trained on.
-    """
+    """Drop the zero-signal samples, then per inner epoch shuffle into num_batches_per_epoch minibatches and take one
+    train_step per grad_accum_steps of them. generator: a seeded CPU generator, so a resume repeats the draws.
+    Returns train_step's stats per update, with `kept`, the number of samples trained on."""
     mask = informative_mask(samples["advantages"], cfg.num_batches_per_epoch, generator).cpu()
     keys = ("latents", "log_probs", "timesteps", "prompt_ids", "advantages")
     kept = {k: samples[k][mask.to(samples[k].device)] for k in keys}
@@ -521,11 +425,8 @@ def train_epoch(model, ref_model, optimizer, samples, text, prompts, cfg: GRPOCo
 @torch.no_grad()
 def evaluate_reward(policy, pipe, reward_fn, text, prompts, seed, num_steps=25, cfg_strength=4.5, batch_size=16,
                     rank=0, world_size=1, autocast=None) -> float:
-    """Mean reward of deterministic (Euler, CFG) samples for `prompts`: the held-out measure of progress.
-
-    Prompt i always starts from the noise of (seed, i), so two calls differ only through the weights; calls
-    with different seeds measure the sampling noise. Prompts are shared out across processes and the mean is
-    over all of them. latent frames: the policy's default (cfg.latent_seq_len)."""
+    """Mean reward of Euler (CFG) samples of `prompts`, shared out across processes. Prompt i starts from the noise
+    of (seed, i), so two calls differ only through the weights."""
     device, dtype = policy.latent_mean.device, policy.latent_mean.dtype
     N, C = policy.cfg.latent_seq_len, policy.cfg.latent_dim
     mine = list(range(rank, len(prompts), world_size))
@@ -551,13 +452,9 @@ GiB = 2**30
 
 
 def saved_bytes_per_token(hidden_dim, num_heads, mlp_ratio=4.0, dtype=torch.bfloat16) -> float:
-    """Activation bytes one stream block keeps for backward, per token, measured on the CPU.
-
-    Runs one audio-stream block (the released layout: kernel-3 convs) of this width at two sequence lengths
-    with saved-tensor hooks and takes the difference, so weights saved for backward are not counted. dtype
-    bfloat16 = under autocast (as the released bf16 training), float32 = full precision. The CPU attention
-    kernel, like CUDA's flash/memory-efficient ones, keeps the output and log-sum-exp, not the attention matrix.
-    """
+    """Activation bytes one audio-stream block (kernel-3 convs, as released) saves for backward per token, measured
+    on the CPU with saved-tensor hooks at two lengths (weights not counted); bfloat16 = under autocast. The CPU
+    attention kernel, like CUDA's fused ones, saves the output and log-sum-exp, not the attention matrix."""
     from transformer import StreamBlock, rope_tables
     block = StreamBlock(hidden_dim, num_heads, mlp_ratio, kernel_size=3)
     weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
@@ -584,25 +481,13 @@ def saved_bytes_per_token(hidden_dim, num_heads, mlp_ratio=4.0, dtype=torch.bflo
 
 def memory_estimate(model_cfg, cfg: GRPOConfig = GRPOConfig(), latent_frames=None, lora_rank=0,
                     checkpointing=False, micro_batch=0, dtype=torch.bfloat16, frozen=None) -> dict:
-    """Peak GPU memory of one GRPO process during the training forward/backward, in GiB, by parts.
-
-    Args:
-        model_cfg: transformer.ResonateConfig; latent_frames: N (default model_cfg.latent_seq_len).
-        cfg: GRPOConfig (sample_batch_size = the training minibatch before dropping zero-signal samples,
-            num_steps and timestep_fraction set the stored rollout).
-        lora_rank: 0 = full fine-tuning with a frozen fp32 reference copy; r > 0 = apply_lora(rank r), the
-            base doubles as the reference, only LoRA weights get gradients and AdamW states.
-        checkpointing: Resonate.grad_checkpointing: keep each block's fp32 input, recompute one block at a time.
-        micro_batch: clips per forward/backward (0 = the whole minibatch, as released).
-        dtype: activation dtype (bfloat16 autocast as released, or float32).
-        frozen: {name: (parameters, bytes per parameter)} of the other models held on the GPU (text encoder,
-            VAE, vocoder, reward model); default the released stack.
-    Returns {part: GiB} plus "total". Weights stay fp32 (AdamW master weights), states two fp32 tensors.
-    Activations: saved_bytes_per_token per stream block times the tokens of each block (joint blocks: N audio
-    + text tokens; single blocks: N), plus one block's worth for the input/output layers; x 2 for CFG (the
-    conditional and unconditional branches run as one batch). Excludes the allocator's fragmentation and
-    the transient activations of rollouts, decoding and the reward model (they are freed before training).
-    """
+    """Peak GPU memory of one GRPO process's training forward/backward, in GiB by part, plus "total".
+    lora_rank 0: full fine-tuning with a frozen fp32 reference copy; r > 0: apply_lora(r), the base is the reference.
+    checkpointing: Resonate.grad_checkpointing; micro_batch: clips per backward (0: the minibatch, as released);
+    frozen: {name: (parameters, bytes each)} of the other resident models (default RELEASED_FROZEN). Weights fp32,
+    AdamW two fp32 states; activations = saved_bytes_per_token x the tokens of each block (joint: N + text, single:
+    N, plus one block for the in/out layers), x 2 for CFG. Excludes fragmentation and the rollout, decoding and
+    reward transients (freed before training)."""
     from transformer import Resonate
     N = latent_frames or model_cfg.latent_seq_len
     model = Resonate.from_config(model_cfg, device="meta")

@@ -1,17 +1,13 @@
-"""Rewards and evaluation metrics: everything that scores a batch of generated clips against their captions.
-
-Every scorer is a Reward: `score(audio (B, S) float, sample_rate: int, prompts: list[str]) -> (B,) float32`,
-higher is better, and `sample_rate`, the rate it listens at (None: any); prepare_audio checks the input and
-resamples with data.resample (torchaudio's kernel, as the released metrics use). Read top to bottom:
+"""Rewards and evaluation metrics: everything that scores generated clips against their captions. Every scorer is a
+Reward: `score(audio (B, S) float, sample_rate: int, prompts: list[str]) -> (B,) float32`, higher is better, at its
+`sample_rate` (None: any); prepare_audio checks and resamples (data.resample, as the released metrics). In order:
 
     LoudnessReward, SpectralCentroidReward   signal-level rewards, no download: tests and CPU runs
     AudioboxAesthetics ("aes")    Meta's Audiobox Aesthetics (CE, CU, PC, PQ) of the clip alone
     MSClapScore ("clap")          CLAPScore: cosine of Microsoft CLAP 2023 text and audio embeddings
     ClapReward ("laion_clap")     cosine of LAION-CLAP embeddings, the released alternative GRPO reward
-    QwenOmniJudge                 an audio LLM asked whether the clip matches the caption: the training reward
-                                  ("qwen_omni", Qwen2.5-Omni) and AQAScore ("aqa", Qwen3-Omni)
-    build_reward("loudness:1.0,clap:0.5") -> a WeightedSum of REWARDS entries
-"""
+    QwenOmniJudge                 an audio LLM's yes/no: the training reward ("qwen_omni") and AQAScore ("aqa")
+    build_reward("loudness:1.0,clap:0.5") -> a WeightedSum of REWARDS entries"""
 
 import dataclasses
 import functools
@@ -61,10 +57,7 @@ class Reward:
 # ---------------------------------------------------------------- signal-level rewards (no download)
 
 class LoudnessReward(Reward):
-    """Negative distance, in dB, of each clip's RMS level (dBFS, full scale = RMS 1.0) to `target_db`.
-
-    A reward any generator can learn quickly, to check the RL loop on a CPU. Silence counts as -200 dBFS.
-    """
+    """-|RMS level (dBFS) - target_db| per clip (silence: -200 dBFS): a quick reward to check the RL loop on a CPU."""
     def __init__(self, target_db: float = -20.0):
         self.target_db = float(target_db)
 
@@ -75,11 +68,8 @@ class LoudnessReward(Reward):
 
 
 class SpectralCentroidReward(Reward):
-    """Negative distance, in octaves, of each clip's spectral centroid to `target_hz`.
-
-    Centroid = magnitude-weighted mean frequency of the Hann-windowed spectrum of the whole clip, in Hz.
-    Octaves (log2 of the ratio) so that 500 Hz and 2 kHz are equally far from 1 kHz.
-    """
+    """-|log2(centroid / target_hz)|, in octaves so that 500 Hz and 2 kHz are equally far from 1 kHz; centroid:
+    the magnitude-weighted mean frequency (Hz) of the whole clip's Hann-windowed spectrum."""
     def __init__(self, target_hz: float = 1000.0):
         if target_hz <= 0:
             raise ValueError(f"target_hz must be positive, got {target_hz}")
@@ -153,16 +143,10 @@ def _wavlm_config(cfg: dict):
 
 
 class AesModel(nn.Module):
-    """The Audiobox Aesthetics network (the package's AesMultiOutput) on transformers' WavLM.
-
-    Per axis: softmax-weighted sum of the L = layers + 1 hidden states (the encoder input after its layer norm,
-    then every layer's output, as the package's layer_results), mean over the unpadded frames, L2 normalisation,
-    a linear head. The encoder is driven layer by layer because the package's WavLM differs from transformers'
-    WavLMModel.forward: a frame is padding only when all of its W // T samples are (transformers counts frames
-    from the unpadded length through the conv arithmetic, which gives fewer).
-    Built from the package's WavLM config dict (AES_WAVLM for the published model) and the checkpoint's
-    AesMultiOutput fields (nth_layer, proj_num_layer, ...).
-    """
+    """Audiobox Aesthetics' AesMultiOutput on transformers' WavLM: per axis, a softmax-weighted sum of the layers + 1
+    hidden states, mean over the unpadded frames, L2 normalisation, a linear head. The encoder runs layer by layer
+    because the package's WavLM marks a frame padding only when all its samples are (transformers' conv arithmetic
+    gives fewer). wavlm_config: the package's dict (AES_WAVLM); model_cfg: the checkpoint's AesMultiOutput fields."""
     def __init__(self, wavlm_config: dict, model_cfg: dict):
         from transformers import WavLMModel
         super().__init__()
@@ -211,17 +195,11 @@ class AesModel(nn.Module):
 
 
 class AudioboxAesthetics(Reward):
-    """Meta Audiobox Aesthetics (Tjandra et al., arXiv 2502.05139; package audiobox-aesthetics 0.0.4,
-    AesPredictor.forward): CE, CU, PC and PQ of each clip, on a 1-10 scale, the caption unused.
-
-    As released: 16 kHz (data.resample is torchaudio's resampler), 10 s windows with a 10 s hop, the last one
-    zero-padded and masked; each window's predictions are de-normalised (x * std + mean) and averaged with weights
-    = the fraction of the window that holds audio; float32 whatever the surrounding autocast (precision "32").
-    Unlike the package, clips arrive mono and of one length (the package averages the channels after resampling:
-    the same up to rounding, resampling being linear), and the windows of a whole batch run together,
-    max_windows per pass. Built from an AesModel and the targets' {axis: {"mean", "std"}}; `score` returns
-    `axis` (default PQ, production quality). Raises ValueError for an unknown axis.
-    """
+    """Meta Audiobox Aesthetics (arXiv 2502.05139; audiobox-aesthetics 0.0.4, AesPredictor.forward): CE, CU, PC, PQ
+    of each clip on a 1-10 scale, caption unused. As released: 16 kHz, 10 s windows with a 10 s hop, the last padded
+    and masked, each de-normalised (x * std + mean) and weighted by its share of audio; float32 under any autocast.
+    Unlike the package, clips arrive mono (it averages channels after resampling: equal up to rounding) and a batch's
+    windows run together, max_windows per pass. `score` gives `axis` (default PQ); ValueError for an unknown one."""
     sample_rate = 16000
     WINDOW_SECONDS = 10
 
@@ -235,10 +213,10 @@ class AudioboxAesthetics(Reward):
 
     @classmethod
     def from_pretrained(cls, weights_dir=None, device=None, axis="PQ", max_windows=16, wavlm_config=AES_WAVLM):
-        """The published scorer: `checkpoint.pt` of facebook/audiobox-aesthetics (about 416 MB), from `weights_dir`
-        or the Hugging Face cache (data.hub_files; raises data.WeightsMissing). The file holds only plain
-        containers and float32 tensors, so no class is allowed beyond them: {"state_dict": {"model." + official
-        name: tensor}, "model_cfg": the AesMultiOutput fields, "target_transform": {axis: {"mean", "std"}}}."""
+        """The published `checkpoint.pt` of facebook/audiobox-aesthetics (~416 MB) via data.hub_files (raises
+        data.WeightsMissing). It holds only containers and float32 tensors, so no class is allowed:
+        {"state_dict": {"model." + official name: tensor}, "model_cfg": AesMultiOutput fields,
+        "target_transform": {axis: {"mean", "std"}}}."""
         ckpt = read_weights(hub_files(AES_REPO, [AES_FILE], weights_dir)[AES_FILE])
         state = {re.sub(r"^model\.", "", k): v for k, v in ckpt["state_dict"].items()}  # as the package strips it
         model = AesModel.from_official(wavlm_config, ckpt["model_cfg"], state)
@@ -296,9 +274,8 @@ def rename_key(key, key_map=MSCLAP_KEY_MAP):
 
 
 def seven_seconds(wave, start=None) -> torch.Tensor:
-    """msclap's audio rule (CLAPWrapper.load_audio_into_tensor) for a (C, S) clip at 44.1 kHz -> (308700,):
-    the channels are concatenated (no downmix), then a result of 7 s or less is tiled and cut to 7 s (exactly 7 s
-    included), a longer one cropped to 7 s from sample `start`."""
+    """msclap's CLAPWrapper.load_audio_into_tensor for a (C, S) 44.1 kHz clip -> (308700,): channels concatenated,
+    then tiled and cut to 7 s if at most 7 s long, else cropped to 7 s from sample `start`."""
     flat = wave.reshape(-1)
     if flat.numel() <= MSCLAP_SPAN:
         return flat.repeat(math.ceil(MSCLAP_SPAN / flat.numel()))[:MSCLAP_SPAN]
@@ -510,9 +487,8 @@ class MSClap(nn.Module):
         return self.text_proj(hidden[torch.arange(len(last), device=last.device), last])
 
     def tokenize(self, prompts):
-        """msclap's text recipe (CLAPWrapper.preprocess_text): caption + ' <|endoftext|>', GPT-2 BPE, padded with
-        '!' to 77 tokens. '!' is registered as the (special) pad token, so each '!' of a caption is id 0 too. Longer
-        captions are not cut (msclap pads to max_length without truncating); the batch is padded to its longest.
+        """msclap's CLAPWrapper.preprocess_text: caption + ' <|endoftext|>', GPT-2 BPE, padded with '!' (the pad, id 0,
+        so each '!' of a caption is 0 too) to 77 tokens; longer captions are not cut (as msclap) but pad the batch.
         -> input_ids, attention_mask (B, max(77, longest)) int64."""
         tokens = self.tokenizer([p + " <|endoftext|>" for p in prompts], padding=True, return_tensors="pt")
         extra = max(0, MSCLAP_TEXT_LEN - tokens["input_ids"].shape[1])
@@ -522,14 +498,9 @@ class MSClap(nn.Module):
 
 class MSClapScore(Reward):
     """CLAPScore as TTA-Bench computes it: cosine of Microsoft CLAP 2023 audio and text embeddings, at 44.1 kHz.
-
-    Unlike msclap, clips arrive mono (msclap concatenates a file's channels), and the 7 s crop of a longer clip
-    starts at a draw seeded by (seed, caption) (crop_start; msclap's is unseeded), so a clip scores the same on
-    every run. Resampling is msclap's (torchaudio's default kernel: data.resample).
-    Args: weights_dir (CLAP_weights_2023.pth and gpt2's files; default the Hugging Face cache), device, seed of the
-    crops; sizes: MSClap.from_pretrained's htsat / d_proj (tests; default the published model's); model: an
-    already built MSClap instead.
-    """
+    Unlike msclap, clips arrive mono and a longer clip's 7 s crop is seeded by (seed, caption) (crop_start), so a clip
+    scores the same on every run. weights_dir: CLAP_weights_2023.pth and gpt2's files (default the Hugging Face
+    cache); sizes: MSClap.from_pretrained's htsat / d_proj; model: an already built MSClap."""
     sample_rate = MSCLAP_RATE
 
     def __init__(self, weights_dir=None, device=None, seed=0, model=None, **sizes):
@@ -548,14 +519,10 @@ class MSClapScore(Reward):
 # ---------------------------------------------------------------- LAION-CLAP (the alternative GRPO reward)
 
 class ClapReward(Reward):
-    """Cosine of LAION-CLAP text and audio embeddings, at 48 kHz: Resonate's alternative GRPO reward.
-
-    Unlike the released reward (the laion_clap package and `music_speech_audioset_epoch_15_esc_89.98.pt`), we run
-    transformers' port (`ClapModel`, default `laion/clap-htsat-unfused`): close to, not equal to, its numbers. As
-    released, the audio goes through int16 and back, and a clip over 10 s is cut by the feature extractor.
-    Args: a transformers CLAP checkpoint, device (default the best), dtype (default float32); model, processor:
-    an already built ClapModel / ClapProcessor, instead of loading.
-    """
+    """Cosine of LAION-CLAP text and audio embeddings at 48 kHz: Resonate's alternative GRPO reward. We run
+    transformers' ClapModel (default laion/clap-htsat-unfused), not the released laion_clap package and
+    music_speech_audioset_epoch_15_esc_89.98.pt: close to, not equal to, its numbers. As released, the audio goes
+    through int16 and back, and a clip over 10 s is cut by the feature extractor."""
     sample_rate = 48000
 
     def __init__(self, model_name_or_path="laion/clap-htsat-unfused", device=None, dtype=None, *,
@@ -587,16 +554,10 @@ class ClapReward(Reward):
 
 @dataclasses.dataclass(frozen=True)
 class JudgeSettings:
-    """How QwenOmniJudge asks its model and reads the answer.
-
-    repo: the Hugging Face repository (thinker + talker; only the thinker is built).
-    system_prompt: the system turn's text, or None for no system turn.
-    yes, no: the answer words, one token each.
-    audio_tokens: (start, placeholder, end) special tokens around the clip.
-    whole_clip: log-mel of the whole clip, unpadded, as Qwen3-Omni's processor computes it; False: padded or cut
-        to Whisper's 30 s window, as Qwen2.5-Omni's.
-    rule: "first_token" or "last_yes_no" (see QwenOmniJudge); max_new_tokens: the greedy answer's length cap.
-    """
+    """How QwenOmniJudge asks its model and reads the answer. repo: thinker + talker (only the thinker is built);
+    system_prompt: None for no system turn; yes, no: one token each; audio_tokens: (start, placeholder, end);
+    whole_clip: log-mel of the whole unpadded clip (Qwen3-Omni's processor), else padded or cut to Whisper's 30 s
+    (Qwen2.5-Omni's); rule: see QwenOmniJudge; max_new_tokens: the greedy answer's cap."""
     repo: str
     system_prompt: str | None
     yes: str
@@ -625,22 +586,19 @@ THINKERS = {"qwen2_5_omni": "Qwen2_5OmniThinkerForConditionalGeneration",  # con
 
 
 def audio_token_count(mel_frames, chunk=None):
-    """Audio tokens the Omni audio encoder emits for `mel_frames` 10 ms mel frames (int or (B,) tensor), as the
-    processors count them. chunk=None: Qwen2.5-Omni, a stride-2 convolution then a stride-2 pooling over the clip.
-    chunk=2 * n_window (Qwen3-Omni: 100 frames): the clip is cut into chunks, each halved three times by stride-2
-    convolutions (100 frames -> 13 tokens). A stride-2 convolution of kernel 3, padding 1 gives ceil(n / 2), so
-    three of them ceil(n / 8)."""
+    """Audio tokens the Omni encoder emits for `mel_frames` 10 ms frames (int or (B,) tensor), as the processors count.
+    chunk None (Qwen2.5-Omni): a stride-2 conv then stride-2 pooling. chunk = 2 * n_window (Qwen3-Omni: 100 frames):
+    per chunk three stride-2 convs (kernel 3, padding 1: ceil(n / 2) each), so ceil(n / 8): 100 frames -> 13 tokens."""
     if chunk is None:
         return (-(-mel_frames // 2) - 2) // 2 + 1
     return mel_frames // chunk * -(-chunk // 8) + -(-(mel_frames % chunk) // 8)
 
 
 def load_judge(repo, weights_dir, dtype):
-    """(thinker, tokenizer, Whisper feature extractor) of a Qwen2.5-Omni or Qwen3-Omni repository: from
-    `weights_dir` when it holds the files, else the Hugging Face cache, downloading the config, tokenizer, feature
-    extractor and every shard the index lists (talker ones too: from_pretrained reads the whole index, and skips
-    the talker's weights). dtype None: the checkpoint's own (bf16), as released. Raises data.WeightsMissing
-    naming the repository; ValueError for a weights_dir with only some of the files, or another model family."""
+    """(thinker, tokenizer, Whisper feature extractor) of a Qwen2.5-Omni or Qwen3-Omni repository, from `weights_dir` or
+    the Hugging Face cache (downloading config, tokenizer, feature extractor and every indexed shard, talker ones too:
+    from_pretrained reads the whole index). dtype None: the checkpoint's (bf16), as released. Raises
+    data.WeightsMissing; ValueError for a weights_dir with only some of the files, or another model family."""
     import transformers
     try:
         paths = hub_files(repo, JUDGE_FILES, weights_dir)
@@ -663,29 +621,18 @@ def load_judge(repo, weights_dir, dtype):
 
 
 class QwenOmniJudge(Reward):
-    """Ask a Qwen-Omni thinker whether the clip contains the caption's sound events (Resonate, arXiv 2603.11661;
-    released flow_grpo/rewards.py). QWEN25_OMNI is the training reward, AQA_QWEN3_OMNI the AQAScore metric.
-
-    Both: mono 16 kHz audio; user turn = the question, then the clip; greedy answer; score = p(yes) / (p(yes) + p(no))
-    at one answer token, 0 when the token the rule reads is neither word exactly (the released quirk: with
-    Qwen3-Omni's lowercase words a "Yes" answer scores 0).
-    Rules. "last_yes_no" is the released one: both released functions ask generate() for one new token, but the Omni
-    generate() replaces that with its own thinker_max_new_tokens=1024, so they decode the answer to <|im_end|> and
-    read the last answer token that is yes or no; so do we, at most max_new_tokens. "first_token" reads the first
-    answer token only: one forward pass, no decoding. They agree when the first token is the answer's only yes or
-    no (the usual "yes" / "Yes."); they differ when the answer starts otherwise (first_token scores 0) or says yes
-    or no again later (the released rule reads the last). QWEN25_OMNI takes first_token, the cheap training reward.
-    Unlike the released code, which scores one clip at a time, a batch runs together (prompts left-padded, every
-    row decoded in step): the same scores up to float rounding. Inputs come from the tokenizer and the Whisper
-    feature extractor, not the Omni processors, which also need the image and video stack (PIL, torchvision).
-
-    Args: settings (a JudgeSettings; keyword overrides replace its fields, e.g. rule="last_yes_no"); weights_dir
-    (default the Hugging Face cache, downloading); device (default the best), dtype (default the checkpoint's,
-    bf16); max_batch: clips per pass (None: all), for memory; model, tokenizer, feature_extractor: the three
-    parts already built, instead of loading.
-    Raises: data.WeightsMissing (see load_judge); ValueError for an unknown rule, max_new_tokens < 1 or a
-    tokenizer that does not fit the model.
-    """
+    """Ask a Qwen-Omni thinker whether the clip holds the caption's sound events (Resonate, arXiv 2603.11661; released
+    flow_grpo/rewards.py): QWEN25_OMNI is the training reward, AQA_QWEN3_OMNI the AQAScore metric. Mono 16 kHz; user
+    turn = question then clip; greedy answer; score = p(yes) / (p(yes) + p(no)) at the answer token the rule reads,
+    0 when that token is neither word exactly (the released quirk: with Qwen3-Omni's lowercase words "Yes" scores 0).
+    Rule "last_yes_no" (released): both released functions ask for one new token, but the Omni generate() overrides
+    it with thinker_max_new_tokens=1024, so the answer is decoded to <|im_end|> and its last yes or no read (here at
+    most max_new_tokens). "first_token" (QWEN25_OMNI's, cheap): one forward, the first answer token; the two agree
+    unless the answer starts otherwise or says yes or no again later. Unlike the released code (one clip at a time),
+    a batch runs together, left-padded: the same up to float rounding. Inputs come from the tokenizer and Whisper
+    feature extractor, not the Omni processors (they need PIL and torchvision). settings: a JudgeSettings (keyword
+    overrides replace fields); max_batch: clips per pass; model, tokenizer, feature_extractor: prebuilt parts.
+    Raises data.WeightsMissing; ValueError for an unknown rule, max_new_tokens < 1 or a tokenizer that does not fit."""
     sample_rate = 16000
     QUESTION = ("Does this audio contain the sound events described by the text: {caption}? "
                 "Please only answer yes or no, without other explanations.")
