@@ -8,7 +8,7 @@ $ python bench.py --mode=eval --ckpt=out/ckpt.pt --metrics=loudness,centroid --l
 $ python bench.py --mode=speed                                    # full size, 2 s clip, fp32, this machine
 $ python bench.py --mode=speed --duration=10 --dtype=bf16 --threads=2
 
-eval: the paper's evaluation on TTA-Bench's accuracy subset (arXiv 2603.11661). Writes out_dir/<id>.wav for
+eval: the paper's evaluation (arXiv 2603.11661) on TTA-Bench's accuracy subset (arXiv 2509.02398). Writes out_dir/<id>.wav for
 every prompt whose clip is not there yet (10 s, 25 Euler steps, CFG 4.5, seed 42, bf16 on CUDA), scores every
 clip with each --metrics scorer of reward.REWARDS in turn (one model in memory at a time), and writes
 out_dir/scores.jsonl (a row per id), out_dir/summary.json (means, counts, skipped ids) and prints our means
@@ -69,7 +69,7 @@ prompts = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', 'tt
 limit = 0  # only the first N prompts of the file; 0 = all
 ckpt = ''  # a train.py ckpt.pt or a published transformer .pth; '' = the published --weights
 weights = 'grpo'  # the published transformer: grpo (Resonate-GRPO) or pt (Resonate-PT)
-weights_dir = ''  # folder holding the published files; '' = the Hugging Face / nanoresonate cache, else download
+weights_dir = ''  # folder holding the published files; '' = the Hugging Face cache, else download
 metrics = 'aes,clap,aqa'  # reward.REWARDS names, comma-separated; loudness and centroid need no download
 metric_kwargs = {}  # {metric: constructor kwargs}, e.g. {'aes': {'weights_dir': 'w/aes'}}: set in a config/*.py
 # preset or from Python (built models too); a dict is no --key=value setting
@@ -108,7 +108,9 @@ def speed_problems():
     m = MEL_CONFIGS[mel]  # a vocoder fits when it takes its mel bins and upsamples by its hop
     fits = [v for v, c in BIGVGAN_CONFIGS.items()
             if (c['num_mels'], math.prod(c['upsample_rates'])) == (m['n_mels'], m['hop_length'])] + ['griffin-lim']
+    longest = MODELS[size]().max_latent_len * 2 * m['hop_length'] / m['sample_rate']  # RoPE's range, in seconds
     return [(repeats < 1, f'--repeats must be at least 1, got {repeats}'),
+            (duration > longest, f'--duration must be at most {longest:.1f} s for --size={size}, got {duration}'),
             (probe_size < 1, f'--probe_size must be at least 1, got {probe_size}'),
             (set(parts.split(',')) - set(SPEED_PARTS), f'--parts takes {",".join(SPEED_PARTS)}, got {parts!r}'),
             (vocoder not in fits, f'--vocoder={vocoder} does not take the {m["n_mels"]} mel bins at hop '

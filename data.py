@@ -431,7 +431,9 @@ def read_weights(path, allow=()):
         with torch.serialization.safe_globals(list(allow)):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and safetensors errors alike: not a weights file
-        raise ValueError(f"{path} is not a readable weights file ({type(e).__name__}: {str(e)[:200]})") from None
+        detail = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line),
+                      "not a PyTorch (.pt/.pth) or safetensors checkpoint")  # never torch's weights_only=False advice
+        raise ValueError(f"{path} is not a readable weights file: {detail}") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a checkpoint or state dict")
     return state

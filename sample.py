@@ -21,7 +21,7 @@ import torch
 import soundfile as sf
 from tqdm import tqdm
 
-from data import DTYPES, check_writable, hub_files, pick_device, read_prompts, read_weights, warn_if_slow_bf16
+from data import DTYPES, WeightsMissing, check_writable, hub_files, pick_device, read_prompts, read_weights, warn_if_slow_bf16
 from flow import euler_sample
 from reward import build_reward
 from transformer import Resonate, ResonateConfig, load_text_encoder
@@ -97,13 +97,20 @@ def load_pipeline(ckpt=None, weights_dir=None, device='auto', dtype='fp32', weig
     state = read_weights(ckpt) if ckpt is not None else None
     if state is not None and 'model_args' not in state and 'latent_mean' not in state:
         kind = 'a train.py VAE checkpoint (vae.pt)' if 'vae_args' in state else 'not a Resonate transformer checkpoint'
-        raise ValueError(f'--ckpt {ckpt} is {kind}; give the ckpt.pt (or grpo.pt) beside it, or a Resonate_*.pth')
+        raise ValueError(f'{ckpt} is {kind}; give the ckpt.pt (or grpo.pt) beside it, or a Resonate_*.pth')
     ours = state is not None and 'model_args' in state
     # 'auto': the published files come with their BigVGAN; our models use it at 128 mel bins (44.1 kHz)
     bigvgan = vocoder == 'bigvgan' or (vocoder == 'auto' and (not ours or get_mel_config(state['mel'])['n_mels'] == 128))
     names = [] if ours else ([] if state is not None else [PUBLISHED[weights]]) + [PUBLISHED['vae']]
     names += [PUBLISHED['vocoder_config'], PUBLISHED['vocoder']] if bigvgan else []
-    paths = hub_files(PUBLISHED_REPO, names, weights_dir)  # one call: offline, one message lists every file
+    local_t5 = Path(weights_dir or '', TEXT_ENCODER) if weights_dir else None
+    encoder = text_encoder or (state['text_encoder'] if ours else str(local_t5) if local_t5 and local_t5.is_dir()
+                               else TEXT_ENCODER)
+    try:  # one call: offline, one message lists every file
+        paths = hub_files(PUBLISHED_REPO, names, weights_dir)
+    except WeightsMissing as e:
+        t5 = f'\nand the text encoder: hf download google/{TEXT_ENCODER} --local-dir WEIGHTS_DIR/{TEXT_ENCODER}'
+        raise WeightsMissing(str(e) + (t5 if encoder == TEXT_ENCODER else '')) from None
     if ours:  # EMA weights when the checkpoint has them
         net = Resonate(ResonateConfig(**state['model_args']))
         net.load_state_dict(state['ema'] or state['model'])
@@ -116,8 +123,6 @@ def load_pipeline(ckpt=None, weights_dir=None, device='auto', dtype='fp32', weig
     mel_cfg = get_mel_config(state['mel']) if ours else vae_net.mel_config
     voc = GriffinLim(mel_cfg) if not bigvgan else BigVGAN.from_pretrained(
         json.loads(paths[PUBLISHED['vocoder_config']].read_text()), read_weights(paths[PUBLISHED['vocoder']]))
-    local_t5 = Path(weights_dir or '', TEXT_ENCODER)
-    encoder = text_encoder or (state['text_encoder'] if ours else str(local_t5) if local_t5.is_dir() else TEXT_ENCODER)
     pipe = check_pipeline(Pipeline(net, vae_net, voc, load_text_encoder(encoder), mel_cfg))
     for module in (pipe.transformer, pipe.vae, pipe.vocoder):
         module.to(device, dtype).eval()
@@ -155,12 +160,12 @@ def _stream(seed):
 
 
 def check_settings(prompts, duration=10.0, steps=25, cfg_strength=4.5, seed=42, num_samples=1, batch_size=8,
-                   longest=math.inf):
+                   longest=math.inf, extra=()):
     """Raise ValueError naming the setting and its range for anything `generate` cannot honour; the command
     line checks the same before loading a model (the longest duration is the model's, checked once loaded)."""
     if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError(f'prompts must be a non-empty list of non-empty captions, got {prompts!r:.80}')
-    for name, value in (('steps', steps), ('num_samples', num_samples), ('batch_size', batch_size)):
+    for name, value in (('steps', steps), ('num_samples', num_samples), ('batch_size', batch_size), *extra):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f'--{name} must be a whole number of at least 1, got {value!r}')
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
@@ -169,7 +174,8 @@ def check_settings(prompts, duration=10.0, steps=25, cfg_strength=4.5, seed=42, 
     if not math.isfinite(cfg_strength):
         raise ValueError(f'--cfg_strength must be a finite number (4.5 as released), got {cfg_strength}')
     if not 1.0 <= duration <= longest:
-        raise ValueError(f'--duration must be between 1 and {longest:.1f} seconds for this model, got {duration}')
+        limit = f'between 1 and {longest:.1f} seconds for this model' if longest < math.inf else 'at least 1 second'
+        raise ValueError(f'--duration must be {limit}, got {duration}')
 
 
 def generate(prompts, pipeline=None, duration=10.0, steps=25, cfg_strength=4.5, negative=None, seed=42,
@@ -285,10 +291,10 @@ def best_of(audio, sample_rate, prompts, n, reward):
 def output_paths(args, items):
     """The WAV path of every output, checked before any work: --out must name a .wav file (not a folder) and the
     folders must be writable. Existing files get -1, -2, ... unless --overwrite."""
-    if args.out and (len(items) * args.num_samples != 1 or not args.out.lower().endswith('.wav')):
-        raise ValueError('--out names one .wav file, for one prompt and one sample: use --out_dir otherwise')
     if args.out and os.path.isdir(args.out):
         raise ValueError(f'--out {args.out} is a folder; name a .wav file, or use --out_dir={args.out}')
+    if args.out and (len(items) * args.num_samples != 1 or not args.out.lower().endswith('.wav')):
+        raise ValueError('--out names one .wav file, for one prompt and one sample: use --out_dir otherwise')
     check_writable(os.path.dirname(os.path.abspath(args.out)) if args.out else args.out_dir,
                    '--out' if args.out else '--out_dir')
     paths = []
@@ -307,8 +313,8 @@ def main(argv=None):
         if not items:
             raise ValueError('give a prompt, e.g. python sample.py "rain on a tin roof", or --prompts_file')
         prompts = [x for _, x in items]
-        check_settings(prompts, args.duration, args.steps, args.cfg_strength, args.seed,
-                       args.num_samples * args.best_of, args.batch_size)
+        check_settings(prompts, args.duration, args.steps, args.cfg_strength, args.seed, args.num_samples,
+                       args.batch_size, extra=[('best_of', args.best_of)])
         paths = output_paths(args, items)
         reward = build_reward(args.reward, device=None if args.device == 'auto' else args.device) \
             if args.best_of > 1 else None  # loaded first: a missing reward model fails before the work

@@ -60,7 +60,8 @@ def test_configure_overrides_and_presets(tmp_path, capsys):
     ("--dtype=int8", "--dtype"), ("--device=nonsense", "--device"), ("--mode=nope", "--mode"),
     ("--size=huge", "--size"), ("--vocoder=x", "--vocoder"), ("--parts=foo", "--parts"), ("--duration=0", "--duration"),
     ("--duration=-1", "--duration"), ("--threads=-1", "--threads"), ("--batch_size=0", "--batch_size"),
-    ("--steps=0", "--steps"), ("--repeats=0", "--repeats"), ("--probe_size=0", "--probe_size"),
+    ("--steps=0", "--steps"), ("--duration=100", "--duration must be at most 65.5 s"), ("--repeats=0", "--repeats"),
+    ("--probe_size=0", "--probe_size"),
     ("--vocoder=bigvgan_v2_44khz_128band_512x", "--vocoder=bigvgan_v2_44khz_128band_512x does not take the 80 mel "
                                                 "bins at hop 256 of --mel=16k; use --vocoder=griffin-lim")])
 def test_bad_speed_settings_end_in_one_line(bad, named):

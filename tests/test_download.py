@@ -68,5 +68,6 @@ def test_sample_offline_with_nothing_cached_prints_one_message(tmp_path, hf_cach
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert run.returncode != 0 and "Traceback" not in run.stderr
     for name in ("Resonate_GRPO.pth", "v1-44.pth", "bigvgan_v2_44khz_128band_512x/config.json",
-                 "bigvgan_v2_44khz_128band_512x/bigvgan_generator.pt", "AndreasXi/Resonate", "--weights_dir"):
+                 "bigvgan_v2_44khz_128band_512x/bigvgan_generator.pt", "AndreasXi/Resonate", "--weights_dir",
+                 "google/flan-t5-large"):
         assert name in run.stderr, name

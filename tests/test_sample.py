@@ -241,6 +241,9 @@ def test_cli_refuses_what_generate_refuses(tmp_path, published_dir, text_encoder
         sample.generate([""], pipe, progress=False)
     with pytest.raises(SystemExit, match="non-empty captions"):
         cli(tmp_path, published_dir, text_encoder_dir, "")
+    for flags in (["--best_of=0"], ["--num_samples=-1", "--best_of=-1"]):  # each is checked, not their product
+        with pytest.raises(SystemExit, match="--best_of|--num_samples"):
+            cli(tmp_path, published_dir, text_encoder_dir, "a dog barks", *flags)
     assert not list(tmp_path.rglob("*.wav"))  # nothing was written
 
 
