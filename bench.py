@@ -473,7 +473,9 @@ def build_metric(name, dev):
     try:
         return reward.build_reward({name: dict(metric_kwargs.get(name, {}))}, dev).terms[name][0]
     except (ValueError, TypeError, OSError) as e:
-        sys.exit(f'error: metric {name!r} could not be built: {e}')
+        hint = (f"\n(bench.py's --weights_dir is the generator's: give a metric's folder in a config/*.py preset as "
+                f"metric_kwargs = {{{name!r}: {{'weights_dir': FOLDER}}}})") if isinstance(e, data.WeightsMissing) else ''
+        sys.exit(f'error: metric {name!r} could not be built: {e}{hint}')
 
 
 def clip_batches(items, folder):
