@@ -398,17 +398,22 @@ def hub_files(repo_id, filenames, weights_dir=None):
     Raises WeightsMissing listing every missing file."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    if weights_dir and not os.path.isdir(os.path.expanduser(weights_dir)):
+        raise ValueError(f"--weights_dir {weights_dir} is not a folder; give the folder holding the published files")
     paths, missing, offline = {}, [], False
     for name in filenames:
         local = Path(weights_dir).expanduser() / name if weights_dir else None
         if local is not None and local.is_file():
             paths[name] = local
             continue
-        try:
-            paths[name] = Path(hf_hub_download(repo_id, name, local_files_only=offline))
-        except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        for cache_only in (True, False)[:1 if offline else 2]:  # the cache first: a cached file needs no network
+            try:
+                paths[name] = Path(hf_hub_download(repo_id, name, local_files_only=cache_only))
+                break
+            except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+                offline = offline or (not cache_only and isinstance(e, LocalEntryNotFoundError))
+        else:
             missing.append(name)
-            offline = offline or isinstance(e, LocalEntryNotFoundError)
     if missing:
         files = "\n".join(f"    {name}" for name in missing)
         where = f"the folder {weights_dir}" if weights_dir else "a folder given as --weights_dir"

@@ -71,3 +71,8 @@ def test_sample_offline_with_nothing_cached_prints_one_message(tmp_path, hf_cach
                  "bigvgan_v2_44khz_128band_512x/bigvgan_generator.pt", "AndreasXi/Resonate", "--weights_dir",
                  "google/flan-t5-large"):
         assert name in run.stderr, name
+
+
+def test_a_weights_dir_that_is_not_a_folder_is_named(tmp_path):
+    with pytest.raises(ValueError, match="--weights_dir .*nope is not a folder"):
+        data.hub_files("owner/repo", ["a.bin"], weights_dir=tmp_path / "nope")
