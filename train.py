@@ -658,7 +658,8 @@ def check_settings():
            [(stage != 'grpo' and not manifest, 'no --manifest given: pass a JSONL manifest (audio_id, audio_path, '
              'caption, duration), e.g. --manifest=data/sfx/manifest.jsonl'),
             (stage == 'grpo' and not (prompt_file or manifest), 'no training captions: give --prompt_file (one '
-             'caption a line, or a manifest) or --manifest')])
+             'caption a line, or a manifest) or --manifest'),
+            (resume and overwrite, '--resume=True continues the checkpoint and --overwrite=True replaces it: give one')])
 
 
 def check_out_dir(master):

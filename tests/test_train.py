@@ -213,6 +213,11 @@ def test_bad_settings_are_refused_by_name(arg, message):
         configure([arg])
 
 
+def test_resume_and_overwrite_together_are_refused():
+    with pytest.raises(ValueError, match="give one"):
+        configure(['--resume=True', '--overwrite=True'])
+
+
 def test_a_string_setting_keeps_its_text():
     assert configure(['--out_dir=2024']).out_dir == '2024'
 
