@@ -412,8 +412,9 @@ class MelVAE(nn.Module):
                         hidden_dim=state["decoder.conv_out.weight"].shape[1])
         except (KeyError, AttributeError, IndexError) as e:
             raise ValueError(f"not a mel VAE state dict ({e!r} missing)") from None
-        vae = cls(**args)
-        vae.load_state_dict(state)
+        with torch.device("meta"):  # nothing allocated until the file's tensors are assigned
+            vae = cls(**args)
+        vae.load_state_dict(state, assign=True)
         return vae.fold_weight_norm().eval()
 
     @property
@@ -623,8 +624,10 @@ class BigVGAN(nn.Module):
     def from_pretrained(cls, config: dict, state: dict) -> "BigVGAN":
         """From the published config.json (as a dict) and bigvgan_generator.pt ({"generator": state dict}).
         Eval mode."""
-        model = cls.from_config(config)
-        model.load_state_dict(state.get("generator", state), strict=True)
+        with torch.device("meta"):  # nothing allocated until the file's tensors are assigned
+            model = cls.from_config(config)
+        model.load_state_dict(state.get("generator", state), strict=True, assign=True)
+        assert not any(t.is_meta for t in model.state_dict().values()), "a BigVGAN buffer is not in the file"
         model.sampling_rate = config.get("sampling_rate")
         return model.eval()
 
