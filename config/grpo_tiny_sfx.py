@@ -1,17 +1,10 @@
-# Flow-GRPO on a CPU: the tiny_sfx model (config/tiny_sfx.py) learns a signal-level reward in about eight minutes.
+# Flow-GRPO on a CPU: the tiny_sfx model (config/tiny_sfx.py) learns a signal-level reward in about five minutes.
 # The reward, -|level - (-15 dBFS)|, asks for louder clips than the tutorial's model renders through Griffin-Lim
 # (about -31 dBFS); if the epoch-0 held-out reward is already near 0, pick another target_db.
 # Every held-out caption (the manifest's 'val' rows, never trained on) is scored every 20 epochs, two noise seeds.
 # $ python train.py config/grpo_tiny_sfx.py --init_from=DIR/ckpt.pt --manifest=PATH --out_dir=DIR_GRPO
 # $ python sample.py "footsteps on gravel" --ckpt=DIR_GRPO/grpo.pt --duration=2 --out=FILE.wav
-# Measured on 2 CPU cores from the tutorial's 3,000-step model, 80 epochs, 7.4-7.8 min a run, three seeds:
-#   --seed=1337  held-out reward -17.1 -> -11.9 -> -10.2 ->  -8.5 -> -6.2  (every 20 epochs)
-#   --seed=7                     -16.2 -> -14.5 -> -15.3 -> -14.1 -> -3.5
-#   --seed=42                    -17.4 -> -11.4 ->  -7.4 ->  -8.8 -> -5.2
-# A gain of 11.9 +- 0.9 (mean +- std of the runs), against a std of 1.4 between the runs' end points; the two
-# noise seeds of one evaluation differ by <= 0.5 at the end points (<= 1.1 anywhere). Median clip level -31 ->
-# -16 to -20 dBFS; KL to the reference at most 0.053. The climb is not steady: some epochs' rollouts hold
-# near-silent clips (reward std ~30), and seed 7 stalled for 40 epochs before rising.
+# Measured figures: the README, Flow-GRPO section.
 # Differences from the released recipe, for two CPU cores: groups of 4 clips and 4 captions per rollout batch,
 # training on the first 3 of 10 SDE steps, one update per epoch and a 5x learning rate for the small model. With so
 # few clips per update, two variance cuts matter: a group's clips share their starting noise (same_noise) and
