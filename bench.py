@@ -458,8 +458,8 @@ def run_metric(name, items, folder, rank, dev):
     scorer = build_metric(name, dev)
     columns = {}
     with tqdm(total=len(items), unit='clip', desc=name, disable=rank != 0) as bar:
-        for captions, audio, sr in clip_batches(items, folder):
-            for key, values in scorer.score_all(audio, sr, captions).items():  # (B,) each
+        for ids, captions, audio, sr in clip_batches(items, folder):
+            for key, values in scorer.score_all(audio, sr, captions, ids).items():  # (B,) each
                 columns.setdefault(name if key == 'score' else key, []).extend(values.float().cpu().tolist())
             bar.update(len(captions))
     del scorer
@@ -479,7 +479,7 @@ def build_metric(name, dev):
 
 
 def clip_batches(items, folder):
-    """(captions, audio (B, S) float32, sample_rate) of up to score_batch_size consecutive clips of one rate and
+    """(ids, captions, audio (B, S) float32, sample_rate) of up to score_batch_size consecutive clips of one rate and
     length, read from folder/<id>.wav at the file's own rate and downmixed to the channel mean; the scorer
     resamples (reward.prepare_audio). Silent clips are scored too (data.load_audio refuses them, for training)."""
     batch, key = [], None
@@ -487,12 +487,12 @@ def clip_batches(items, folder):
         samples, sr = soundfile.read(wav_path(folder, pid), dtype='float32', always_2d=True)  # (S, channels)
         wave = torch.from_numpy(samples.mean(1))  # (S,)
         if batch and (len(batch) == score_batch_size or (sr, len(wave)) != key):
-            yield [t for t, _ in batch], torch.stack([w for _, w in batch]), key[0]
+            yield [i for i, _, _ in batch], [t for _, t, _ in batch], torch.stack([w for *_, w in batch]), key[0]
             batch = []
-        batch.append((text, wave))
+        batch.append((pid, text, wave))
         key = (sr, len(wave))
     if batch:
-        yield [t for t, _ in batch], torch.stack([w for _, w in batch]), key[0]
+        yield [i for i, _, _ in batch], [t for _, t, _ in batch], torch.stack([w for *_, w in batch]), key[0]
 
 
 def write_results(rows, skipped, dev):

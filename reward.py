@@ -46,8 +46,9 @@ class Reward:
     def score(self, audio, sample_rate, prompts) -> torch.Tensor:
         raise NotImplementedError
 
-    def score_all(self, audio, sample_rate, prompts) -> dict:
-        """{column: (B,) float32} of every figure this scorer computes (bench.py's columns); default: one, "score"."""
+    def score_all(self, audio, sample_rate, prompts, ids=None) -> dict:
+        """{column: (B,) float32} of every figure this scorer computes (bench.py's columns); default: one, "score".
+        ids: the clips' prompt ids, for scorers that draw per clip (CLAPScore's crop)."""
         return {"score": self.score(audio, sample_rate, prompts)}
 
     def __call__(self, audio, sample_rate, prompts):
@@ -223,7 +224,7 @@ class AudioboxAesthetics(Reward):
         return cls(model, ckpt["target_transform"], axis, device, max_windows)
 
     @torch.no_grad()
-    def score_all(self, audio, sample_rate, prompts) -> dict:
+    def score_all(self, audio, sample_rate, prompts, ids=None) -> dict:
         """{"CE", "CU", "PC", "PQ": (B,) float32} for (B, S) clips at `sample_rate` Hz."""
         wave = prepare_audio(audio, sample_rate, self.sample_rate, prompts).to(self.device)
         (B, S), W, m = wave.shape, self.WINDOW_SECONDS * self.sample_rate, self.max_windows
@@ -498,7 +499,7 @@ class MSClap(nn.Module):
 
 class MSClapScore(Reward):
     """CLAPScore as TTA-Bench computes it: cosine of Microsoft CLAP 2023 audio and text embeddings, at 44.1 kHz.
-    Unlike msclap, clips arrive mono and a longer clip's 7 s crop is seeded by (seed, caption) (crop_start), so a clip
+    Unlike msclap, clips arrive mono and a longer clip's 7 s crop is seeded by (seed, prompt id) (crop_start), so a clip
     scores the same on every run. weights_dir: CLAP_weights_2023.pth and gpt2's files (default the Hugging Face
     cache); sizes: MSClap.from_pretrained's htsat / d_proj; model: an already built MSClap."""
     sample_rate = MSCLAP_RATE
@@ -507,9 +508,14 @@ class MSClapScore(Reward):
         self.model = model or MSClap.from_pretrained(weights_dir, device, **sizes)
         self.seed = seed
 
-    def score(self, audio, sample_rate, prompts):
+    def score_all(self, audio, sample_rate, prompts, ids=None):
+        return {"score": self.score(audio, sample_rate, prompts, ids)}
+
+    def score(self, audio, sample_rate, prompts, ids=None):
+        """(B,) cosines; a longer clip's crop is drawn from (seed, its prompt id), the caption when ids is None."""
         audio = prepare_audio(audio, sample_rate, self.sample_rate, prompts)
-        clips = torch.stack([seven_seconds(w, crop_start(w.numel(), self.seed, p)) for w, p in zip(audio, prompts)])
+        keys = prompts if ids is None else ids
+        clips = torch.stack([seven_seconds(w, crop_start(w.numel(), self.seed, k)) for w, k in zip(audio, keys)])
         device = self.model.logit_scale.device
         sound = self.model.embed_audio(clips.to(device))  # (B, d_proj)
         text = self.model.embed_text(*(t.to(device) for t in self.model.tokenize(prompts)))
@@ -722,7 +728,7 @@ class WeightedSum(Reward):
         assert terms, "WeightedSum needs at least one reward"
         self.terms = dict(terms)
 
-    def score_all(self, audio, sample_rate, prompts):
+    def score_all(self, audio, sample_rate, prompts, ids=None):
         """{name: (B,) unweighted score} of every term, for logging, and "score", their weighted sum."""
         parts = {name: reward.score(audio, sample_rate, prompts).float().to(audio.device)
                  for name, (reward, _) in self.terms.items()}

@@ -265,7 +265,7 @@ class LevelAndPeak(reward.Reward):
         self.model = model
         LevelAndPeak.built_on.append(device)
 
-    def score_all(self, audio, sample_rate, prompts):
+    def score_all(self, audio, sample_rate, prompts, ids=None):
         audio = reward.prepare_audio(audio, sample_rate, None, prompts)
         return {"PQ": self.model(audio.pow(2).mean(-1).sqrt()), "peak": audio.abs().amax(-1)}
 

@@ -204,6 +204,11 @@ def test_score_is_the_cosine_with_seeded_crops(loaded):
     assert torch.equal(scorer.score(long, 44100, CAPTIONS), scores)  # the same crops on every call
     other_seed = MSClapScore(model=loaded, seed=4).score(long, 44100, CAPTIONS)
     assert (other_seed - scores).abs().max() > 1e-6  # another seed, other crops
+    ids = ["prompt_0001", "prompt_0002", "prompt_0003"]  # bench.py passes the TTA-Bench ids
+    by_id = scorer.score_all(long, 44100, CAPTIONS, ids)["score"]
+    starts = [crop_start(9 * 44100, 3, i) for i in ids]
+    audio = loaded.embed_audio(torch.stack([seven_seconds(w[None], s) for w, s in zip(long, starts)]))
+    assert (by_id - F.cosine_similarity(audio, text)).abs().max() < 1e-5
     short = 0.1 * torch.randn(2, 16000, generator=g)  # 1 s at 16 kHz: resampled as msclap does, then tiled
     tiled = [seven_seconds(resample(w[None], 16000, 44100)) for w in short]
     assert (scorer.score(short, 16000, CAPTIONS[:2]) - F.cosine_similarity(
