@@ -300,18 +300,17 @@ def eval_inputs():
 
 
 def read_bench():
-    """[(id, caption)] of the first --limit entries of the TTA-Bench file, as data.read_prompts reads them, and
-    {id: reason} of those it skips (an empty, null or non-text prompt_text: TTA-Bench's fairness set has one). Raises ValueError as read_prompts does, and for ids that repeat or cannot name a file."""
-    captions = dict(data.read_prompts(prompts))
-    with open(prompts, encoding='utf-8-sig') as f:
-        ids = [str(entry.get('id', i)) for i, entry in enumerate(json.load(f))]  # read_prompts' ids
+    """[(id, caption)] of the first --limit entries of the TTA-Bench file (data.read_prompts) and {id: reason} of
+    those it skips (an empty, null or non-text prompt_text: TTA-Bench's fairness set has one). Raises ValueError as
+    read_prompts does, and for ids that repeat or cannot name a file."""
+    entries = data.read_prompts(prompts, keep_unusable=True)
+    ids = [i for i, _ in entries]
     bad = [i for i in ids if not re.fullmatch(r'[A-Za-z0-9_][A-Za-z0-9_.-]*', i)]
     if bad or len(set(ids)) < len(ids):
         raise ValueError(f'--prompts {prompts}: ids must be unique file names (letters, digits, _ . -); '
                          f'{bad[:3] or "some ids repeat"}')
-    ids = ids[:limit or None]
-    return [(i, captions[i]) for i in ids if i in captions], {
-        i: 'empty, null or non-text prompt_text' for i in ids if i not in captions}
+    entries = entries[:limit or None]
+    return [(i, c) for i, c in entries if c], {i: 'empty, null or non-text prompt_text' for i, c in entries if not c}
 
 
 def generation_settings(dev):

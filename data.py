@@ -36,9 +36,10 @@ def read_manifest(path):
     return rows
 
 
-def read_prompts(path, split=None):
+def read_prompts(path, split=None, keep_unusable=False):
     """[(id, prompt)] from a text file (one a line, id None), a TTA-Bench JSON list of {"id", "prompt_text", ...}
-    (entries whose prompt_text is empty, null or not a string skipped, with one warning) or a JSONL manifest (id =
+    (entries whose prompt_text is empty, null or not a string skipped with one warning, or kept in file order as
+    (id, None) with keep_unusable) or a JSONL manifest (id =
     audio_id; `split` keeps that split, "train" every row not marked "val"). Raises FileNotFoundError; ValueError
     naming the file for non-UTF-8 text, broken JSON or JSON of another shape."""
     path = _existing_file(path, "prompts file", "give a text file, a TTA-Bench .json or a .jsonl manifest")
@@ -48,7 +49,7 @@ def read_prompts(path, split=None):
         return [(r["audio_id"], r["caption"].strip()) for r in rows]
     text = _read_text(path, "prompts file")
     if path.endswith(".json"):
-        return _tta_bench_prompts(text, path)
+        return _tta_bench_prompts(text, path, keep_unusable)
     return [(None, line.strip()) for line in text.splitlines() if line.strip()]
 
 
@@ -70,7 +71,7 @@ def _read_text(path, what):
                          "re-save it as UTF-8") from None
 
 
-def _tta_bench_prompts(text, path):
+def _tta_bench_prompts(text, path, keep_unusable):
     try:
         entries = json.loads(text)
     except json.JSONDecodeError as e:
@@ -78,13 +79,14 @@ def _tta_bench_prompts(text, path):
                          ) from None
     if not isinstance(entries, list) or not all(isinstance(x, dict) and "prompt_text" in x for x in entries):
         raise ValueError(f'{path}: expected a JSON list of {{"id": ..., "prompt_text": ...}} as in TTA-Bench')
-    entries = [(str(x.get("id", i)), x["prompt_text"]) for i, x in enumerate(entries)]
-    usable = [(pid, p.strip()) for pid, p in entries if isinstance(p, str) and p.strip()]
-    if len(usable) < len(entries):  # TTA-Bench's fairness set has an empty prompt (id 2325)
-        skipped = sorted(set(pid for pid, _ in entries) - set(pid for pid, _ in usable))
+    entries = [(str(x.get("id", i)), x["prompt_text"].strip() if isinstance(x["prompt_text"], str) else None)
+               for i, x in enumerate(entries)]
+    entries = [(pid, p or None) for pid, p in entries]
+    skipped = sorted(pid for pid, p in entries if p is None)
+    if skipped:  # TTA-Bench's fairness set has an empty prompt (id 2325)
         warnings.warn(f"{path}: skipped {len(skipped)} entries whose prompt_text is empty, null or not text: "
                       f"{', '.join(skipped[:20])}{' ...' if len(skipped) > 20 else ''}", stacklevel=3)
-    return usable
+    return entries if keep_unusable else [(pid, p) for pid, p in entries if p is not None]
 
 
 def _parse_manifest_line(line, path, lineno):
