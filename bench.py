@@ -30,6 +30,7 @@ import os
 import re
 import sys
 import time
+from pathlib import Path
 
 import soundfile
 import torch
@@ -419,11 +420,8 @@ def load_eval_pipeline(dev):
 
 
 def write_text(path, text):
-    """Write text through a temporary file and os.replace: the file is complete or absent, never truncated."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write UTF-8 text atomically (data.write_atomic)."""
+    data.write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding='utf-8'))
 
 
 def release():

@@ -365,6 +365,19 @@ def warn_if_slow_bf16(device, dtype):
                       stacklevel=2)
 
 
+def write_atomic(path, write):
+    """Call write(tmp) on a temporary file beside `path` (same extension), then rename it over `path`: the file is
+    complete or absent, and no temporary file outlives a failed write."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def check_writable(folder, flag):
     """Create `folder` if needed and check that files can be written there, before any work is done. Raises
     ValueError naming the setting `flag` and the folder."""

@@ -21,7 +21,8 @@ import torch
 import soundfile as sf
 from tqdm import tqdm
 
-from data import DTYPES, WeightsMissing, check_writable, hub_files, pick_device, read_prompts, read_weights, warn_if_slow_bf16
+from data import (DTYPES, WeightsMissing, check_writable, hub_files, pick_device, read_prompts, read_weights,
+                  warn_if_slow_bf16, write_atomic)
 from flow import euler_sample
 from reward import build_reward
 from transformer import Resonate, ResonateConfig, load_text_encoder
@@ -239,15 +240,8 @@ def unused_path(path, overwrite, taken=()):
 
 
 def write_wav(path, audio, sample_rate):
-    """Write (S,) float audio in [-1, 1] as a 16-bit PCM WAV, atomically: a temp file beside it, then renamed, so
-    an interrupted write never leaves a truncated `path`."""
-    tmp = f'{path}.tmp{os.getpid()}.wav'
-    try:
-        sf.write(tmp, audio.clamp(-1, 1).numpy(), sample_rate, subtype='PCM_16')
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write (S,) float audio in [-1, 1] as a 16-bit PCM WAV, atomically (data.write_atomic)."""
+    write_atomic(path, lambda tmp: sf.write(tmp, audio.clamp(-1, 1).numpy(), sample_rate, subtype='PCM_16'))
 
 
 def parse_args(argv=None):
