@@ -39,9 +39,15 @@ def rel_err(a, b):
 
 @pytest.mark.parametrize("key", ["16k", "44k"])
 def test_mel_matches_released_front_end(key):
+    # Within 40 dB of the 1e-5 floor the log magnifies the float32 STFT's rounding (~1e-6), which differs between
+    # CPUs: there the fixture itself is 1.5e-3 (16k) / 7.7e-3 (44k) from a float64 mel. So the log-mel is compared
+    # where the released mel is >= 1e-3, and the mel itself (before the log) everywhere.
     fx = load("mel_a.pt")[key]
-    mel = V.MelSpectrogram(key)(fx["waveform"])
-    assert max_err(mel, fx["mel"]) <= TOL
+    mel, ref = V.MelSpectrogram(key)(fx["waveform"]), fx["mel"]
+    ln_base = math.log(V.MEL_CONFIGS[key]["log_base"])
+    loud = ref * ln_base >= math.log(1e-3)
+    assert loud.float().mean() > 0.5 and max_err(mel[loud], ref[loud]) <= TOL
+    assert max_err((mel * ln_base).exp(), (ref * ln_base).exp()) <= 0.1 * TOL
 
 
 @pytest.mark.parametrize("key", ["16k", "44k"])
