@@ -27,21 +27,16 @@ MEL_CONFIGS = {
 
 
 def get_mel_config(config) -> dict:
-    """A key of MEL_CONFIGS or a dict with its fields -> that dict. Raises ValueError for an unknown name or a
-    dict that lacks fields."""
+    """A key of MEL_CONFIGS, or one of its dicts, -> that dict. Raises ValueError for an unknown key."""
     if isinstance(config, dict):
-        missing = set(MEL_CONFIGS["16k"]) - set(config)
-        if missing:
-            raise ValueError(f"mel config lacks {sorted(missing)}; see vae.MEL_CONFIGS for the fields")
         return config
     if config not in MEL_CONFIGS:
-        raise ValueError(f"unknown mel config {config!r}; use one of {sorted(MEL_CONFIGS)} or a dict like them")
+        raise ValueError(f"unknown mel config {config!r}; use one of {sorted(MEL_CONFIGS)}")
     return MEL_CONFIGS[config]
 
 
 def mel_filterbank(cfg: dict) -> torch.Tensor:
-    """(n_mels, n_fft // 2 + 1) float64: Slaney-scale triangles with Slaney area normalisation (librosa's
-    default, which the released front end uses)."""
+    """(n_mels, n_fft // 2 + 1) float64: librosa's default Slaney-scale, Slaney-normalised triangles."""
     from transformers.audio_utils import mel_filter_bank  # here, not at the top: transformers imports slowly
     fb = mel_filter_bank(cfg["n_fft"] // 2 + 1, cfg["n_mels"], cfg["f_min"], cfg["f_max"], cfg["sample_rate"],
                          norm="slaney", mel_scale="slaney")
@@ -49,31 +44,23 @@ def mel_filterbank(cfg: dict) -> torch.Tensor:
 
 
 def num_mel_frames(num_samples: int, config="44k") -> int:
-    """Mel frames T for S samples: reflect padding p = (n_fft - hop) // 2 each side, then frames without centring,
-    so T = (S + 2p - n_fft) // hop + 1 = S // hop for both released settings (10 s at 44.1 kHz -> 861)."""
+    """Mel frames T for S samples: reflect-padded by (n_fft - hop) // 2 a side, uncentred frames; S // hop here."""
     cfg = get_mel_config(config)
     pad = (cfg["n_fft"] - cfg["hop_length"]) // 2
     return (num_samples + 2 * pad - cfg["n_fft"]) // cfg["hop_length"] + 1
 
 
 def num_latent_frames(seconds: float, config="44k", cover=False) -> int:
-    """Latent frames N for `seconds` of audio, half the mel frames: floored when encoding a clip (10 s at
-    44.1 kHz -> 430), rounded up with cover=True as the released sampler does (431; the waveform is trimmed)."""
+    """Latent frames N (half the mel frames) for `seconds`: floored (10 s at 44.1 kHz -> 430), or with cover=True
+    rounded up as the released sampler does (431; the waveform is trimmed)."""
     cfg = get_mel_config(config)
     if cover:
         return math.ceil(seconds * cfg["sample_rate"] / cfg["hop_length"] / 2)
     return num_mel_frames(round(seconds * cfg["sample_rate"]), cfg) // 2
 
 
-def _hann_window(cfg: dict, device=None) -> torch.Tensor:
-    # periodic Hann of win_length, zero-padded on both sides to n_fft (as torch.stft pads a short window)
-    window = torch.hann_window(cfg["win_length"], device=device)
-    left = (cfg["n_fft"] - cfg["win_length"]) // 2
-    return F.pad(window, (left, cfg["n_fft"] - cfg["win_length"] - left))
-
-
 def _stft(waveform: torch.Tensor, cfg: dict, window: torch.Tensor) -> torch.Tensor:
-    """(B, S) -> complex (B, n_fft // 2 + 1, T), framed as in `num_mel_frames`."""
+    # (B, S) -> complex (B, n_fft // 2 + 1, T), framed as in num_mel_frames
     pad = (cfg["n_fft"] - cfg["hop_length"]) // 2
     padded = F.pad(waveform.unsqueeze(1), (pad, pad), mode="reflect").squeeze(1)
     return torch.stft(padded, cfg["n_fft"], hop_length=cfg["hop_length"], window=window, center=False,
@@ -81,8 +68,8 @@ def _stft(waveform: torch.Tensor, cfg: dict, window: torch.Tensor) -> torch.Tens
 
 
 def _istft(spec: torch.Tensor, cfg: dict, window: torch.Tensor) -> torch.Tensor:
-    """complex (B, F, T) -> (B, T * hop): the least-squares inverse of `_stft` (Griffin & Lim 1984, eq. 6).
-    Written out because torch.istft refuses uncentred frames (the window sum vanishes at the ends)."""
+    # complex (B, F, T) -> (B, T * hop): least-squares inverse of _stft (Griffin & Lim 1984, eq. 6); torch.istft
+    # refuses uncentred frames
     B, _, T = spec.shape
     frames = torch.fft.irfft(spec, n=cfg["n_fft"], dim=1) * window[:, None]  # (B, n_fft, T)
     length = cfg["n_fft"] + (T - 1) * cfg["hop_length"]
@@ -95,16 +82,14 @@ def _istft(spec: torch.Tensor, cfg: dict, window: torch.Tensor) -> torch.Tensor:
 
 
 class MelSpectrogram(nn.Module):
-    """Log-mel front end of the released VAEs: waveform (B, S) in [-1, 1] -> log-mel (B, n_mels, T), T =
-    `num_mel_frames(S)`. log_base(max(mel, 1e-5)) of the magnitude sqrt(re^2 + im^2 + 1e-9), so silence sits
-    at -5 (16k, log10) or -11.5 (44k, ln). config: as `get_mel_config`."""
+    """Released log-mel front end: waveform (B, S) in [-1, 1] -> log_base(max(mel, 1e-5)) (B, n_mels, S // hop),
+    of magnitudes sqrt(re^2 + im^2 + 1e-9); silence is -5 (16k) or -11.5 (44k)."""
 
     def __init__(self, config="44k"):
         super().__init__()
         self.cfg = get_mel_config(config)
-        # derived from the config, so not saved in checkpoints
         self.register_buffer("mel_basis", mel_filterbank(self.cfg).float(), persistent=False)
-        self.register_buffer("window", _hann_window(self.cfg), persistent=False)
+        self.register_buffer("window", torch.hann_window(self.cfg["win_length"]), persistent=False)
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         assert waveform.ndim == 2, f"waveform must be (B, S), got {tuple(waveform.shape)}"
@@ -116,14 +101,14 @@ class MelSpectrogram(nn.Module):
 
 def griffin_lim(mel: torch.Tensor, mel_config="44k", n_iter: int = 32, momentum: float = 0.99,
                 generator: torch.Generator = None) -> torch.Tensor:
-    """Log-mel (B, n_mels, T) of `MelSpectrogram(mel_config)` -> waveform (B, T * hop) without a vocoder: the
-    filterbank's pseudo-inverse, then fast Griffin-Lim (Perraudin et al. 2013) from a random phase (`generator`)."""
+    """Log-mel (B, n_mels, T) -> waveform (B, T * hop): the filterbank's pseudo-inverse, then fast Griffin-Lim
+    (Perraudin et al. 2013) from a random phase drawn by `generator`."""
     cfg = get_mel_config(mel_config)
     assert mel.ndim == 3 and mel.shape[1] == cfg["n_mels"], f"mel {tuple(mel.shape)} for {cfg['n_mels']} bins"
     device = mel.device
     inverse = torch.linalg.pinv(mel_filterbank(cfg)).float().to(device)  # (F, n_mels)
     magnitude = (inverse @ (mel.float() * math.log(cfg["log_base"])).exp()).clamp(min=0)  # (B, F, T)
-    window = _hann_window(cfg, device)
+    window = torch.hann_window(cfg["win_length"], device=device)
     generator = generator or torch.Generator().manual_seed(0)
     phase = torch.rand(magnitude.shape, generator=generator, device=generator.device).to(device)
     angles = torch.polar(torch.ones_like(magnitude), 2 * math.pi * phase)
@@ -137,8 +122,7 @@ def griffin_lim(mel: torch.Tensor, mel_config="44k", n_iter: int = 32, momentum:
 
 
 class GriffinLim(nn.Module):
-    """A vocoder without weights, with BigVGAN's interface: mel (B, n_mels, T) -> waveform (B, 1, T * hop), for
-    small models trained here without a neural vocoder."""
+    """Griffin-Lim behind BigVGAN's interface: mel (B, n_mels, T) -> waveform (B, 1, T * hop)."""
 
     def __init__(self, mel_config):
         super().__init__()
@@ -147,7 +131,7 @@ class GriffinLim(nn.Module):
         self.sampling_rate = self.cfg["sample_rate"]
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        return griffin_lim(mel.float(), self.cfg).unsqueeze(1)
+        return griffin_lim(mel, self.cfg).unsqueeze(1)
 
 
 # -----------------------------------------------------------------------------
