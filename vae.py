@@ -156,39 +156,29 @@ def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
 
 
 class MPConv1d(nn.Module):
-    """EDM2 conv, 'same' padding, no bias: (B, C_in, T) -> (B, C_out, T). It applies w = normalize(weight) /
-    sqrt(fan_in) (EDM2 eq. 47, 66), and in train mode renormalises the stored weight in place (forced weight
-    normalisation). `fold_weight_norm()` stores w once for inference; the state dict keeps the raw format."""
+    """EDM2 conv, 'same' padding, no bias: (B, C_in, T) -> (B, C_out, T) with w = normalize(weight) / sqrt(fan_in)
+    (EDM2 eq. 47, 66); train mode first renormalises the stored weight in place (forced weight normalisation)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size))
-        self.folded = False
-
-    def effective_weight(self) -> torch.Tensor:
-        if self.folded:
-            return self.weight
-        return normalize(self.weight) / math.sqrt(self.weight[0].numel())
+        self.folded = False  # weight already normalised, by fold_weight_norm
 
     def forward(self, x: torch.Tensor, gain=1.0) -> torch.Tensor:
         if self.training:
             assert not self.folded, "a folded MPConv1d is for inference; reload the state dict to train"
             with torch.no_grad():
                 self.weight.copy_(normalize(self.weight))
-        w = self.effective_weight() * gain
+        w = self.weight if self.folded else normalize(self.weight)
+        w = w * (gain / math.sqrt(w[0].numel()))
         return F.conv1d(x, w, padding=w.shape[-1] // 2)
 
     @torch.no_grad()
     def fold_weight_norm(self) -> "MPConv1d":
         if not self.folded:
-            self.weight.copy_(self.effective_weight())
+            self.weight.copy_(normalize(self.weight))
             self.folded = True
         return self
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.folded:  # write back normalize(raw), which normalize() maps to itself (up to eps)
-            destination[prefix + "weight"] = self.weight.detach() * math.sqrt(self.weight[0].numel())
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -196,7 +186,7 @@ class MPConv1d(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """Pixel norm -> (mp_silu -> conv) x 2, mp_sum(t=0.3) with the (projected) input. (B, C_in, T) -> (B, C_out, T)."""
+    """Pixel norm, (mp_silu -> conv) x 2, mp_sum(t=0.3) with the (projected) input. (B, C_in, T) -> (B, C_out, T)."""
 
     def __init__(self, in_dim: int, out_dim: int, kernel_size: int = 3):
         super().__init__()
@@ -252,8 +242,12 @@ class Upsample(nn.Module):
         return self.conv(x.repeat_interleave(2, dim=-1))
 
 
+CLIP_ACT = 256.0  # activations are clamped to +-CLIP_ACT between stages (keeps fp16/bf16 finite)
+CH_MULT = (1, 2, 4)  # channel multipliers of the three resolutions; only the first one changes time
+
+
 class Level(nn.Module):
-    """One resolution: ResBlocks, then optionally a resampler (`downsample` / `upsample`, the released keys)."""
+    """ResBlocks at one resolution, then the resampler if any (`downsample` or `upsample`, the released keys)."""
 
     def __init__(self, dims: list, resample: str = None):
         super().__init__()
@@ -262,6 +256,12 @@ class Level(nn.Module):
             self.downsample = Downsample(dims[-1])
         elif resample == "up":
             self.upsample = Upsample(dims[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.block:
+            x = block(x).clamp(-CLIP_ACT, CLIP_ACT)
+        resample = getattr(self, "downsample", getattr(self, "upsample", None))
+        return x if resample is None else resample(x)
 
 
 class Middle(nn.Module):
@@ -275,10 +275,6 @@ class Middle(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
-
-
-CLIP_ACT = 256.0  # activations are clamped to +-CLIP_ACT between stages (keeps fp16/bf16 finite)
-CH_MULT = (1, 2, 4)  # channel multipliers of the three resolutions; only the first one changes time
 
 
 class Encoder(nn.Module):
@@ -298,17 +294,14 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)  # (B, C, T)
         for level in self.down:
-            for block in level.block:
-                h = block(h).clamp(-CLIP_ACT, CLIP_ACT)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)  # (B, C, T // 2)
+            h = level(h)  # (B, C', T // 2) from level 0 on
         h = self.mid(h).clamp(-CLIP_ACT, CLIP_ACT)
         return self.conv_out(mp_silu(h), gain=self.learnable_gain + 1)
 
 
 class Decoder(nn.Module):
-    """Latent (B, E, N) -> normalised mel (B, n_mels, 2N). `up[i]` mirrors `down[i]` and runs from i = 2 down to
-    0; the upsampler sits after level 1, so the last level runs at full time resolution."""
+    """Latent (B, E, N) -> normalised mel (B, n_mels, 2N). `up[i]` mirrors `down[i]`, run from i = 2 to 0; level 1
+    upsamples."""
 
     def __init__(self, data_dim: int, embed_dim: int, hidden_dim: int, num_blocks: int = 2):
         super().__init__()
@@ -324,21 +317,17 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z)).clamp(-CLIP_ACT, CLIP_ACT)  # (B, C, N)
         for level in reversed(self.up):
-            for block in level.block:
-                h = block(h).clamp(-CLIP_ACT, CLIP_ACT)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)  # (B, C, 2N)
+            h = level(h)  # (B, C', 2N) from level 1 on
         return self.conv_out(mp_silu(h), gain=self.learnable_gain + 1)
 
 
 class MelVAE(nn.Module):
-    """MMAudio's mel VAE (released `v1-16.pth`, `v1-44.pth`): log-mel (B, n_mels, T) <-> latent (B, E, T // 2),
-    T halved with floor as released (861 mel frames -> 430). The mel is normalised per bin by the saved buffers
-    `data_mean`, `data_std` (1, n_mels, 1); see `set_mel_stats`. Call `fold_weight_norm()` once for inference."""
+    """MMAudio's mel VAE (`v1-16.pth`, `v1-44.pth`): log-mel (B, n_mels, T) <-> latent (B, E, T // 2), the mel
+    normalised per bin by the buffers `data_mean`, `data_std` (1, n_mels, 1)."""
 
     def __init__(self, data_dim: int, embed_dim: int, hidden_dim: int):
         super().__init__()
-        self.data_dim, self.embed_dim, self.hidden_dim = data_dim, embed_dim, hidden_dim
+        self.data_dim, self.embed_dim = data_dim, embed_dim
         self.args = dict(data_dim=data_dim, embed_dim=embed_dim, hidden_dim=hidden_dim)  # for checkpoints
         self.register_buffer("data_mean", torch.zeros(1, data_dim, 1))
         self.register_buffer("data_std", torch.ones(1, data_dim, 1))
@@ -347,7 +336,7 @@ class MelVAE(nn.Module):
 
     @torch.no_grad()
     def set_mel_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        """Per-bin statistics of the training mels, mean and std each (n_mels,), in log-mel units."""
+        """Per-bin mean and std (n_mels,) of the training log-mels."""
         assert mean.shape == std.shape == (self.data_dim,) and (std > 0).all(), (mean.shape, std.shape)
         self.data_mean.copy_(mean.view(1, -1, 1))
         self.data_std.copy_(std.view(1, -1, 1))
@@ -369,19 +358,22 @@ class MelVAE(nn.Module):
         assert z.ndim == 3 and z.shape[1] == self.embed_dim, f"latent must be (B, E, N), got {tuple(z.shape)}"
         return self.unnormalize(self.decoder(z))
 
-    def forward(self, mel: torch.Tensor, generator: torch.Generator = None, eps: torch.Tensor = None) -> tuple:
-        """Training pass on log-mel (B, n_mels, T) -> (reconstruction, target), both in normalised units
-        (B, n_mels, 2 * (T // 2)), and (mean, logvar). The decoder sees one posterior sample
-        z = mean + exp(logvar / 2) * eps (Kingma & Welling 2014), eps given or drawn from `generator`."""
+    def forward(self, mel: torch.Tensor, generator: torch.Generator = None, kl_weight: float = 1e-3,
+                eps: torch.Tensor = None) -> tuple:
+        """Training loss on log-mel (B, n_mels, T): L1 on the normalised mel (an odd T's last frame unscored) +
+        kl_weight * KL(q(z|mel) || N(0, I)), each a mean over elements. z = mean + exp(logvar / 2) * eps (Kingma &
+        Welling 2014), eps (B, E, T // 2) given or drawn from `generator`. Returns (loss, {"rec", "kl"} detached)."""
         mean, logvar = self.encode(mel)
         if eps is None:
             eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         assert eps.shape == mean.shape, f"eps {tuple(eps.shape)} for a latent {tuple(mean.shape)}"
-        recon = self.decoder(mean + torch.exp(0.5 * logvar) * eps)
-        return recon, self.normalize(mel[:, :, :recon.shape[2]]), mean, logvar
+        recon = self.decoder(mean + torch.exp(0.5 * logvar) * eps)  # (B, n_mels, 2 * (T // 2))
+        rec = (recon - self.normalize(mel[:, :, :recon.shape[2]])).abs().mean()
+        kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
+        return rec + kl_weight * kl, {"rec": rec.detach(), "kl": kl.detach()}
 
     def fold_weight_norm(self) -> "MelVAE":
-        """Normalise every conv weight once for inference (as the released loader does). Returns self."""
+        """Normalise every conv weight once, for inference (as the released loader does)."""
         for m in self.modules():
             if isinstance(m, MPConv1d):
                 m.fold_weight_norm()
@@ -389,8 +381,7 @@ class MelVAE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, state: dict) -> "MelVAE":
-        """From a state dict such as the released `v1-44.pth`, sizes read from the shapes; folded, eval mode.
-        Raises ValueError if it is not a mel VAE state dict."""
+        """From a state dict such as `v1-44.pth`; folded, eval mode. Raises ValueError if it is no mel VAE's."""
         try:
             args = dict(data_dim=state["data_mean"].shape[1], embed_dim=state["decoder.conv_in.weight"].shape[1],
                         hidden_dim=state["decoder.conv_out.weight"].shape[1])
@@ -403,7 +394,6 @@ class MelVAE(nn.Module):
 
     @property
     def mel_config(self) -> dict:
-        """The MEL_CONFIGS entry of this VAE's bins (128 -> 44k, 80 -> 16k)."""
         configs = {c["n_mels"]: c for c in MEL_CONFIGS.values()}
         assert self.data_dim in configs, f"no mel config has {self.data_dim} bins"
         return configs[self.data_dim]
@@ -411,13 +401,8 @@ class MelVAE(nn.Module):
 
 def vae_loss(vae: MelVAE, mel: torch.Tensor, generator: torch.Generator = None, kl_weight: float = 1e-3,
              eps: torch.Tensor = None):
-    """L1 on the normalised mel (every bin weighs alike) + kl_weight * KL(q(z|mel) || N(0, I)), each a mean over
-    elements. mel (B, n_mels, T); eps (B, E, T // 2) pre-drawn posterior noise, else drawn from `generator`.
-    For odd T the last frame is not scored. Returns (loss, {"rec", "kl"} detached)."""
-    recon, target, mean, logvar = vae(mel, generator, eps)  # through forward, so a DDP wrapper syncs gradients
-    rec = (recon - target).abs().mean()
-    kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
-    return rec + kl_weight * kl, {"rec": rec.detach(), "kl": kl.detach()}
+    """`MelVAE.forward`'s loss, called through `vae` so that a DDP wrapper syncs gradients."""
+    return vae(mel, generator, kl_weight, eps)
 
 
 # Model sizes: VAES[name]() builds one; MelVAE(**vae.args) rebuilds it.
