@@ -327,7 +327,7 @@ class MelVAE(nn.Module):
 
     def __init__(self, data_dim: int, embed_dim: int, hidden_dim: int):
         super().__init__()
-        self.data_dim, self.embed_dim = data_dim, embed_dim
+        self.data_dim, self.embed_dim, self.hidden_dim = data_dim, embed_dim, hidden_dim
         self.args = dict(data_dim=data_dim, embed_dim=embed_dim, hidden_dim=hidden_dim)  # for checkpoints
         self.register_buffer("data_mean", torch.zeros(1, data_dim, 1))
         self.register_buffer("data_std", torch.ones(1, data_dim, 1))
@@ -419,9 +419,8 @@ VAES = {
 
 
 def kaiser_sinc_filter(cutoff: float, half_width: float, kernel_size: int) -> torch.Tensor:
-    """Kaiser-windowed sinc low-pass, (1, 1, kernel_size) summing to 1. cutoff and half_width in cycles per
-    sample (0.5 = Nyquist); beta from Kaiser's formula for the attenuation A (dB) of the transition band
-    (Oppenheim & Schafer, eq. 7.62), as in BigVGAN's alias-free filters."""
+    """BigVGAN's Kaiser-windowed sinc low-pass, (1, 1, kernel_size) summing to 1; cutoff and half_width in cycles per
+    sample (0.5 = Nyquist), beta by Kaiser's formula (Oppenheim & Schafer, eq. 7.62)."""
     assert kernel_size % 2 == 0, "taps sit between samples, as in BigVGAN's even-length filters"
     half = kernel_size // 2
     attenuation = 2.285 * (half - 1) * math.pi * (4 * half_width) + 7.95
@@ -430,21 +429,6 @@ def kaiser_sinc_filter(cutoff: float, half_width: float, kernel_size: int) -> to
     time = torch.arange(-half, half) + 0.5
     taps = 2 * cutoff * window * torch.sinc(2 * cutoff * time)
     return (taps / taps.sum()).view(1, 1, kernel_size)
-
-
-class LowPassFilter(nn.Module):
-    """Depthwise low-pass, replicate padding, keeping every `stride`-th sample. (B, C, T) -> (B, C, T // stride)."""
-
-    def __init__(self, cutoff: float, half_width: float, stride: int, kernel_size: int = 12):
-        super().__init__()
-        self.stride = stride
-        self.pad = (kernel_size // 2 - 1, kernel_size // 2)  # (left, right) for an even kernel
-        self.register_buffer("filter", kaiser_sinc_filter(cutoff, half_width, kernel_size))  # saved, as released
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        C = x.shape[1]
-        return F.conv1d(F.pad(x, self.pad, mode="replicate"), self.filter.expand(C, -1, -1), stride=self.stride,
-                        groups=C)
 
 
 class SincUpsample(nn.Module):
@@ -468,20 +452,25 @@ class SincUpsample(nn.Module):
 
 
 class SincDownsample(nn.Module):
-    """BigVGAN's anti-aliased downsampler: the Kaiser-sinc low-pass, then every `ratio`-th sample.
-    (B, C, ratio * T) -> (B, C, T)."""
+    """BigVGAN's anti-aliased downsampler: the Kaiser-sinc low-pass (replicate padding), then every `ratio`-th
+    sample. (B, C, ratio * T) -> (B, C, T)."""
 
     def __init__(self, ratio: int = 2, kernel_size: int = 12):
         super().__init__()
-        self.lowpass = LowPassFilter(0.5 / ratio, 0.6 / ratio, ratio, kernel_size)  # a submodule: the released keys
+        self.ratio = ratio
+        self.pad = (kernel_size // 2 - 1, kernel_size // 2)  # (left, right) for an even kernel
+        self.lowpass = nn.Module()  # only holds the filter, under the released key lowpass.filter
+        self.lowpass.register_buffer("filter", kaiser_sinc_filter(0.5 / ratio, 0.6 / ratio, kernel_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lowpass(x)
+        C = x.shape[1]
+        x = F.pad(x, self.pad, mode="replicate")
+        return F.conv1d(x, self.lowpass.filter.expand(C, -1, -1), stride=self.ratio, groups=C)
 
 
 class SnakeBeta(nn.Module):
-    """x + 1 / beta * sin^2(alpha * x) per channel (Ziyin et al. 2020; BigVGAN adds beta); with logscale the
-    parameters are log(alpha), log(beta) (BigVGAN v2). (B, C, T) -> (B, C, T)."""
+    """x + 1 / beta * sin^2(alpha * x) per channel (Ziyin et al. 2020; BigVGAN adds beta), the parameters log(alpha),
+    log(beta) with logscale (BigVGAN v2). (B, C, T) -> (B, C, T)."""
 
     def __init__(self, channels: int, logscale: bool = True):
         super().__init__()
@@ -498,8 +487,7 @@ class SnakeBeta(nn.Module):
 
 
 class AntiAliasedSnake(nn.Module):
-    """SnakeBeta at twice the rate, so the harmonics it creates above Nyquist are filtered, not aliased
-    (BigVGAN sec. 3.2). (B, C, T) -> (B, C, T)."""
+    """SnakeBeta at twice the rate, so its harmonics above Nyquist are filtered, not aliased (BigVGAN sec. 3.2)."""
 
     def __init__(self, channels: int, logscale: bool = True):
         super().__init__()
@@ -512,8 +500,7 @@ class AntiAliasedSnake(nn.Module):
 
 
 class AMPBlock(nn.Module):
-    """BigVGAN's anti-aliased multi-periodicity block (resblock "1"): for each dilation d,
-    x += conv_1(act(conv_d(act(x)))). (B, C, T) -> (B, C, T)."""
+    """BigVGAN's anti-aliased multi-periodicity block (resblock "1"): x += conv(act(conv_d(act(x)))) per dilation d."""
 
     def __init__(self, channels: int, kernel_size: int, dilations, logscale: bool = True):
         super().__init__()
@@ -529,30 +516,27 @@ class AMPBlock(nn.Module):
         return x
 
 
-def merge_weight_norm(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The plain weight w = g * v / ||v|| of a weight-normalised pair (Salimans & Kingma 2016), the norm over all
-    dims but the first (torch's weight_norm, dim=0). g (d0, 1, ..., 1), v like w."""
-    return v * (g / torch.linalg.vector_norm(v, dim=list(range(1, v.ndim)), keepdim=True))
+def _norm(w: torch.Tensor) -> torch.Tensor:  # over all dims but the first, as torch's weight_norm (dim=0)
+    return torch.linalg.vector_norm(w, dim=list(range(1, w.ndim)), keepdim=True)
 
 
-# A weight-normalised conv as torch.nn.utils.weight_norm saves it (the released bigvgan_generator.pt) and as
-# torch.nn.utils.parametrizations.weight_norm does (newer PyTorch).
+# (g, v) of a weight-normalised conv as torch.nn.utils.weight_norm saves it (bigvgan_generator.pt) and as
+# torch.nn.utils.parametrizations.weight_norm does
 _WEIGHT_NORM_NAMES = (("weight_g", "weight_v"),
                       ("parametrizations.weight.original0", "parametrizations.weight.original1"))
 
 
 def _merge_weight_norm_on_load(module, state_dict, prefix, *args):
-    # load_state_dict pre-hook of a conv: a (g, v) pair becomes the plain weight, once
+    # load_state_dict pre-hook of a conv: the pair becomes the plain weight w = g * v / ||v|| (Salimans & Kingma 2016)
     for g_name, v_name in _WEIGHT_NORM_NAMES:
         if prefix + g_name in state_dict and prefix + v_name in state_dict:
             g, v = state_dict.pop(prefix + g_name), state_dict.pop(prefix + v_name)
-            state_dict[prefix + "weight"] = merge_weight_norm(g, v)
+            state_dict[prefix + "weight"] = v * (g / _norm(v))
 
 
 class BigVGAN(nn.Module):
     """BigVGAN v2 generator, inference only: log-mel (B, num_mels, T) -> waveform (B, 1, T * prod(upsample_rates))
-    in [-1, 1]. Plain conv weights; loading merges the published (weight_g, weight_v) pairs. Raises ValueError
-    for configs other than resblock "1" with SnakeBeta."""
+    in [-1, 1]. Raises ValueError for configs other than resblock "1" with SnakeBeta."""
 
     def __init__(self, num_mels: int, upsample_rates, upsample_kernel_sizes, upsample_initial_channel: int,
                  resblock_kernel_sizes, resblock_dilation_sizes, resblock: str = "1",
@@ -584,19 +568,16 @@ class BigVGAN(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict) -> "BigVGAN":
-        """From a BigVGAN config dict (the published config.json); training keys such as sampling_rate are
-        ignored. Raises TypeError naming a missing architecture key."""
+        """From a config dict such as config.json, other keys ignored. Raises TypeError naming a missing key."""
         arch = inspect.signature(cls).parameters
         return cls(**{k: v for k, v in config.items() if k in arch})
 
     @classmethod
     def from_pretrained(cls, config: dict, state: dict) -> "BigVGAN":
-        """From the published config.json (as a dict) and bigvgan_generator.pt ({"generator": state dict}).
-        Eval mode."""
+        """From config.json (as a dict) and bigvgan_generator.pt ({"generator": state dict}); eval mode."""
         with torch.device("meta"):  # nothing allocated until the file's tensors are assigned
             model = cls.from_config(config)
         model.load_state_dict(state.get("generator", state), strict=True, assign=True)
-        assert not any(t.is_meta for t in model.state_dict().values()), "a BigVGAN buffer is not in the file"
         model.sampling_rate = config.get("sampling_rate")
         return model.eval()
 
@@ -611,32 +592,25 @@ class BigVGAN(nn.Module):
         return torch.tanh(x) if self.use_tanh_at_final else x.clamp(-1.0, 1.0)
 
     def published_state_dict(self) -> dict:
-        """The state dict in the published naming and key order: each conv as its bias, then weight_g = ||w||
-        (over all dims but the first) and weight_v = w."""
-        convs = {name for name, m in self.named_modules() if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d))}
+        """The state dict as published, in its key order: each conv's bias, weight_g = ||w||, weight_v = w."""
         out = {}
-        for name, t in self.state_dict().items():
-            module, _, leaf = name.rpartition(".")
-            if module not in convs or leaf == "bias":
-                out[name] = t
-            if module in convs and (leaf == "bias" or self.get_submodule(module).bias is None):
-                w = self.get_submodule(module).weight.detach()
-                out[f"{module}.weight_g"] = torch.linalg.vector_norm(w, dim=list(range(1, w.ndim)), keepdim=True)
-                out[f"{module}.weight_v"] = w
+        for name, m in self.named_modules():
+            tensors = dict(m.named_parameters(recurse=False)) | dict(m.named_buffers(recurse=False))
+            if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d)):
+                w = tensors.pop("weight")
+                tensors.update(weight_g=_norm(w), weight_v=w)
+            out.update({f"{name}.{k}": t.detach() for k, t in tensors.items()})
         return out
 
 
-# Architecture keys of BigVGAN configs: BigVGAN.from_config(BIGVGAN_CONFIGS[name]).
+# Architecture keys of BigVGAN configs, BigVGAN.from_config(BIGVGAN_CONFIGS[name]); the rest are BigVGAN's defaults.
 BIGVGAN_CONFIGS = {
     # the released 44.1 kHz vocoder: hop 512 (8*4*2*2*2*2), 128 mel bins, pairs with MEL_CONFIGS["44k"]
     "bigvgan_v2_44khz_128band_512x": dict(
         num_mels=128, upsample_rates=[8, 4, 2, 2, 2, 2], upsample_kernel_sizes=[16, 8, 4, 4, 4, 4],
-        upsample_initial_channel=1536, resblock_kernel_sizes=[3, 7, 11],
-        resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]], resblock="1", activation="snakebeta",
-        snake_logscale=True, use_tanh_at_final=False, use_bias_at_final=False),
+        upsample_initial_channel=1536, resblock_kernel_sizes=[3, 7, 11], resblock_dilation_sizes=[[1, 3, 5]] * 3),
     # tests: 80 mel bins, x8 (the config of fixtures/bigvgan_a.pt)
     "tiny": dict(
         num_mels=80, upsample_rates=[4, 2], upsample_kernel_sizes=[8, 4], upsample_initial_channel=32,
-        resblock_kernel_sizes=[3, 7], resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5]], resblock="1",
-        activation="snakebeta", snake_logscale=True, use_tanh_at_final=False, use_bias_at_final=False),
+        resblock_kernel_sizes=[3, 7], resblock_dilation_sizes=[[1, 3, 5]] * 2),
 }
