@@ -1,11 +1,7 @@
-"""
-The audio side of Resonate, in three parts:
+"""The audio side of Resonate, with the key names of the released `v1-44.pth` and `bigvgan_generator.pt`:
   1. waveform -> log-mel (`MelSpectrogram`), and back without a vocoder (`griffin_lim`),
   2. log-mel <-> latent: MMAudio's mel VAE of EDM2 magnitude-preserving layers (`MelVAE`, arXiv 2312.02696),
-  3. log-mel -> waveform: the BigVGAN v2 vocoder (`BigVGAN`, arXiv 2206.04658).
-Generation runs latent (B, E, N) -> mel (B, n_mels, 2N) -> waveform (B, 1, S). Key names are those of the
-released `v1-44.pth` and `bigvgan_generator.pt`.
-"""
+  3. log-mel -> waveform: the BigVGAN v2 vocoder (`BigVGAN`, arXiv 2206.04658)."""
 
 import inspect
 import math
@@ -51,8 +47,7 @@ def num_mel_frames(num_samples: int, config="44k") -> int:
 
 
 def num_latent_frames(seconds: float, config="44k", cover=False) -> int:
-    """Latent frames N (half the mel frames) for `seconds`: floored (10 s at 44.1 kHz -> 430), or with cover=True
-    rounded up as the released sampler does (431; the waveform is trimmed)."""
+    """Half the mel frames of `seconds`: floored (10 s at 44k: 430), or ceiled if cover, as released (431)."""
     cfg = get_mel_config(config)
     if cover:
         return math.ceil(seconds * cfg["sample_rate"] / cfg["hop_length"] / 2)
@@ -68,7 +63,7 @@ def _stft(waveform: torch.Tensor, cfg: dict, window: torch.Tensor) -> torch.Tens
 
 
 def _istft(spec: torch.Tensor, cfg: dict, window: torch.Tensor) -> torch.Tensor:
-    # complex (B, F, T) -> (B, T * hop): least-squares inverse of _stft (Griffin & Lim 1984, eq. 6); torch.istft
+    # complex (B, F, T) -> (B, T * hop): _stft's least-squares inverse (Griffin & Lim 1984, eq. 6); torch.istft
     # refuses uncentred frames
     B, _, T = spec.shape
     frames = torch.fft.irfft(spec, n=cfg["n_fft"], dim=1) * window[:, None]  # (B, n_fft, T)
@@ -82,8 +77,7 @@ def _istft(spec: torch.Tensor, cfg: dict, window: torch.Tensor) -> torch.Tensor:
 
 
 class MelSpectrogram(nn.Module):
-    """Released log-mel front end: waveform (B, S) in [-1, 1] -> log_base(max(mel, 1e-5)) (B, n_mels, S // hop),
-    of magnitudes sqrt(re^2 + im^2 + 1e-9); silence is -5 (16k) or -11.5 (44k)."""
+    """The released front end: waveform (B, S) in [-1, 1] -> log_base(max(mel, 1e-5)) (B, n_mels, S // hop)."""
 
     def __init__(self, config="44k"):
         super().__init__()
@@ -99,10 +93,8 @@ class MelSpectrogram(nn.Module):
         return mel.clamp(min=1e-5).log() / math.log(self.cfg["log_base"])
 
 
-def griffin_lim(mel: torch.Tensor, mel_config="44k", n_iter: int = 32, momentum: float = 0.99,
-                generator: torch.Generator = None) -> torch.Tensor:
-    """Log-mel (B, n_mels, T) -> waveform (B, T * hop): the filterbank's pseudo-inverse, then fast Griffin-Lim
-    (Perraudin et al. 2013) from a random phase drawn by `generator`."""
+def griffin_lim(mel: torch.Tensor, mel_config="44k", n_iter: int = 32, momentum: float = 0.99, generator=None):
+    """Log-mel (B, n_mels, T) -> waveform (B, T * hop): pseudo-inverse mel, fast Griffin-Lim (Perraudin et al. 2013)."""
     cfg = get_mel_config(mel_config)
     assert mel.ndim == 3 and mel.shape[1] == cfg["n_mels"], f"mel {tuple(mel.shape)} for {cfg['n_mels']} bins"
     device = mel.device
@@ -126,9 +118,8 @@ class GriffinLim(nn.Module):
 
     def __init__(self, mel_config):
         super().__init__()
-        self.cfg = get_mel_config(mel_config)
-        self.num_mels, self.upsample_factor = self.cfg["n_mels"], self.cfg["hop_length"]
-        self.sampling_rate = self.cfg["sample_rate"]
+        cfg = self.cfg = get_mel_config(mel_config)
+        self.num_mels, self.upsample_factor, self.sampling_rate = cfg["n_mels"], cfg["hop_length"], cfg["sample_rate"]
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         return griffin_lim(mel, self.cfg).unsqueeze(1)
@@ -156,8 +147,7 @@ def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
 
 
 class MPConv1d(nn.Module):
-    """EDM2 conv, 'same' padding, no bias: (B, C_in, T) -> (B, C_out, T) with w = normalize(weight) / sqrt(fan_in)
-    (EDM2 eq. 47, 66); train mode first renormalises the stored weight in place (forced weight normalisation)."""
+    """EDM2 conv, no bias, w = normalize(weight) / sqrt(fan_in) (eq. 47, 66): (B, C_in, T) -> (B, C_out, T)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
         super().__init__()
@@ -165,7 +155,7 @@ class MPConv1d(nn.Module):
         self.folded = False  # weight already normalised, by fold_weight_norm
 
     def forward(self, x: torch.Tensor, gain=1.0) -> torch.Tensor:
-        if self.training:
+        if self.training:  # forced weight normalisation: the stored weight is renormalised in place
             assert not self.folded, "a folded MPConv1d is for inference; reload the state dict to train"
             with torch.no_grad():
                 self.weight.copy_(normalize(self.weight))
@@ -265,8 +255,6 @@ class Level(nn.Module):
 
 
 class Middle(nn.Module):
-    """ResBlock -> attention -> ResBlock at the lowest resolution. (B, C, N) -> (B, C, N)."""
-
     def __init__(self, dim: int):
         super().__init__()
         self.block_1 = ResBlock(dim, dim)
@@ -300,8 +288,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent (B, E, N) -> normalised mel (B, n_mels, 2N). `up[i]` mirrors `down[i]`, run from i = 2 to 0; level 1
-    upsamples."""
+    """Latent (B, E, N) -> normalised mel (B, n_mels, 2N). `up[i]` mirrors `down[i]` and runs from i = 2 to 0."""
 
     def __init__(self, data_dim: int, embed_dim: int, hidden_dim: int, num_blocks: int = 2):
         super().__init__()
@@ -322,8 +309,7 @@ class Decoder(nn.Module):
 
 
 class MelVAE(nn.Module):
-    """MMAudio's mel VAE (`v1-16.pth`, `v1-44.pth`): log-mel (B, n_mels, T) <-> latent (B, E, T // 2), the mel
-    normalised per bin by the buffers `data_mean`, `data_std` (1, n_mels, 1)."""
+    """MMAudio's mel VAE (`v1-16.pth`, `v1-44.pth`): log-mel (B, n_mels, T) <-> latent (B, E, T // 2)."""
 
     def __init__(self, data_dim: int, embed_dim: int, hidden_dim: int):
         super().__init__()
@@ -358,17 +344,15 @@ class MelVAE(nn.Module):
         assert z.ndim == 3 and z.shape[1] == self.embed_dim, f"latent must be (B, E, N), got {tuple(z.shape)}"
         return self.unnormalize(self.decoder(z))
 
-    def forward(self, mel: torch.Tensor, generator: torch.Generator = None, kl_weight: float = 1e-3,
-                eps: torch.Tensor = None) -> tuple:
-        """Training loss on log-mel (B, n_mels, T): L1 on the normalised mel (an odd T's last frame unscored) +
-        kl_weight * KL(q(z|mel) || N(0, I)), each a mean over elements. z = mean + exp(logvar / 2) * eps (Kingma &
-        Welling 2014), eps (B, E, T // 2) given or drawn from `generator`. Returns (loss, {"rec", "kl"} detached)."""
+    def forward(self, mel: torch.Tensor, generator=None, kl_weight: float = 1e-3, eps: torch.Tensor = None) -> tuple:
+        """Loss on log-mel (B, n_mels, T): L1 on the normalised mel + kl_weight * KL(q(z|mel) || N(0, I)) (Kingma &
+        Welling 2014), eps (B, E, T // 2) given or drawn. Returns (loss, {"rec", "kl"} detached)."""
         mean, logvar = self.encode(mel)
         if eps is None:
             eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         assert eps.shape == mean.shape, f"eps {tuple(eps.shape)} for a latent {tuple(mean.shape)}"
         recon = self.decoder(mean + torch.exp(0.5 * logvar) * eps)  # (B, n_mels, 2 * (T // 2))
-        rec = (recon - self.normalize(mel[:, :, :recon.shape[2]])).abs().mean()
+        rec = (recon - self.normalize(mel[:, :, :recon.shape[2]])).abs().mean()  # an odd T's last frame unscored
         kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
         return rec + kl_weight * kl, {"rec": rec.detach(), "kl": kl.detach()}
 
@@ -394,13 +378,10 @@ class MelVAE(nn.Module):
 
     @property
     def mel_config(self) -> dict:
-        configs = {c["n_mels"]: c for c in MEL_CONFIGS.values()}
-        assert self.data_dim in configs, f"no mel config has {self.data_dim} bins"
-        return configs[self.data_dim]
+        return {c["n_mels"]: c for c in MEL_CONFIGS.values()}[self.data_dim]
 
 
-def vae_loss(vae: MelVAE, mel: torch.Tensor, generator: torch.Generator = None, kl_weight: float = 1e-3,
-             eps: torch.Tensor = None):
+def vae_loss(vae: MelVAE, mel: torch.Tensor, generator=None, kl_weight: float = 1e-3, eps=None):
     """`MelVAE.forward`'s loss, called through `vae` so that a DDP wrapper syncs gradients."""
     return vae(mel, generator, kl_weight, eps)
 
@@ -419,11 +400,10 @@ VAES = {
 
 
 def kaiser_sinc_filter(cutoff: float, half_width: float, kernel_size: int) -> torch.Tensor:
-    """BigVGAN's Kaiser-windowed sinc low-pass, (1, 1, kernel_size) summing to 1; cutoff and half_width in cycles per
-    sample (0.5 = Nyquist), beta by Kaiser's formula (Oppenheim & Schafer, eq. 7.62)."""
+    """BigVGAN's Kaiser-windowed sinc low-pass (1, 1, kernel_size), sum 1; cutoff, half_width in cycles per sample."""
     assert kernel_size % 2 == 0, "taps sit between samples, as in BigVGAN's even-length filters"
     half = kernel_size // 2
-    attenuation = 2.285 * (half - 1) * math.pi * (4 * half_width) + 7.95
+    attenuation = 2.285 * (half - 1) * math.pi * (4 * half_width) + 7.95  # Oppenheim & Schafer, eq. 7.62
     assert attenuation > 50.0, "Kaiser's beta below is the formula for A > 50 dB"
     window = torch.kaiser_window(kernel_size, periodic=False, beta=0.1102 * (attenuation - 8.7))
     time = torch.arange(-half, half) + 0.5
@@ -432,8 +412,7 @@ def kaiser_sinc_filter(cutoff: float, half_width: float, kernel_size: int) -> to
 
 
 class SincUpsample(nn.Module):
-    """BigVGAN's anti-aliased upsampler: zero-stuffing by `ratio`, then the Kaiser-sinc low-pass (a transposed
-    depthwise conv with gain `ratio`). (B, C, T) -> (B, C, ratio * T)."""
+    """BigVGAN's anti-aliased upsampler: zero-stuffing, Kaiser-sinc low-pass. (B, C, T) -> (B, C, ratio * T)."""
 
     def __init__(self, ratio: int = 2, kernel_size: int = 12):
         super().__init__()
@@ -452,8 +431,7 @@ class SincUpsample(nn.Module):
 
 
 class SincDownsample(nn.Module):
-    """BigVGAN's anti-aliased downsampler: the Kaiser-sinc low-pass (replicate padding), then every `ratio`-th
-    sample. (B, C, ratio * T) -> (B, C, T)."""
+    """BigVGAN's anti-aliased downsampler: the Kaiser-sinc low-pass, strided. (B, C, ratio * T) -> (B, C, T)."""
 
     def __init__(self, ratio: int = 2, kernel_size: int = 12):
         super().__init__()
@@ -469,8 +447,7 @@ class SincDownsample(nn.Module):
 
 
 class SnakeBeta(nn.Module):
-    """x + 1 / beta * sin^2(alpha * x) per channel (Ziyin et al. 2020; BigVGAN adds beta), the parameters log(alpha),
-    log(beta) with logscale (BigVGAN v2). (B, C, T) -> (B, C, T)."""
+    """x + 1 / beta * sin^2(alpha * x) per channel (Ziyin et al. 2020; BigVGAN adds beta, v2 stores their logs)."""
 
     def __init__(self, channels: int, logscale: bool = True):
         super().__init__()
@@ -520,8 +497,7 @@ def _norm(w: torch.Tensor) -> torch.Tensor:  # over all dims but the first, as t
     return torch.linalg.vector_norm(w, dim=list(range(1, w.ndim)), keepdim=True)
 
 
-# (g, v) of a weight-normalised conv as torch.nn.utils.weight_norm saves it (bigvgan_generator.pt) and as
-# torch.nn.utils.parametrizations.weight_norm does
+# (g, v) as torch.nn.utils.weight_norm saves them (bigvgan_generator.pt), and as parametrizations.weight_norm does
 _WEIGHT_NORM_NAMES = (("weight_g", "weight_v"),
                       ("parametrizations.weight.original0", "parametrizations.weight.original1"))
 
@@ -610,7 +586,6 @@ BIGVGAN_CONFIGS = {
         num_mels=128, upsample_rates=[8, 4, 2, 2, 2, 2], upsample_kernel_sizes=[16, 8, 4, 4, 4, 4],
         upsample_initial_channel=1536, resblock_kernel_sizes=[3, 7, 11], resblock_dilation_sizes=[[1, 3, 5]] * 3),
     # tests: 80 mel bins, x8 (the config of fixtures/bigvgan_a.pt)
-    "tiny": dict(
-        num_mels=80, upsample_rates=[4, 2], upsample_kernel_sizes=[8, 4], upsample_initial_channel=32,
-        resblock_kernel_sizes=[3, 7], resblock_dilation_sizes=[[1, 3, 5]] * 2),
+    "tiny": dict(num_mels=80, upsample_rates=[4, 2], upsample_kernel_sizes=[8, 4], upsample_initial_channel=32,
+                 resblock_kernel_sizes=[3, 7], resblock_dilation_sizes=[[1, 3, 5]] * 2),
 }
