@@ -1,5 +1,4 @@
-"""Flow matching as released (arXiv 2603.11661; rectified flow, arXiv 2209.03003): t = 1 is noise, x_t = (1 - t) *
-x_data + t * noise, v = noise - x_data, on normalised latents: the loss, the Euler/CFG sampler, Flow-GRPO's SDE step."""
+"""Rectified flow as released (arXiv 2603.11661): x_t = (1 - t) x_data + t noise (t = 1: noise), v = noise - x_data."""
 
 import math
 
@@ -9,9 +8,8 @@ from tqdm import tqdm
 
 def flow_matching_loss(model, x_data, text_f, text_f_c, t=None, noise=None, drop_text=None, cfg_dropout=0.1,
                        generator=None, empty=None):
-    """MSE of the predicted velocity for x_data (B, N, C), text_f (B, 77, Dt), text_f_c (B, Dc). Unless given,
-    `generator` draws t (B,) ~ sigmoid(N(0, 1)) (Esser et al. 2024), noise and drop_text (B,) ~ Bernoulli(cfg_dropout),
-    which swaps in `empty` (default model.empty_conditions(B)). Returns loss, loss_per_sample (B,) fp32, t (B,)."""
+    """Velocity MSE for x_data (B, N, C), text_f (B, 77, Dt), text_f_c (B, Dc); unless given, t ~ sigmoid(N(0, 1))
+    (Esser et al. 2024), noise and drop_text ~ Bernoulli(cfg_dropout) (text -> `empty`). Returns loss, (B,) fp32, t."""
     B, device = x_data.shape[0], x_data.device
     if t is None:
         t = torch.sigmoid(torch.randn(B, device=device, generator=generator))
@@ -43,8 +41,7 @@ def loss_by_t_bin(loss_per_sample, t, bins: int = 4) -> dict:
 
 
 def guided_velocity(model, x, t, text_f, text_f_c, neg_f, neg_f_c, cfg_strength: float):
-    """CFG velocity w * v_cond + (1 - w) * v_uncond with w = cfg_strength (Ho & Salimans 2022), both branches in
-    one forward. x (B, N, C), t (B,), text and negative features (B, 77, Dt), (B, Dc); w = 1 skips v_uncond."""
+    """CFG velocity w * v_cond + (1 - w) * v_uncond (Ho & Salimans 2022), w = cfg_strength, in one batched forward."""
     if cfg_strength == 1.0:
         return model(x, text_f, text_f_c, t)
     v = model(torch.cat([x, x]), torch.cat([text_f, neg_f]), torch.cat([text_f_c, neg_f_c]), torch.cat([t, t]))
@@ -55,8 +52,7 @@ def guided_velocity(model, x, t, text_f, text_f_c, neg_f, neg_f_c, cfg_strength:
 @torch.no_grad()
 def euler_sample(model, noise, text_f, text_f_c, num_steps: int = 25, cfg_strength: float = 4.5,
                  negative_text_f=None, negative_text_f_c=None, progress: bool = False):
-    """Euler steps of the guided velocity on linspace(1, 0, num_steps + 1): noise (B, N, C) -> normalised latents
-    (B, N, C). The negative features ((B or 1, 77, Dt), (B or 1, Dc)) default to the model's empty caption."""
+    """Guided Euler steps on linspace(1, 0, num_steps + 1): noise (B, N, C) -> latents; negatives default to empty."""
     B = noise.shape[0]
     assert (negative_text_f is None) == (negative_text_f_c is None), "give both negative features or neither"
     if negative_text_f is None:
@@ -76,13 +72,10 @@ def euler_sample(model, noise, text_f, text_f_c, num_steps: int = 25, cfg_streng
 # ---------------------------------------------------------------- the SDE sampler of Flow-GRPO
 
 def sde_step_with_logprob(x, velocity, t, t_next, noise_level=0.7, noise=None, prev_sample=None, generator=None):
-    """Flow-GRPO SDE step t -> t_next < t (arXiv 2505.05470, eq. 9; Euler-Maruyama, dt = t_next - t), with log-prob:
-        sigma_t = a * sqrt(t / (1 - t))        (at t = 1, 1 - t_next replaces 1 - t, as released)
-        mean    = x + [v + sigma_t^2 / (2 t) * (x + (1 - t) v)] * dt
-        x_next  = mean + sigma_t * sqrt(-dt) * eps,   eps ~ N(0, I)
-    x, velocity (B, ...); t, t_next floats or (B,), 0 < t <= 1; a = noise_level (0: Euler, NaN log-prob). eps is
-    `noise`, else drawn from `generator`; `prev_sample` scores a stored x_next. float32 (bf16 overflows in the mean).
-    Returns x_next, log_prob (B,) (mean over elements, as released), mean (B, ...), sigma_t (B, 1, ..., 1)."""
+    """Flow-GRPO's SDE step t -> t_next < t (arXiv 2505.05470, eq. 9), float32 (bf16 overflows), x, velocity (B, ...):
+    sigma_t = a * sqrt(t / (1 - t)), mean = x + [v + sigma_t^2 / (2 t) * (x + (1 - t) v)] * dt (a = noise_level),
+    x_next = mean + sigma_t * sqrt(-dt) * eps (eps = `noise` or drawn; `prev_sample` scores a stored x_next).
+    Returns x_next, log_prob (B,) (a mean over elements, as released), mean, sigma_t (B, 1, ..., 1)."""
     assert velocity.shape == x.shape, (velocity.shape, x.shape)
     assert noise is None or prev_sample is None, "pass noise (to sample) or prev_sample (to score), not both"
     x, velocity = x.float(), velocity.float()
@@ -94,7 +87,7 @@ def sde_step_with_logprob(x, velocity, t, t_next, noise_level=0.7, noise=None, p
     t, t_next = t.reshape(bcast), t_next.reshape(bcast)
     dt = t_next - t  # (B, 1, ..., 1), negative: from noise towards data
 
-    std_dev_t = noise_level * torch.sqrt(t / (1 - torch.where(t == 1, t_next, t)))
+    std_dev_t = noise_level * torch.sqrt(t / (1 - torch.where(t == 1, t_next, t)))  # 1 - t_next at t = 1, as released
     mean = x + (velocity + std_dev_t**2 / (2 * t) * (x + (1 - t) * velocity)) * dt
     step_std = std_dev_t * torch.sqrt(-dt)  # std of x_next given x
 

@@ -1,11 +1,7 @@
-"""
-The audio side of Resonate, in three parts:
+"""The audio side of Resonate, with the key names of the released `v1-44.pth` and `bigvgan_generator.pt`:
   1. waveform -> log-mel (`MelSpectrogram`), and back without a vocoder (`griffin_lim`),
   2. log-mel <-> latent: MMAudio's mel VAE of EDM2 magnitude-preserving layers (`MelVAE`, arXiv 2312.02696),
-  3. log-mel -> waveform: the BigVGAN v2 vocoder (`BigVGAN`, arXiv 2206.04658).
-Generation runs latent (B, E, N) -> mel (B, n_mels, 2N) -> waveform (B, 1, S). Key names are those of the
-released `v1-44.pth` and `bigvgan_generator.pt`.
-"""
+  3. log-mel -> waveform: the BigVGAN v2 vocoder (`BigVGAN`, arXiv 2206.04658)."""
 
 import inspect
 import math
@@ -27,21 +23,16 @@ MEL_CONFIGS = {
 
 
 def get_mel_config(config) -> dict:
-    """A key of MEL_CONFIGS or a dict with its fields -> that dict. Raises ValueError for an unknown name or a
-    dict that lacks fields."""
+    """A key of MEL_CONFIGS, or one of its dicts, -> that dict. Raises ValueError for an unknown key."""
     if isinstance(config, dict):
-        missing = set(MEL_CONFIGS["16k"]) - set(config)
-        if missing:
-            raise ValueError(f"mel config lacks {sorted(missing)}; see vae.MEL_CONFIGS for the fields")
         return config
     if config not in MEL_CONFIGS:
-        raise ValueError(f"unknown mel config {config!r}; use one of {sorted(MEL_CONFIGS)} or a dict like them")
+        raise ValueError(f"unknown mel config {config!r}; use one of {sorted(MEL_CONFIGS)}")
     return MEL_CONFIGS[config]
 
 
 def mel_filterbank(cfg: dict) -> torch.Tensor:
-    """(n_mels, n_fft // 2 + 1) float64: Slaney-scale triangles with Slaney area normalisation (librosa's
-    default, which the released front end uses)."""
+    """(n_mels, n_fft // 2 + 1) float64: librosa's default Slaney-scale, Slaney-normalised triangles."""
     from transformers.audio_utils import mel_filter_bank  # here, not at the top: transformers imports slowly
     fb = mel_filter_bank(cfg["n_fft"] // 2 + 1, cfg["n_mels"], cfg["f_min"], cfg["f_max"], cfg["sample_rate"],
                          norm="slaney", mel_scale="slaney")
@@ -49,31 +40,22 @@ def mel_filterbank(cfg: dict) -> torch.Tensor:
 
 
 def num_mel_frames(num_samples: int, config="44k") -> int:
-    """Mel frames T for S samples: reflect padding p = (n_fft - hop) // 2 each side, then frames without centring,
-    so T = (S + 2p - n_fft) // hop + 1 = S // hop for both released settings (10 s at 44.1 kHz -> 861)."""
+    """Mel frames T for S samples: reflect-padded by (n_fft - hop) // 2 a side, uncentred frames; S // hop here."""
     cfg = get_mel_config(config)
     pad = (cfg["n_fft"] - cfg["hop_length"]) // 2
     return (num_samples + 2 * pad - cfg["n_fft"]) // cfg["hop_length"] + 1
 
 
 def num_latent_frames(seconds: float, config="44k", cover=False) -> int:
-    """Latent frames N for `seconds` of audio, half the mel frames: floored when encoding a clip (10 s at
-    44.1 kHz -> 430), rounded up with cover=True as the released sampler does (431; the waveform is trimmed)."""
+    """Half the mel frames of `seconds`: floored (10 s at 44k: 430), or ceiled if cover, as released (431)."""
     cfg = get_mel_config(config)
     if cover:
         return math.ceil(seconds * cfg["sample_rate"] / cfg["hop_length"] / 2)
     return num_mel_frames(round(seconds * cfg["sample_rate"]), cfg) // 2
 
 
-def _hann_window(cfg: dict, device=None) -> torch.Tensor:
-    # periodic Hann of win_length, zero-padded on both sides to n_fft (as torch.stft pads a short window)
-    window = torch.hann_window(cfg["win_length"], device=device)
-    left = (cfg["n_fft"] - cfg["win_length"]) // 2
-    return F.pad(window, (left, cfg["n_fft"] - cfg["win_length"] - left))
-
-
 def _stft(waveform: torch.Tensor, cfg: dict, window: torch.Tensor) -> torch.Tensor:
-    """(B, S) -> complex (B, n_fft // 2 + 1, T), framed as in `num_mel_frames`."""
+    # (B, S) -> complex (B, n_fft // 2 + 1, T), framed as in num_mel_frames
     pad = (cfg["n_fft"] - cfg["hop_length"]) // 2
     padded = F.pad(waveform.unsqueeze(1), (pad, pad), mode="reflect").squeeze(1)
     return torch.stft(padded, cfg["n_fft"], hop_length=cfg["hop_length"], window=window, center=False,
@@ -81,8 +63,8 @@ def _stft(waveform: torch.Tensor, cfg: dict, window: torch.Tensor) -> torch.Tens
 
 
 def _istft(spec: torch.Tensor, cfg: dict, window: torch.Tensor) -> torch.Tensor:
-    """complex (B, F, T) -> (B, T * hop): the least-squares inverse of `_stft` (Griffin & Lim 1984, eq. 6).
-    Written out because torch.istft refuses uncentred frames (the window sum vanishes at the ends)."""
+    # complex (B, F, T) -> (B, T * hop): _stft's least-squares inverse (Griffin & Lim 1984, eq. 6); torch.istft
+    # refuses uncentred frames
     B, _, T = spec.shape
     frames = torch.fft.irfft(spec, n=cfg["n_fft"], dim=1) * window[:, None]  # (B, n_fft, T)
     length = cfg["n_fft"] + (T - 1) * cfg["hop_length"]
@@ -95,16 +77,13 @@ def _istft(spec: torch.Tensor, cfg: dict, window: torch.Tensor) -> torch.Tensor:
 
 
 class MelSpectrogram(nn.Module):
-    """Log-mel front end of the released VAEs: waveform (B, S) in [-1, 1] -> log-mel (B, n_mels, T), T =
-    `num_mel_frames(S)`. log_base(max(mel, 1e-5)) of the magnitude sqrt(re^2 + im^2 + 1e-9), so silence sits
-    at -5 (16k, log10) or -11.5 (44k, ln). config: as `get_mel_config`."""
+    """The released front end: waveform (B, S) in [-1, 1] -> log_base(max(mel, 1e-5)) (B, n_mels, S // hop)."""
 
     def __init__(self, config="44k"):
         super().__init__()
         self.cfg = get_mel_config(config)
-        # derived from the config, so not saved in checkpoints
         self.register_buffer("mel_basis", mel_filterbank(self.cfg).float(), persistent=False)
-        self.register_buffer("window", _hann_window(self.cfg), persistent=False)
+        self.register_buffer("window", torch.hann_window(self.cfg["win_length"]), persistent=False)
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         assert waveform.ndim == 2, f"waveform must be (B, S), got {tuple(waveform.shape)}"
@@ -114,16 +93,14 @@ class MelSpectrogram(nn.Module):
         return mel.clamp(min=1e-5).log() / math.log(self.cfg["log_base"])
 
 
-def griffin_lim(mel: torch.Tensor, mel_config="44k", n_iter: int = 32, momentum: float = 0.99,
-                generator: torch.Generator = None) -> torch.Tensor:
-    """Log-mel (B, n_mels, T) of `MelSpectrogram(mel_config)` -> waveform (B, T * hop) without a vocoder: the
-    filterbank's pseudo-inverse, then fast Griffin-Lim (Perraudin et al. 2013) from a random phase (`generator`)."""
+def griffin_lim(mel: torch.Tensor, mel_config="44k", n_iter: int = 32, momentum: float = 0.99, generator=None):
+    """Log-mel (B, n_mels, T) -> waveform (B, T * hop): pseudo-inverse mel, fast Griffin-Lim (Perraudin et al. 2013)."""
     cfg = get_mel_config(mel_config)
     assert mel.ndim == 3 and mel.shape[1] == cfg["n_mels"], f"mel {tuple(mel.shape)} for {cfg['n_mels']} bins"
     device = mel.device
     inverse = torch.linalg.pinv(mel_filterbank(cfg)).float().to(device)  # (F, n_mels)
     magnitude = (inverse @ (mel.float() * math.log(cfg["log_base"])).exp()).clamp(min=0)  # (B, F, T)
-    window = _hann_window(cfg, device)
+    window = torch.hann_window(cfg["win_length"], device=device)
     generator = generator or torch.Generator().manual_seed(0)
     phase = torch.rand(magnitude.shape, generator=generator, device=generator.device).to(device)
     angles = torch.polar(torch.ones_like(magnitude), 2 * math.pi * phase)
@@ -137,17 +114,15 @@ def griffin_lim(mel: torch.Tensor, mel_config="44k", n_iter: int = 32, momentum:
 
 
 class GriffinLim(nn.Module):
-    """A vocoder without weights, with BigVGAN's interface: mel (B, n_mels, T) -> waveform (B, 1, T * hop), for
-    small models trained here without a neural vocoder."""
+    """Griffin-Lim behind BigVGAN's interface: mel (B, n_mels, T) -> waveform (B, 1, T * hop)."""
 
     def __init__(self, mel_config):
         super().__init__()
-        self.cfg = get_mel_config(mel_config)
-        self.num_mels, self.upsample_factor = self.cfg["n_mels"], self.cfg["hop_length"]
-        self.sampling_rate = self.cfg["sample_rate"]
+        cfg = self.cfg = get_mel_config(mel_config)
+        self.num_mels, self.upsample_factor, self.sampling_rate = cfg["n_mels"], cfg["hop_length"], cfg["sample_rate"]
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        return griffin_lim(mel.float(), self.cfg).unsqueeze(1)
+        return griffin_lim(mel, self.cfg).unsqueeze(1)
 
 
 # -----------------------------------------------------------------------------
@@ -172,39 +147,28 @@ def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
 
 
 class MPConv1d(nn.Module):
-    """EDM2 conv, 'same' padding, no bias: (B, C_in, T) -> (B, C_out, T). It applies w = normalize(weight) /
-    sqrt(fan_in) (EDM2 eq. 47, 66), and in train mode renormalises the stored weight in place (forced weight
-    normalisation). `fold_weight_norm()` stores w once for inference; the state dict keeps the raw format."""
+    """EDM2 conv, no bias, w = normalize(weight) / sqrt(fan_in) (eq. 47, 66): (B, C_in, T) -> (B, C_out, T)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size))
-        self.folded = False
-
-    def effective_weight(self) -> torch.Tensor:
-        if self.folded:
-            return self.weight
-        return normalize(self.weight) / math.sqrt(self.weight[0].numel())
+        self.folded = False  # weight already normalised, by fold_weight_norm
 
     def forward(self, x: torch.Tensor, gain=1.0) -> torch.Tensor:
-        if self.training:
+        if self.training:  # forced weight normalisation: the stored weight is renormalised in place
             assert not self.folded, "a folded MPConv1d is for inference; reload the state dict to train"
             with torch.no_grad():
                 self.weight.copy_(normalize(self.weight))
-        w = self.effective_weight() * gain
+        w = self.weight if self.folded else normalize(self.weight)
+        w = w * (gain / math.sqrt(w[0].numel()))
         return F.conv1d(x, w, padding=w.shape[-1] // 2)
 
     @torch.no_grad()
     def fold_weight_norm(self) -> "MPConv1d":
         if not self.folded:
-            self.weight.copy_(self.effective_weight())
+            self.weight.copy_(normalize(self.weight))
             self.folded = True
         return self
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.folded:  # write back normalize(raw), which normalize() maps to itself (up to eps)
-            destination[prefix + "weight"] = self.weight.detach() * math.sqrt(self.weight[0].numel())
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -212,7 +176,7 @@ class MPConv1d(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """Pixel norm -> (mp_silu -> conv) x 2, mp_sum(t=0.3) with the (projected) input. (B, C_in, T) -> (B, C_out, T)."""
+    """Pixel norm, (mp_silu -> conv) x 2, mp_sum(t=0.3) with the (projected) input. (B, C_in, T) -> (B, C_out, T)."""
 
     def __init__(self, in_dim: int, out_dim: int, kernel_size: int = 3):
         super().__init__()
@@ -268,8 +232,12 @@ class Upsample(nn.Module):
         return self.conv(x.repeat_interleave(2, dim=-1))
 
 
+CLIP_ACT = 256.0  # activations are clamped to +-CLIP_ACT between stages (keeps fp16/bf16 finite)
+CH_MULT = (1, 2, 4)  # channel multipliers of the three resolutions; only the first one changes time
+
+
 class Level(nn.Module):
-    """One resolution: ResBlocks, then optionally a resampler (`downsample` / `upsample`, the released keys)."""
+    """ResBlocks at one resolution, then the resampler if any (`downsample` or `upsample`, the released keys)."""
 
     def __init__(self, dims: list, resample: str = None):
         super().__init__()
@@ -279,10 +247,14 @@ class Level(nn.Module):
         elif resample == "up":
             self.upsample = Upsample(dims[-1])
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.block:
+            x = block(x).clamp(-CLIP_ACT, CLIP_ACT)
+        resample = getattr(self, "downsample", getattr(self, "upsample", None))
+        return x if resample is None else resample(x)
+
 
 class Middle(nn.Module):
-    """ResBlock -> attention -> ResBlock at the lowest resolution. (B, C, N) -> (B, C, N)."""
-
     def __init__(self, dim: int):
         super().__init__()
         self.block_1 = ResBlock(dim, dim)
@@ -291,10 +263,6 @@ class Middle(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
-
-
-CLIP_ACT = 256.0  # activations are clamped to +-CLIP_ACT between stages (keeps fp16/bf16 finite)
-CH_MULT = (1, 2, 4)  # channel multipliers of the three resolutions; only the first one changes time
 
 
 class Encoder(nn.Module):
@@ -314,17 +282,13 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)  # (B, C, T)
         for level in self.down:
-            for block in level.block:
-                h = block(h).clamp(-CLIP_ACT, CLIP_ACT)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)  # (B, C, T // 2)
+            h = level(h)  # (B, C', T // 2) from level 0 on
         h = self.mid(h).clamp(-CLIP_ACT, CLIP_ACT)
         return self.conv_out(mp_silu(h), gain=self.learnable_gain + 1)
 
 
 class Decoder(nn.Module):
-    """Latent (B, E, N) -> normalised mel (B, n_mels, 2N). `up[i]` mirrors `down[i]` and runs from i = 2 down to
-    0; the upsampler sits after level 1, so the last level runs at full time resolution."""
+    """Latent (B, E, N) -> normalised mel (B, n_mels, 2N). `up[i]` mirrors `down[i]` and runs from i = 2 to 0."""
 
     def __init__(self, data_dim: int, embed_dim: int, hidden_dim: int, num_blocks: int = 2):
         super().__init__()
@@ -340,17 +304,12 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z)).clamp(-CLIP_ACT, CLIP_ACT)  # (B, C, N)
         for level in reversed(self.up):
-            for block in level.block:
-                h = block(h).clamp(-CLIP_ACT, CLIP_ACT)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)  # (B, C, 2N)
+            h = level(h)  # (B, C', 2N) from level 1 on
         return self.conv_out(mp_silu(h), gain=self.learnable_gain + 1)
 
 
 class MelVAE(nn.Module):
-    """MMAudio's mel VAE (released `v1-16.pth`, `v1-44.pth`): log-mel (B, n_mels, T) <-> latent (B, E, T // 2),
-    T halved with floor as released (861 mel frames -> 430). The mel is normalised per bin by the saved buffers
-    `data_mean`, `data_std` (1, n_mels, 1); see `set_mel_stats`. Call `fold_weight_norm()` once for inference."""
+    """MMAudio's mel VAE (`v1-16.pth`, `v1-44.pth`): log-mel (B, n_mels, T) <-> latent (B, E, T // 2)."""
 
     def __init__(self, data_dim: int, embed_dim: int, hidden_dim: int):
         super().__init__()
@@ -363,7 +322,7 @@ class MelVAE(nn.Module):
 
     @torch.no_grad()
     def set_mel_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        """Per-bin statistics of the training mels, mean and std each (n_mels,), in log-mel units."""
+        """Per-bin mean and std (n_mels,) of the training log-mels."""
         assert mean.shape == std.shape == (self.data_dim,) and (std > 0).all(), (mean.shape, std.shape)
         self.data_mean.copy_(mean.view(1, -1, 1))
         self.data_std.copy_(std.view(1, -1, 1))
@@ -385,19 +344,20 @@ class MelVAE(nn.Module):
         assert z.ndim == 3 and z.shape[1] == self.embed_dim, f"latent must be (B, E, N), got {tuple(z.shape)}"
         return self.unnormalize(self.decoder(z))
 
-    def forward(self, mel: torch.Tensor, generator: torch.Generator = None, eps: torch.Tensor = None) -> tuple:
-        """Training pass on log-mel (B, n_mels, T) -> (reconstruction, target), both in normalised units
-        (B, n_mels, 2 * (T // 2)), and (mean, logvar). The decoder sees one posterior sample
-        z = mean + exp(logvar / 2) * eps (Kingma & Welling 2014), eps given or drawn from `generator`."""
+    def forward(self, mel: torch.Tensor, generator=None, kl_weight: float = 1e-3, eps: torch.Tensor = None) -> tuple:
+        """Loss on log-mel (B, n_mels, T): L1 on the normalised mel + kl_weight * KL(q(z|mel) || N(0, I)) (Kingma &
+        Welling 2014), eps (B, E, T // 2) given or drawn. Returns (loss, {"rec", "kl"} detached)."""
         mean, logvar = self.encode(mel)
         if eps is None:
             eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         assert eps.shape == mean.shape, f"eps {tuple(eps.shape)} for a latent {tuple(mean.shape)}"
-        recon = self.decoder(mean + torch.exp(0.5 * logvar) * eps)
-        return recon, self.normalize(mel[:, :, :recon.shape[2]]), mean, logvar
+        recon = self.decoder(mean + torch.exp(0.5 * logvar) * eps)  # (B, n_mels, 2 * (T // 2))
+        rec = (recon - self.normalize(mel[:, :, :recon.shape[2]])).abs().mean()  # an odd T's last frame unscored
+        kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
+        return rec + kl_weight * kl, {"rec": rec.detach(), "kl": kl.detach()}
 
     def fold_weight_norm(self) -> "MelVAE":
-        """Normalise every conv weight once for inference (as the released loader does). Returns self."""
+        """Normalise every conv weight once, for inference (as the released loader does)."""
         for m in self.modules():
             if isinstance(m, MPConv1d):
                 m.fold_weight_norm()
@@ -405,8 +365,7 @@ class MelVAE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, state: dict) -> "MelVAE":
-        """From a state dict such as the released `v1-44.pth`, sizes read from the shapes; folded, eval mode.
-        Raises ValueError if it is not a mel VAE state dict."""
+        """From a state dict such as `v1-44.pth`; folded, eval mode. Raises ValueError if it is no mel VAE's."""
         try:
             args = dict(data_dim=state["data_mean"].shape[1], embed_dim=state["decoder.conv_in.weight"].shape[1],
                         hidden_dim=state["decoder.conv_out.weight"].shape[1])
@@ -419,21 +378,12 @@ class MelVAE(nn.Module):
 
     @property
     def mel_config(self) -> dict:
-        """The MEL_CONFIGS entry of this VAE's bins (128 -> 44k, 80 -> 16k)."""
-        configs = {c["n_mels"]: c for c in MEL_CONFIGS.values()}
-        assert self.data_dim in configs, f"no mel config has {self.data_dim} bins"
-        return configs[self.data_dim]
+        return {c["n_mels"]: c for c in MEL_CONFIGS.values()}[self.data_dim]
 
 
-def vae_loss(vae: MelVAE, mel: torch.Tensor, generator: torch.Generator = None, kl_weight: float = 1e-3,
-             eps: torch.Tensor = None):
-    """L1 on the normalised mel (every bin weighs alike) + kl_weight * KL(q(z|mel) || N(0, I)), each a mean over
-    elements. mel (B, n_mels, T); eps (B, E, T // 2) pre-drawn posterior noise, else drawn from `generator`.
-    For odd T the last frame is not scored. Returns (loss, {"rec", "kl"} detached)."""
-    recon, target, mean, logvar = vae(mel, generator, eps)  # through forward, so a DDP wrapper syncs gradients
-    rec = (recon - target).abs().mean()
-    kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
-    return rec + kl_weight * kl, {"rec": rec.detach(), "kl": kl.detach()}
+def vae_loss(vae: MelVAE, mel: torch.Tensor, generator=None, kl_weight: float = 1e-3, eps=None):
+    """`MelVAE.forward`'s loss, called through `vae` so that a DDP wrapper syncs gradients."""
+    return vae(mel, generator, kl_weight, eps)
 
 
 # Model sizes: VAES[name]() builds one; MelVAE(**vae.args) rebuilds it.
@@ -450,12 +400,10 @@ VAES = {
 
 
 def kaiser_sinc_filter(cutoff: float, half_width: float, kernel_size: int) -> torch.Tensor:
-    """Kaiser-windowed sinc low-pass, (1, 1, kernel_size) summing to 1. cutoff and half_width in cycles per
-    sample (0.5 = Nyquist); beta from Kaiser's formula for the attenuation A (dB) of the transition band
-    (Oppenheim & Schafer, eq. 7.62), as in BigVGAN's alias-free filters."""
+    """BigVGAN's Kaiser-windowed sinc low-pass (1, 1, kernel_size), sum 1; cutoff, half_width in cycles per sample."""
     assert kernel_size % 2 == 0, "taps sit between samples, as in BigVGAN's even-length filters"
     half = kernel_size // 2
-    attenuation = 2.285 * (half - 1) * math.pi * (4 * half_width) + 7.95
+    attenuation = 2.285 * (half - 1) * math.pi * (4 * half_width) + 7.95  # Oppenheim & Schafer, eq. 7.62
     assert attenuation > 50.0, "Kaiser's beta below is the formula for A > 50 dB"
     window = torch.kaiser_window(kernel_size, periodic=False, beta=0.1102 * (attenuation - 8.7))
     time = torch.arange(-half, half) + 0.5
@@ -463,24 +411,8 @@ def kaiser_sinc_filter(cutoff: float, half_width: float, kernel_size: int) -> to
     return (taps / taps.sum()).view(1, 1, kernel_size)
 
 
-class LowPassFilter(nn.Module):
-    """Depthwise low-pass, replicate padding, keeping every `stride`-th sample. (B, C, T) -> (B, C, T // stride)."""
-
-    def __init__(self, cutoff: float, half_width: float, stride: int, kernel_size: int = 12):
-        super().__init__()
-        self.stride = stride
-        self.pad = (kernel_size // 2 - 1, kernel_size // 2)  # (left, right) for an even kernel
-        self.register_buffer("filter", kaiser_sinc_filter(cutoff, half_width, kernel_size))  # saved, as released
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        C = x.shape[1]
-        return F.conv1d(F.pad(x, self.pad, mode="replicate"), self.filter.expand(C, -1, -1), stride=self.stride,
-                        groups=C)
-
-
 class SincUpsample(nn.Module):
-    """BigVGAN's anti-aliased upsampler: zero-stuffing by `ratio`, then the Kaiser-sinc low-pass (a transposed
-    depthwise conv with gain `ratio`). (B, C, T) -> (B, C, ratio * T)."""
+    """BigVGAN's anti-aliased upsampler: zero-stuffing, Kaiser-sinc low-pass. (B, C, T) -> (B, C, ratio * T)."""
 
     def __init__(self, ratio: int = 2, kernel_size: int = 12):
         super().__init__()
@@ -499,20 +431,23 @@ class SincUpsample(nn.Module):
 
 
 class SincDownsample(nn.Module):
-    """BigVGAN's anti-aliased downsampler: the Kaiser-sinc low-pass, then every `ratio`-th sample.
-    (B, C, ratio * T) -> (B, C, T)."""
+    """BigVGAN's anti-aliased downsampler: the Kaiser-sinc low-pass, strided. (B, C, ratio * T) -> (B, C, T)."""
 
     def __init__(self, ratio: int = 2, kernel_size: int = 12):
         super().__init__()
-        self.lowpass = LowPassFilter(0.5 / ratio, 0.6 / ratio, ratio, kernel_size)  # a submodule: the released keys
+        self.ratio = ratio
+        self.pad = (kernel_size // 2 - 1, kernel_size // 2)  # (left, right) for an even kernel
+        self.lowpass = nn.Module()  # only holds the filter, under the released key lowpass.filter
+        self.lowpass.register_buffer("filter", kaiser_sinc_filter(0.5 / ratio, 0.6 / ratio, kernel_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lowpass(x)
+        C = x.shape[1]
+        x = F.pad(x, self.pad, mode="replicate")
+        return F.conv1d(x, self.lowpass.filter.expand(C, -1, -1), stride=self.ratio, groups=C)
 
 
 class SnakeBeta(nn.Module):
-    """x + 1 / beta * sin^2(alpha * x) per channel (Ziyin et al. 2020; BigVGAN adds beta); with logscale the
-    parameters are log(alpha), log(beta) (BigVGAN v2). (B, C, T) -> (B, C, T)."""
+    """x + 1 / beta * sin^2(alpha * x) per channel (Ziyin et al. 2020; BigVGAN adds beta, v2 stores their logs)."""
 
     def __init__(self, channels: int, logscale: bool = True):
         super().__init__()
@@ -529,8 +464,7 @@ class SnakeBeta(nn.Module):
 
 
 class AntiAliasedSnake(nn.Module):
-    """SnakeBeta at twice the rate, so the harmonics it creates above Nyquist are filtered, not aliased
-    (BigVGAN sec. 3.2). (B, C, T) -> (B, C, T)."""
+    """SnakeBeta at twice the rate, so its harmonics above Nyquist are filtered, not aliased (BigVGAN sec. 3.2)."""
 
     def __init__(self, channels: int, logscale: bool = True):
         super().__init__()
@@ -543,8 +477,7 @@ class AntiAliasedSnake(nn.Module):
 
 
 class AMPBlock(nn.Module):
-    """BigVGAN's anti-aliased multi-periodicity block (resblock "1"): for each dilation d,
-    x += conv_1(act(conv_d(act(x)))). (B, C, T) -> (B, C, T)."""
+    """BigVGAN's anti-aliased multi-periodicity block (resblock "1"): x += conv(act(conv_d(act(x)))) per dilation d."""
 
     def __init__(self, channels: int, kernel_size: int, dilations, logscale: bool = True):
         super().__init__()
@@ -560,30 +493,26 @@ class AMPBlock(nn.Module):
         return x
 
 
-def merge_weight_norm(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The plain weight w = g * v / ||v|| of a weight-normalised pair (Salimans & Kingma 2016), the norm over all
-    dims but the first (torch's weight_norm, dim=0). g (d0, 1, ..., 1), v like w."""
-    return v * (g / torch.linalg.vector_norm(v, dim=list(range(1, v.ndim)), keepdim=True))
+def _norm(w: torch.Tensor) -> torch.Tensor:  # over all dims but the first, as torch's weight_norm (dim=0)
+    return torch.linalg.vector_norm(w, dim=list(range(1, w.ndim)), keepdim=True)
 
 
-# A weight-normalised conv as torch.nn.utils.weight_norm saves it (the released bigvgan_generator.pt) and as
-# torch.nn.utils.parametrizations.weight_norm does (newer PyTorch).
+# (g, v) as torch.nn.utils.weight_norm saves them (bigvgan_generator.pt), and as parametrizations.weight_norm does
 _WEIGHT_NORM_NAMES = (("weight_g", "weight_v"),
                       ("parametrizations.weight.original0", "parametrizations.weight.original1"))
 
 
 def _merge_weight_norm_on_load(module, state_dict, prefix, *args):
-    # load_state_dict pre-hook of a conv: a (g, v) pair becomes the plain weight, once
+    # load_state_dict pre-hook of a conv: the pair becomes the plain weight w = g * v / ||v|| (Salimans & Kingma 2016)
     for g_name, v_name in _WEIGHT_NORM_NAMES:
         if prefix + g_name in state_dict and prefix + v_name in state_dict:
             g, v = state_dict.pop(prefix + g_name), state_dict.pop(prefix + v_name)
-            state_dict[prefix + "weight"] = merge_weight_norm(g, v)
+            state_dict[prefix + "weight"] = v * (g / _norm(v))
 
 
 class BigVGAN(nn.Module):
     """BigVGAN v2 generator, inference only: log-mel (B, num_mels, T) -> waveform (B, 1, T * prod(upsample_rates))
-    in [-1, 1]. Plain conv weights; loading merges the published (weight_g, weight_v) pairs. Raises ValueError
-    for configs other than resblock "1" with SnakeBeta."""
+    in [-1, 1]. Raises ValueError for configs other than resblock "1" with SnakeBeta."""
 
     def __init__(self, num_mels: int, upsample_rates, upsample_kernel_sizes, upsample_initial_channel: int,
                  resblock_kernel_sizes, resblock_dilation_sizes, resblock: str = "1",
@@ -615,19 +544,16 @@ class BigVGAN(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict) -> "BigVGAN":
-        """From a BigVGAN config dict (the published config.json); training keys such as sampling_rate are
-        ignored. Raises TypeError naming a missing architecture key."""
+        """From a config dict such as config.json, other keys ignored. Raises TypeError naming a missing key."""
         arch = inspect.signature(cls).parameters
         return cls(**{k: v for k, v in config.items() if k in arch})
 
     @classmethod
     def from_pretrained(cls, config: dict, state: dict) -> "BigVGAN":
-        """From the published config.json (as a dict) and bigvgan_generator.pt ({"generator": state dict}).
-        Eval mode."""
+        """From config.json (as a dict) and bigvgan_generator.pt ({"generator": state dict}); eval mode."""
         with torch.device("meta"):  # nothing allocated until the file's tensors are assigned
             model = cls.from_config(config)
         model.load_state_dict(state.get("generator", state), strict=True, assign=True)
-        assert not any(t.is_meta for t in model.state_dict().values()), "a BigVGAN buffer is not in the file"
         model.sampling_rate = config.get("sampling_rate")
         return model.eval()
 
@@ -642,32 +568,24 @@ class BigVGAN(nn.Module):
         return torch.tanh(x) if self.use_tanh_at_final else x.clamp(-1.0, 1.0)
 
     def published_state_dict(self) -> dict:
-        """The state dict in the published naming and key order: each conv as its bias, then weight_g = ||w||
-        (over all dims but the first) and weight_v = w."""
-        convs = {name for name, m in self.named_modules() if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d))}
+        """The state dict as published, in its key order: each conv's bias, weight_g = ||w||, weight_v = w."""
         out = {}
-        for name, t in self.state_dict().items():
-            module, _, leaf = name.rpartition(".")
-            if module not in convs or leaf == "bias":
-                out[name] = t
-            if module in convs and (leaf == "bias" or self.get_submodule(module).bias is None):
-                w = self.get_submodule(module).weight.detach()
-                out[f"{module}.weight_g"] = torch.linalg.vector_norm(w, dim=list(range(1, w.ndim)), keepdim=True)
-                out[f"{module}.weight_v"] = w
+        for name, m in self.named_modules():
+            tensors = dict(m.named_parameters(recurse=False)) | dict(m.named_buffers(recurse=False))
+            if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d)):
+                w = tensors.pop("weight")
+                tensors.update(weight_g=_norm(w), weight_v=w)
+            out.update({f"{name}.{k}": t.detach() for k, t in tensors.items()})
         return out
 
 
-# Architecture keys of BigVGAN configs: BigVGAN.from_config(BIGVGAN_CONFIGS[name]).
+# Architecture keys of BigVGAN configs, BigVGAN.from_config(BIGVGAN_CONFIGS[name]); the rest are BigVGAN's defaults.
 BIGVGAN_CONFIGS = {
     # the released 44.1 kHz vocoder: hop 512 (8*4*2*2*2*2), 128 mel bins, pairs with MEL_CONFIGS["44k"]
     "bigvgan_v2_44khz_128band_512x": dict(
         num_mels=128, upsample_rates=[8, 4, 2, 2, 2, 2], upsample_kernel_sizes=[16, 8, 4, 4, 4, 4],
-        upsample_initial_channel=1536, resblock_kernel_sizes=[3, 7, 11],
-        resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]], resblock="1", activation="snakebeta",
-        snake_logscale=True, use_tanh_at_final=False, use_bias_at_final=False),
+        upsample_initial_channel=1536, resblock_kernel_sizes=[3, 7, 11], resblock_dilation_sizes=[[1, 3, 5]] * 3),
     # tests: 80 mel bins, x8 (the config of fixtures/bigvgan_a.pt)
-    "tiny": dict(
-        num_mels=80, upsample_rates=[4, 2], upsample_kernel_sizes=[8, 4], upsample_initial_channel=32,
-        resblock_kernel_sizes=[3, 7], resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5]], resblock="1",
-        activation="snakebeta", snake_logscale=True, use_tanh_at_final=False, use_bias_at_final=False),
+    "tiny": dict(num_mels=80, upsample_rates=[4, 2], upsample_kernel_sizes=[8, 4], upsample_initial_channel=32,
+                 resblock_kernel_sizes=[3, 7], resblock_dilation_sizes=[[1, 3, 5]] * 2),
 }
