@@ -13,7 +13,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -53,29 +53,19 @@ class ResonateConfig:
                              f"(an even head dim for RoPE)")
 
 
-def _resonate_m_44k(**overrides) -> ResonateConfig:
+# named sizes; keyword arguments override, e.g. MODELS["small"](latent_dim=40)
+MODELS = {
     # the released `fluxaudio_m_44k`: 7 heads of 64, 16 joint + 36 single blocks, 468.2 M trainable parameters
-    cfg = dict(latent_dim=40, text_dim=1024, text_c_dim=1024, hidden_dim=448, depth=52, fused_depth=36,
-               num_heads=7, latent_seq_len=430)
-    return ResonateConfig(**{**cfg, **overrides})
-
-
-def _small(**overrides) -> ResonateConfig:
+    "resonate_m_44k": partial(ResonateConfig, latent_dim=40, text_dim=1024, text_c_dim=1024, hidden_dim=448, depth=52,
+                              fused_depth=36, num_heads=7, latent_seq_len=430),
     # CPU training recipe: 16 kHz VAE (20 latent channels), MiniLM text (384-d), 2 s clips (63 frames);
     # 2 joint + 3 single blocks, 6.4 M parameters, about 0.3 s per step at batch 16 on 2 CPU cores
-    cfg = dict(latent_dim=20, text_dim=384, text_c_dim=384, hidden_dim=128, depth=5, fused_depth=3,
-               num_heads=2, latent_seq_len=63)
-    return ResonateConfig(**{**cfg, **overrides})
-
-
-def _tiny(**overrides) -> ResonateConfig:
+    "small": partial(ResonateConfig, latent_dim=20, text_dim=384, text_c_dim=384, hidden_dim=128, depth=5,
+                     fused_depth=3, num_heads=2, latent_seq_len=63),
     # unit tests: the same shape as the parity fixture
-    cfg = dict(latent_dim=8, text_dim=16, text_c_dim=12, hidden_dim=64, depth=4, fused_depth=2,
-               num_heads=2, latent_seq_len=24)
-    return ResonateConfig(**{**cfg, **overrides})
-
-
-MODELS = {"resonate_m_44k": _resonate_m_44k, "small": _small, "tiny": _tiny}
+    "tiny": partial(ResonateConfig, latent_dim=8, text_dim=16, text_c_dim=12, hidden_dim=64, depth=4, fused_depth=2,
+                    num_heads=2, latent_seq_len=24),
+}
 
 
 # -----------------------------------------------------------------------------
@@ -127,32 +117,19 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
-@dataclass
-class ModulationOut:
-    shift: torch.Tensor  # (B, 1, D)
-    scale: torch.Tensor  # (B, 1, D)
-    gate: Optional[torch.Tensor] = None  # (B, 1, D); None where no residual gate is needed
-
-
 class Modulation(nn.Sequential):
-    """adaLN: c (B, 1, D) -> SiLU -> Linear -> [(shift, scale)] for n = 2, [attention set, feed-forward set] of
-    (shift, scale, gate) for n = 6. A Sequential for the released names (`adaLN_modulation.1.*`)."""
+    """adaLN: c (B, 1, D) -> SiLU -> Linear -> n chunks (B, 1, D): (shift, scale) or (shift, scale, gate) x 2."""
 
     def __init__(self, dim: int, n: int):
-        assert n in (2, 6), n
-        super().__init__(nn.SiLU(), nn.Linear(dim, n * dim))
+        super().__init__(nn.SiLU(), nn.Linear(dim, n * dim))  # a Sequential for the released `adaLN_modulation.1.*`
         self.n = n
 
-    def forward(self, c) -> list[ModulationOut]:
-        chunks = super().forward(c).chunk(self.n, dim=-1)
-        if self.n == 2:
-            return [ModulationOut(*chunks)]
-        return [ModulationOut(*chunks[:3]), ModulationOut(*chunks[3:])]
+    def forward(self, c):
+        return super().forward(c).chunk(self.n, dim=-1)
 
 
-def modulate(x, m: ModulationOut):
-    """x * (1 + scale) + shift; x (B, N, D), shift and scale (B, 1, D)."""
-    return torch.addcmul(m.shift, x, 1 + m.scale)  # one pass over x: elementwise passes dominate on a CPU
+def modulate(x, shift, scale):
+    return torch.addcmul(shift, x, 1 + scale)  # x * (1 + scale) + shift in one pass: elementwise passes dominate
 
 
 def rope_tables(length: int, head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,16 +198,16 @@ class StreamBlock(nn.Module):
             self.ffn = SwiGLU(dim, int(dim * mlp_ratio), kernel_size)
 
     def pre_attention(self, x, c, rope):
-        # x (B, N, D), c (B, 1, D) -> (q, k, v) each (B, H, N, hd), modulation sets
+        # x (B, N, D), c (B, 1, D) -> (q, k, v) each (B, H, N, hd), modulation chunks
         mods = self.adaLN_modulation(c)
-        return self.attn(modulate(self.norm1(x), mods[0]), rope), mods
+        return self.attn(modulate(self.norm1(x), *mods[:2]), rope), mods
 
     def post_attention(self, x, attn_out, mods):
         if self.pre_only:
             return x
-        msa, mlp = mods
-        x = torch.addcmul(x, msa.gate, self.linear1(attn_out))  # x + gate * update, one pass
-        return torch.addcmul(x, mlp.gate, self.ffn(modulate(self.norm2(x), mlp)))
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        x = torch.addcmul(x, gate_msa, self.linear1(attn_out))  # x + gate * update, one pass
+        return torch.addcmul(x, gate_mlp, self.ffn(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
     def forward(self, x, c, rope=None):
         qkv, mods = self.pre_attention(x, c, rope)
@@ -265,7 +242,7 @@ class FinalLayer(nn.Module):
         self.conv = Conv1dNLC(dim, out_dim, kernel_size=7, padding=3)
 
     def forward(self, x, c):
-        return self.conv(modulate(self.norm(x), self.adaLN_modulation(c)[0]))
+        return self.conv(modulate(self.norm(x), *self.adaLN_modulation(c)))
 
 
 # -----------------------------------------------------------------------------
