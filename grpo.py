@@ -41,28 +41,26 @@ class GRPOConfig:
 
     def check(self, world_size: int = 1):
         """Raise ValueError, naming the setting, for a layout that does not divide evenly or an unknown name."""
-        problems = [
-            ((world_size * self.sample_batch_size) % self.group_size,
-             f"world_size x sample_batch_size = {world_size} x {self.sample_batch_size} must be a multiple of "
-             f"group_size={self.group_size}: every rollout batch holds whole groups"),
-            (self.num_batches_per_epoch % self.grad_accum_steps, f"num_batches_per_epoch="
-             f"{self.num_batches_per_epoch} must be a multiple of grad_accum_steps={self.grad_accum_steps}"),
-            (not 1 <= self.num_train_steps <= self.num_steps, f"timestep_fraction={self.timestep_fraction} trains "
-             f"on {self.num_train_steps} of {self.num_steps} steps; it must give at least one"),
-            (self.advantage_std not in ("global", "per_prompt"),
-             f"advantage_std must be 'global' or 'per_prompt', got {self.advantage_std!r}")]
-        for bad, message in problems:
-            if bad:
-                raise ValueError(message)
+        if (world_size * self.sample_batch_size) % self.group_size:
+            raise ValueError(f"world_size x sample_batch_size = {world_size} x {self.sample_batch_size} must be a "
+                             f"multiple of group_size={self.group_size}: every rollout batch holds whole groups")
+        if self.num_batches_per_epoch % self.grad_accum_steps:
+            raise ValueError(f"num_batches_per_epoch={self.num_batches_per_epoch} must be a multiple of "
+                             f"grad_accum_steps={self.grad_accum_steps}")
+        if not 1 <= self.num_train_steps <= self.num_steps:
+            raise ValueError(f"timestep_fraction={self.timestep_fraction} trains on {self.num_train_steps} of "
+                             f"{self.num_steps} steps; it must give at least one")
+        if self.advantage_std not in ("global", "per_prompt"):
+            raise ValueError(f"advantage_std must be 'global' or 'per_prompt', got {self.advantage_std!r}")
 
 
 # ---------------------------------------------------------------- advantages
 
-def _groups(prompts) -> list[torch.Tensor]:  # sample indices of each distinct prompt
+def _groups(prompts, device) -> list[torch.Tensor]:  # sample indices of each distinct prompt
     index = {}
     for i, p in enumerate(prompts):
         index.setdefault(p, []).append(i)
-    return [torch.tensor(ix) for ix in index.values()]
+    return [torch.tensor(ix, device=device) for ix in index.values()]
 
 
 def compute_advantages(rewards, prompts, std="global", clip=5.0, eps=1e-4):
@@ -72,27 +70,21 @@ def compute_advantages(rewards, prompts, std="global", clip=5.0, eps=1e-4):
     r = rewards.detach().to(torch.float64)
     global_scale = r.std(correction=0) + eps
     advantages = torch.empty_like(r)
-    for idx in _groups(prompts):
-        idx = idx.to(r.device)
+    for idx in _groups(prompts, r.device):
         group = r[idx]
         scale = global_scale if std == "global" else group.std(correction=0) + eps
         advantages[idx] = (group - group.mean()) / scale
-    if clip is not None:
-        advantages = advantages.clamp(-clip, clip)
-    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
-    return advantages.to(out_dtype)
+    return advantages.clamp(-clip, clip).to(rewards.dtype if rewards.is_floating_point() else torch.float32)
 
 
 def zero_std_fraction(rewards, prompts) -> float:
     """Share of prompt groups whose rewards are all equal, hence zero advantages (released: zero_std_ratio)."""
-    groups = _groups(prompts)
-    flat = sum(bool((rewards[idx.to(rewards.device)] == rewards[idx[0]]).all()) for idx in groups)
-    return flat / len(groups)
+    groups = _groups(prompts, rewards.device)
+    return sum(bool((rewards[idx] == rewards[idx[0]]).all()) for idx in groups) / len(groups)
 
 
 def informative_mask(advantages, multiple_of=1, generator=None):
-    """(B,) bool mask of the non-zero advantages (as released), topped up with random others to a positive multiple of
-    `multiple_of`, so that every DDP process takes the same number of steps."""
+    """(B,) mask of the non-zero advantages (as released) plus random others, to a positive multiple of multiple_of."""
     assert advantages.ndim == 1 and advantages.shape[0] >= multiple_of, (advantages.shape, multiple_of)
     mask = advantages.detach().cpu() != 0
     kept = int(mask.sum())
@@ -105,9 +97,8 @@ def informative_mask(advantages, multiple_of=1, generator=None):
 
 def grpo_loss(log_prob, old_log_prob, advantages, prev_sample_mean=None, prev_sample_mean_ref=None,
               std_dev_t=None, clip_range=1e-4, beta=0.04):
-    """Flow-GRPO loss of one step: PPO's clipped surrogate of ratio = exp(log_prob - old_log_prob), all (B,), plus
-    beta * mean_b[mean((mu - mu_ref)^2) / (2 sigma_t^2)] (released: no dt) from step means (B, ...) and std_dev_t (B,)
-    or (B, 1, ..., 1). Returns loss and detached stats."""
+    """Flow-GRPO loss of one step: PPO's clipped surrogate of exp(log_prob - old_log_prob), all (B,), plus beta x
+    mean_b[mean((mu - mu_ref)^2) / (2 sigma_t^2)] (as released: no dt); means (B, ...), std_dev_t (B,) or (B, 1, ..)."""
     B = log_prob.shape[0]
     assert log_prob.shape == old_log_prob.shape == advantages.shape == (B,), (old_log_prob.shape, advantages.shape)
     advantages = advantages.to(log_prob.dtype)
@@ -139,9 +130,8 @@ def _unconditional(model, B, text_f, text_f_c):
 @torch.no_grad()
 def rollout(model, noise, text_f, text_f_c, num_steps=10, cfg_strength=4.5, noise_level=0.7, keep_steps=None,
             step_noise=None, generator=None):
-    """SDE sampling from noise (B, N, C) at t = 1, with each step's eps from step_noise (B, num_steps, N, C) or
-    `generator`. Keeps the first T = keep_steps (default all) steps: latents (B, T + 1, N, C), log_probs (B, T) fp32,
-    timesteps (B, T + 1); and the final normalised latents, sample (B, N, C)."""
+    """SDE sampling from noise (B, N, C), eps from step_noise (B, num_steps, N, C) or `generator`. Keeps T = keep_steps
+    (default all) steps, latents (B, T + 1, N, C), log_probs (B, T) fp32, timesteps (B, T + 1), and sample (B, N, C)."""
     B, T = noise.shape[0], num_steps if keep_steps is None else keep_steps
     assert step_noise is None or step_noise.shape == (B, num_steps, *noise.shape[1:]), step_noise.shape
     neg_f, neg_f_c = _unconditional(model, B, text_f, text_f_c)
@@ -195,8 +185,7 @@ def train_step(model, ref_model, optimizer, batches, cfg: GRPOConfig, micro_batc
             (loss * weight).backward()
         for k, v in {**stats, "loss": loss.detach()}.items():
             totals[k] = totals.get(k, 0.0) + v.item() * weight
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
     optimizer.step()
     return {**totals, "grad_norm": grad_norm.item()}
 
@@ -207,19 +196,18 @@ LORA_TARGETS = ("attn.qkv", "linear1", "ffn.w1", "ffn.w2", "ffn.w3")  # attentio
 
 
 class LoRA(nn.Module):
-    """base(x) + (alpha / rank) up(down(x)) (arXiv 2106.09685) around a frozen Linear or Conv1dNLC (then `down` is a
-    conv of the base's kernel); up starts at zero. enabled = False: exactly the base, the KL's reference."""
+    """base(x) + (alpha / rank) up(down(x)) (arXiv 2106.09685), `down` a Linear or a conv like the frozen base's; up
+    starts at zero. enabled = False: exactly the base, the KL's reference."""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float):
         super().__init__()
         assert rank >= 1 and (isinstance(base, nn.Linear) or type(base).__name__ == "Conv1dNLC"), (rank, base)
         if isinstance(base, nn.Linear):
-            down, out_features = nn.Linear(base.in_features, rank, bias=False), base.out_features
+            down = nn.Linear(base.in_features, rank, bias=False)
         else:
             down = type(base)(base.in_channels, rank, base.kernel_size[0], padding=base.padding[0], bias=False)
-            out_features = base.out_channels
         self.base = base.requires_grad_(False)
-        self.lora_down, self.lora_up = down, nn.Linear(rank, out_features, bias=False)
+        self.lora_down, self.lora_up = down, nn.Linear(rank, base.weight.shape[0], bias=False)
         nn.init.zeros_(self.lora_up.weight)
         self.scale, self.enabled = alpha / rank, True
 
@@ -310,8 +298,7 @@ def rollout_noise(seed, epoch, batch, prompt_ids, cfg: GRPOConfig, latent_shape,
 
 def sample_epoch(policy, pipe, reward_fn, text, prompts, cfg: GRPOConfig, epoch, seed, latent_shape, rank=0,
                  world_size=1, autocast=None):
-    """This rank's rollouts of one epoch (B = num_batches_per_epoch * sample_batch_size, less `sample`), with prompt_ids
-    and rewards (B,) fp32 from reward_fn(audio (B, S), sample rate, captions). latent_shape: (N, C)."""
+    """This rank's rollouts of an epoch (less sample), prompt_ids and rewards (B,) of reward_fn(audio, rate, text)."""
     device, dtype = policy.latent_mean.device, policy.latent_mean.dtype
     per = cfg.sample_batch_size
     batches = []
@@ -340,8 +327,7 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
 
 def gather_advantages(rewards, prompt_ids, cfg: GRPOConfig, rank=0):
     """This rank's advantages (B,) over all processes' rewards; global reward_mean, reward_std, zero_std_share."""
-    all_rewards, all_ids = all_gather(rewards.float()), all_gather(prompt_ids)
-    ids = all_ids.tolist()
+    all_rewards, ids = all_gather(rewards.float()), all_gather(prompt_ids).tolist()
     advantages = compute_advantages(all_rewards, ids, std=cfg.advantage_std, clip=cfg.adv_clip_max)
     B = rewards.shape[0]
     stats = {"reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std(correction=0).item(),
@@ -351,11 +337,9 @@ def gather_advantages(rewards, prompt_ids, cfg: GRPOConfig, rank=0):
 
 def train_epoch(model, ref_model, optimizer, samples, text, prompts, cfg: GRPOConfig, generator, micro_batch=0,
                 autocast=None):
-    """Drop the zero-signal samples; per inner epoch shuffle into num_batches_per_epoch minibatches, a train_step per
-    grad_accum_steps. `generator` is seeded, so a resume repeats the draws. Returns each update's stats, with `kept`."""
-    mask = informative_mask(samples["advantages"], cfg.num_batches_per_epoch, generator).cpu()
-    keys = ("latents", "log_probs", "timesteps", "prompt_ids", "advantages")
-    kept = {k: samples[k][mask.to(samples[k].device)] for k in keys}
+    """Drop zero-signal samples, shuffle into minibatches, a train_step per grad_accum_steps; returns their stats."""
+    mask = informative_mask(samples["advantages"], cfg.num_batches_per_epoch, generator)
+    kept = {k: samples[k][mask] for k in ("latents", "log_probs", "timesteps", "prompt_ids", "advantages")}
     K = len(kept["advantages"])
     size = K // cfg.num_batches_per_epoch
     dtype = getattr(model, "module", model).latent_mean.dtype
@@ -393,7 +377,7 @@ def evaluate_reward(policy, pipe, reward_fn, text, prompts, seed, num_steps=25, 
         with autocast or nullcontext():
             x = euler_sample(policy, noise, text_f, text_f_c, num_steps=num_steps, cfg_strength=cfg_strength)
         rewards = torch.as_tensor(reward_fn(pipe.decode(x)[2][:, 0], pipe.sample_rate, captions))
-        total += torch.stack([rewards.double().sum(), torch.tensor(float(len(idx)), dtype=torch.float64)]).to(device)
+        total += torch.tensor([rewards.double().sum().item(), len(idx)], dtype=torch.float64, device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(total)
     return (total[0] / total[1]).item()
