@@ -84,9 +84,9 @@ def _projection(dim_in: int, dim_out: int, kernel_size: int, bias: bool) -> nn.M
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x) (Shazeer 2020): (B, N, D) -> (B, N, D), hidden 2/3 hidden_dim rounded up as LLaMA's."""
 
-    def __init__(self, dim: int, hidden_dim: int, kernel_size: int = 1, multiple_of: int = 256):
+    def __init__(self, dim: int, hidden_dim: int, kernel_size: int = 1):
         super().__init__()
-        hidden = multiple_of * math.ceil(int(2 * hidden_dim / 3) / multiple_of)
+        hidden = 256 * math.ceil(int(2 * hidden_dim / 3) / 256)
         self.w1 = _projection(dim, hidden, kernel_size, bias=False)
         self.w2 = _projection(hidden, dim, kernel_size, bias=False)
         self.w3 = _projection(dim, hidden, kernel_size, bias=False)
