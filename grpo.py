@@ -1,7 +1,5 @@
-"""Flow-GRPO (Liu et al. 2025, arXiv 2505.05470) for the flow-matching generator, as Resonate (arXiv 2603.11661)
-runs it: SDE rollouts (flow.sde_step_with_logprob) of a group of clips per caption, scored by reward.py, give
-group-relative advantages for a PPO-style clipped loss plus a KL penalty to the frozen starting weights. One epoch
-of `train.py --stage=grpo` is sample_epoch -> gather_advantages -> train_epoch. As in flow.py, t = 1 is noise."""
+"""Flow-GRPO (Liu et al. 2025, arXiv 2505.05470) for the flow-matching generator, as Resonate (arXiv 2603.11661) runs
+it. One epoch of `train.py --stage=grpo`: sample_epoch -> gather_advantages -> train_epoch. t = 1 is noise."""
 
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -16,10 +14,7 @@ from flow import euler_sample, guided_velocity, sde_step_with_logprob
 
 @dataclass
 class GRPOConfig:
-    """Flow-GRPO hyper-parameters; defaults are the released run (the released config/GRPO_*.yaml).
-    Per process and epoch: num_batches_per_epoch rollout batches of sample_batch_size clips, whole groups of group_size
-    across processes; less the zero-signal samples, they are split into num_batches_per_epoch minibatches, each
-    accumulated over num_train_steps timesteps, grad_accum_steps per update. train.py sets each as --grpo_<field>."""
+    """Flow-GRPO settings, train.py's --grpo_<field>; the defaults are the released config/GRPO_*.yaml."""
     num_steps: int = 10               # SDE sampling steps per rollout, on t = linspace(1, 0, num_steps + 1)
     noise_level: float = 0.7          # a in sigma_t = a * sqrt(t / (1 - t))
     cfg_strength: float = 4.5         # CFG also during rollouts and training
@@ -42,66 +37,54 @@ class GRPOConfig:
 
     @property
     def num_train_steps(self) -> int:
-        """Sampling steps trained on per rollout (9 for the defaults)."""
         return int(self.num_steps * self.timestep_fraction)
 
     def check(self, world_size: int = 1):
         """Raise ValueError, naming the setting, for a layout that does not divide evenly or an unknown name."""
-        problems = [
-            ((world_size * self.sample_batch_size) % self.group_size,
-             f"world_size x sample_batch_size = {world_size} x {self.sample_batch_size} must be a multiple of "
-             f"group_size={self.group_size}: every rollout batch holds whole groups"),
-            (self.num_batches_per_epoch % self.grad_accum_steps, f"num_batches_per_epoch="
-             f"{self.num_batches_per_epoch} must be a multiple of grad_accum_steps={self.grad_accum_steps}"),
-            (not 1 <= self.num_train_steps <= self.num_steps, f"timestep_fraction={self.timestep_fraction} trains "
-             f"on {self.num_train_steps} of {self.num_steps} steps; it must give at least one"),
-            (self.advantage_std not in ("global", "per_prompt"),
-             f"advantage_std must be 'global' or 'per_prompt', got {self.advantage_std!r}")]
-        for bad, message in problems:
-            if bad:
-                raise ValueError(message)
+        if (world_size * self.sample_batch_size) % self.group_size:
+            raise ValueError(f"world_size x sample_batch_size = {world_size} x {self.sample_batch_size} must be a "
+                             f"multiple of group_size={self.group_size}: every rollout batch holds whole groups")
+        if self.num_batches_per_epoch % self.grad_accum_steps:
+            raise ValueError(f"num_batches_per_epoch={self.num_batches_per_epoch} must be a multiple of "
+                             f"grad_accum_steps={self.grad_accum_steps}")
+        if not 1 <= self.num_train_steps <= self.num_steps:
+            raise ValueError(f"timestep_fraction={self.timestep_fraction} trains on {self.num_train_steps} of "
+                             f"{self.num_steps} steps; it must give at least one")
+        if self.advantage_std not in ("global", "per_prompt"):
+            raise ValueError(f"advantage_std must be 'global' or 'per_prompt', got {self.advantage_std!r}")
 
 
 # ---------------------------------------------------------------- advantages
 
-def _groups(prompts) -> list[torch.Tensor]:
-    """Sample indices of each distinct prompt, in order of first appearance."""
+def _groups(prompts, device) -> list[torch.Tensor]:  # sample indices of each distinct prompt
     index = {}
     for i, p in enumerate(prompts):
         index.setdefault(p, []).append(i)
-    return [torch.tensor(ix) for ix in index.values()]
+    return [torch.tensor(ix, device=device) for ix in index.values()]
 
 
 def compute_advantages(rewards, prompts, std="global", clip=5.0, eps=1e-4):
-    """GRPO advantages (B,) of rewards (B,): (r - mean of its prompt's group) / (std + eps), clipped to +-clip
-    (None: no clip). std "global" (released): of all B rewards; "per_prompt": of the group. Population stds (ddof 0)
-    in float64, as released numpy; the baseline is this batch's (the released tracker is cleared every epoch)."""
+    """Advantages (B,) of rewards (B,): (r - its prompt group's mean) / (std + eps), clipped to +-clip; the std (ddof 0,
+    float64 as released) of all B rewards ("global", released) or of the group ("per_prompt")."""
     assert std in ("global", "per_prompt") and rewards.shape == (len(prompts),), (std, rewards.shape, len(prompts))
     r = rewards.detach().to(torch.float64)
     global_scale = r.std(correction=0) + eps
     advantages = torch.empty_like(r)
-    for idx in _groups(prompts):
-        idx = idx.to(r.device)
+    for idx in _groups(prompts, r.device):
         group = r[idx]
         scale = global_scale if std == "global" else group.std(correction=0) + eps
         advantages[idx] = (group - group.mean()) / scale
-    if clip is not None:
-        advantages = advantages.clamp(-clip, clip)
-    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
-    return advantages.to(out_dtype)
+    return advantages.clamp(-clip, clip).to(rewards.dtype if rewards.is_floating_point() else torch.float32)
 
 
 def zero_std_fraction(rewards, prompts) -> float:
     """Share of prompt groups whose rewards are all equal, hence zero advantages (released: zero_std_ratio)."""
-    groups = _groups(prompts)
-    flat = sum(bool((rewards[idx.to(rewards.device)] == rewards[idx[0]]).all()) for idx in groups)
-    return flat / len(groups)
+    groups = _groups(prompts, rewards.device)
+    return sum(bool((rewards[idx] == rewards[idx[0]]).all()) for idx in groups) / len(groups)
 
 
 def informative_mask(advantages, multiple_of=1, generator=None):
-    """(B,) bool mask of the samples with a non-zero advantage (zero-std groups carry no signal: dropped, as released).
-    Random dropped samples are put back to make the count a positive multiple of `multiple_of` (the minibatches;
-    released, plus at least `multiple_of` so every DDP process takes the same number of steps)."""
+    """(B,) mask of the non-zero advantages (as released) plus random others, to a positive multiple of multiple_of."""
     assert advantages.ndim == 1 and advantages.shape[0] >= multiple_of, (advantages.shape, multiple_of)
     mask = advantages.detach().cpu() != 0
     kept = int(mask.sum())
@@ -114,14 +97,8 @@ def informative_mask(advantages, multiple_of=1, generator=None):
 
 def grpo_loss(log_prob, old_log_prob, advantages, prev_sample_mean=None, prev_sample_mean_ref=None,
               std_dev_t=None, clip_range=1e-4, beta=0.04):
-    """Flow-GRPO loss of one sampling step (arXiv 2505.05470): PPO clipped surrogate + beta * KL to the reference.
-        ratio = exp(log_prob - old_log_prob)
-        loss  = mean(max(-A ratio, -A clamp(ratio, 1 - clip_range, 1 + clip_range)))
-                + beta * mean_b[mean((mu_theta - mu_ref)^2) / (2 sigma_t^2)]
-    The KL is the closed form between the equal-covariance Gaussian steps, averaged over elements like the log-prob;
-    the released code divides by sigma_t^2, not sigma_t^2 * -dt, and so do we. log_prob, old_log_prob, advantages
-    (B,); step means (B, ...) and std_dev_t (B,) or (B, 1, ..., 1) only when beta > 0. Returns loss (scalar) and
-    detached stats policy_loss, kl_loss, approx_kl (0.5 mean(log-ratio^2), as released), clipfrac."""
+    """Flow-GRPO loss of one step: PPO's clipped surrogate of exp(log_prob - old_log_prob), all (B,), plus beta x
+    mean_b[mean((mu - mu_ref)^2) / (2 sigma_t^2)] (as released: no dt); means (B, ...), std_dev_t (B,) or (B, 1, ..)."""
     B = log_prob.shape[0]
     assert log_prob.shape == old_log_prob.shape == advantages.shape == (B,), (old_log_prob.shape, advantages.shape)
     advantages = advantages.to(log_prob.dtype)
@@ -138,19 +115,14 @@ def grpo_loss(log_prob, old_log_prob, advantages, prev_sample_mean=None, prev_sa
         kl_loss = (sq / (2 * std_dev_t.reshape(B) ** 2)).mean()
     loss = policy_loss + beta * kl_loss
 
-    stats = {
-        "policy_loss": policy_loss.detach(),
-        "kl_loss": kl_loss.detach(),
-        "approx_kl": 0.5 * (log_ratio.detach() ** 2).mean(),
-        "clipfrac": ((ratio.detach() - 1.0).abs() > clip_range).float().mean(),
-    }
-    return loss, stats
+    stats = {"policy_loss": policy_loss, "kl_loss": kl_loss, "approx_kl": 0.5 * (log_ratio ** 2).mean(),
+             "clipfrac": ((ratio - 1.0).abs() > clip_range).float().mean()}
+    return loss, {k: v.detach() for k, v in stats.items()}
 
 
 # ---------------------------------------------------------------- rollout and update (model in the loop)
 
 def _unconditional(model, B, text_f, text_f_c):
-    """The stored empty-caption features, (B, 77, Dt) and (B, Dc), for the CFG branch."""
     neg_f, neg_f_c = getattr(model, "module", model).empty_conditions(B)
     return neg_f.to(text_f.dtype), neg_f_c.to(text_f_c.dtype)
 
@@ -158,14 +130,9 @@ def _unconditional(model, B, text_f, text_f_c):
 @torch.no_grad()
 def rollout(model, noise, text_f, text_f_c, num_steps=10, cfg_strength=4.5, noise_level=0.7, keep_steps=None,
             step_noise=None, generator=None):
-    """Flow-GRPO SDE sampling from noise (B, N, C) at t = 1, keeping what training needs to re-score the first
-    T = keep_steps (default all) steps. model(latent, text_f (B, 77, Dt), text_f_c (B, Dc), t (B,)) -> velocity, with
-    empty_conditions(B) for CFG; step_noise (B, num_steps, N, C): each step's eps, else drawn from `generator`.
-    Returns latents (B, T + 1, N, C) (step j: latents[:, j] -> latents[:, j + 1]), log_probs (B, T) fp32,
-    timesteps (B, T + 1) and sample (B, N, C), the final normalised latents."""
-    B = noise.shape[0]
-    T = num_steps if keep_steps is None else keep_steps
-    assert 0 <= T <= num_steps, (keep_steps, num_steps)
+    """SDE sampling from noise (B, N, C), eps from step_noise (B, num_steps, N, C) or `generator`. Keeps T = keep_steps
+    (default all) steps, latents (B, T + 1, N, C), log_probs (B, T) fp32, timesteps (B, T + 1), and sample (B, N, C)."""
+    B, T = noise.shape[0], num_steps if keep_steps is None else keep_steps
     assert step_noise is None or step_noise.shape == (B, num_steps, *noise.shape[1:]), step_noise.shape
     neg_f, neg_f_c = _unconditional(model, B, text_f, text_f_c)
     grid = torch.linspace(1, 0, num_steps + 1, device=noise.device)  # fp32, as released
@@ -176,17 +143,14 @@ def rollout(model, noise, text_f, text_f_c, num_steps=10, cfg_strength=4.5, nois
         x_next, log_prob, _, _ = sde_step_with_logprob(x, v, grid[i], grid[i + 1], noise_level, noise=eps,
                                                        generator=generator)
         x = x_next.to(noise.dtype)
-        if i < T:
-            chain.append(x_next)
-            log_probs.append(log_prob)
-    empty = noise.new_zeros(B, 0)
-    return {"latents": torch.stack(chain, 1), "log_probs": torch.stack(log_probs, 1) if log_probs else empty,
+        chain.append(x_next)
+        log_probs.append(log_prob)
+    return {"latents": torch.stack(chain[:T + 1], 1), "log_probs": torch.stack(log_probs, 1)[:, :T],
             "timesteps": grid[:T + 1].expand(B, -1).contiguous(), "sample": x}
 
 
 def step_log_prob(model, batch, j, cfg_strength=4.5, noise_level=0.7):
-    """Re-score stored step j of `batch` (rollout dict plus text_f, text_f_c) under the current weights:
-    log_prob (B,), step mean (B, N, C), sigma_t (B, 1, 1)."""
+    """Re-score stored step j of `batch` (a rollout plus text_f, text_f_c): log_prob (B,), mean (B, N, C), sigma_t."""
     x, x_next = batch["latents"][:, j], batch["latents"][:, j + 1]  # (B, N, C)
     t, t_next = batch["timesteps"][:, j], batch["timesteps"][:, j + 1]  # (B,)
     neg_f, neg_f_c = _unconditional(model, x.shape[0], batch["text_f"], batch["text_f_c"])
@@ -197,25 +161,18 @@ def step_log_prob(model, batch, j, cfg_strength=4.5, noise_level=0.7):
     return log_prob, mean, std
 
 
-def _micro_slices(B, micro_batch):
-    size = micro_batch if 0 < micro_batch < B else B
-    return [slice(i, min(i + size, B)) for i in range(0, B, size)]
-
-
 def train_step(model, ref_model, optimizer, batches, cfg: GRPOConfig, micro_batch=0, autocast=None):
-    """One optimizer update from `batches`, a gradient-accumulation group of minibatches (rollout dicts plus text_f,
-    text_f_c, advantages (B,)): the loss averaged over minibatches x the first num_train_steps steps (as released),
-    the gradient clipped to cfg.grad_clip. micro_batch > 0 runs slices of that many clips (same gradient, less
-    activation memory); under DDP gradients sync on the last backward only. ref_model: the KL's frozen reference
-    (a copy, or the LoRA policy itself). Returns the mean stats plus loss and grad_norm, as floats."""
-    T = cfg.num_train_steps
-    jobs = [(batch, j, sl) for batch in batches for j in range(T)
-            for sl in _micro_slices(len(batch["advantages"]), micro_batch)]
-    totals = {}
+    """One update from `batches` (rollouts plus text_f, text_f_c, advantages (B,)): the loss averaged over them x the
+    trained steps; micro_batch > 0: clips per backward (same gradient). Returns mean stats, loss, grad_norm (floats)."""
+    T, jobs, totals = cfg.num_train_steps, [], {}
+    for batch in batches:  # (minibatch, step, micro-batch) per backward
+        B = len(batch["advantages"])
+        size = micro_batch if 0 < micro_batch < B else B
+        jobs += [(batch, j, slice(i, i + size)) for j in range(T) for i in range(0, B, size)]
     optimizer.zero_grad(set_to_none=True)
     for n, (batch, j, sl) in enumerate(jobs):
         part = {k: v[sl] for k, v in batch.items()}
-        weight = (sl.stop - sl.start) / len(batch["advantages"]) / (T * len(batches))
+        weight = len(part["advantages"]) / len(batch["advantages"]) / (T * len(batches))
         sync = n == len(jobs) - 1 or not hasattr(model, "no_sync")
         with (nullcontext() if sync else model.no_sync()), (autocast or nullcontext()):
             log_prob, mean, std = step_log_prob(model, part, j, cfg.cfg_strength, cfg.noise_level)
@@ -228,8 +185,7 @@ def train_step(model, ref_model, optimizer, batches, cfg: GRPOConfig, micro_batc
             (loss * weight).backward()
         for k, v in {**stats, "loss": loss.detach()}.items():
             totals[k] = totals.get(k, 0.0) + v.item() * weight
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
     optimizer.step()
     return {**totals, "grad_norm": grad_norm.item()}
 
@@ -240,20 +196,18 @@ LORA_TARGETS = ("attn.qkv", "linear1", "ffn.w1", "ffn.w2", "ffn.w3")  # attentio
 
 
 class LoRA(nn.Module):
-    """y = base(x) + (alpha / rank) * up(down(x)) (LoRA, arXiv 2106.09685) around a frozen nn.Linear or a channels-last
-    Conv1dNLC (then `down` is a conv with the base's kernel: a rank-r conv update). `up` starts at zero. With `enabled`
-    False the module is exactly the base: the KL's reference without a second copy of the weights."""
+    """base(x) + (alpha / rank) up(down(x)) (arXiv 2106.09685), `down` a Linear or a conv like the frozen base's; up
+    starts at zero. enabled = False: exactly the base, the KL's reference."""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float):
         super().__init__()
         assert rank >= 1 and (isinstance(base, nn.Linear) or type(base).__name__ == "Conv1dNLC"), (rank, base)
         if isinstance(base, nn.Linear):
-            down, out_features = nn.Linear(base.in_features, rank, bias=False), base.out_features
+            down = nn.Linear(base.in_features, rank, bias=False)
         else:
             down = type(base)(base.in_channels, rank, base.kernel_size[0], padding=base.padding[0], bias=False)
-            out_features = base.out_channels
         self.base = base.requires_grad_(False)
-        self.lora_down, self.lora_up = down, nn.Linear(rank, out_features, bias=False)
+        self.lora_down, self.lora_up = down, nn.Linear(rank, base.weight.shape[0], bias=False)
         nn.init.zeros_(self.lora_up.weight)
         self.scale, self.enabled = alpha / rank, True
 
@@ -262,15 +216,13 @@ class LoRA(nn.Module):
         return y + self.scale * self.lora_up(self.lora_down(x)) if self.enabled else y
 
     @torch.no_grad()
-    def delta_weight(self) -> torch.Tensor:
-        """The update in the base weight's layout: (out, in) for a Linear, (out, in, kernel) for a conv."""
+    def delta_weight(self) -> torch.Tensor:  # the update in the base weight's layout
         up, down = self.lora_up.weight, self.lora_down.weight  # (out, r), (r, in) or (r, in, k)
         return self.scale * torch.einsum("or,r...->o...", up, down)
 
 
 def apply_lora(model: nn.Module, rank: int = 32, alpha: float = 64.0, targets=LORA_TARGETS) -> list:
-    """Freeze `model` and wrap in place every module whose name ends in one of `targets` (default: attention and
-    SwiGLU projections of both streams) with LoRA; rank 32, alpha 64 as released. Returns the LoRA parameters."""
+    """Freeze `model`, wrap each module named `targets` in LoRA (rank 32, alpha 64 as released); returns its weights."""
     model.requires_grad_(False)
     names = [n for n, m in model.named_modules() if any(n == t or n.endswith("." + t) for t in targets)]
     assert names, f"no module of {type(model).__name__} matches the LoRA targets {targets}"
@@ -283,7 +235,7 @@ def apply_lora(model: nn.Module, rank: int = 32, alpha: float = 64.0, targets=LO
 
 @contextmanager
 def adapters_disabled(model):
-    """Run `model` as its frozen base: every LoRA update switched off (a no-op for a model without LoRA)."""
+    """Run `model` as its frozen base, every LoRA switched off (a no-op without LoRA)."""
     loras = [m for m in model.modules() if isinstance(m, LoRA)]
     for m in loras:
         m.enabled = False
@@ -295,12 +247,11 @@ def adapters_disabled(model):
 
 
 def lora_state_dict(model) -> dict:
-    """Only the LoRA weights (keys containing lora_down / lora_up), for checkpoints."""
     return {k: v for k, v in model.state_dict().items() if ".lora_down." in k or ".lora_up." in k}
 
 
 def merged_state_dict(model) -> dict:
-    """State dict with every LoRA folded into its base weight, under the plain keys (for the unwrapped model)."""
+    """State dict with every LoRA folded into its base weight, under the unwrapped model's keys."""
     state = dict(model.state_dict())
     for name, m in model.named_modules():
         if isinstance(m, LoRA):
@@ -315,9 +266,8 @@ def merged_state_dict(model) -> dict:
 # ---------------------------------------------------------------- one epoch, across processes
 
 def draw_prompt_ids(seed, epoch, batch, n_prompts, cfg: GRPOConfig, world_size=1) -> torch.Tensor:
-    """(world_size * sample_batch_size,) caption ids of rollout batch `batch`: whole groups, shuffled so a group spans
-    processes (as released); rank r takes slice r. Seeded by (seed, epoch, batch), so a resume draws the same.
-    Raises ValueError if there are fewer captions than one batch needs."""
+    """Caption ids (world_size * sample_batch_size,) of rollout batch `batch`, seeded by (seed, epoch, batch): whole
+    groups, shuffled across processes (as released); rank r takes slice r. Raises ValueError if too few captions."""
     G = world_size * cfg.sample_batch_size
     m = G // cfg.group_size
     if m > n_prompts:
@@ -329,33 +279,26 @@ def draw_prompt_ids(seed, epoch, batch, n_prompts, cfg: GRPOConfig, world_size=1
 
 
 def draw_noise(seed, epoch, sample_index, num_steps, latent_shape) -> torch.Tensor:
-    """(B, num_steps + 1, N, C): starting noise and SDE eps per sample, seeded by (seed, epoch, global sample index),
-    so independent of the process split and of resumes."""
-    out = []
-    for i in sample_index.tolist():
-        out.append(torch.randn(num_steps + 1, *latent_shape, generator=seeded_generator(seed, 'noise', epoch, i)))
-    return torch.stack(out)
+    """(B, num_steps + 1, N, C): starting noise and SDE eps, seeded by (seed, epoch, global sample index)."""
+    return torch.stack([torch.randn(num_steps + 1, *latent_shape, generator=seeded_generator(seed, 'noise', epoch, i))
+                        for i in sample_index.tolist()])
 
 
 def rollout_noise(seed, epoch, batch, prompt_ids, cfg: GRPOConfig, latent_shape, rank=0, world_size=1):
-    """draw_noise for this rank's clips of rollout batch `batch`. With cfg.same_noise (flow_grpo's same_latent) a
-    caption's clips share their starting noise, seeded by (seed, epoch, batch, caption id) to agree across processes;
-    their SDE eps still differ, so in-group reward differences come only from the trained steps."""
+    """draw_noise of this rank's clips of rollout batch `batch`; with cfg.same_noise (flow_grpo's same_latent) a
+    caption's clips share their starting noise, seeded by (seed, epoch, batch, caption id), not their SDE eps."""
     per = cfg.sample_batch_size
     noise = draw_noise(seed, epoch, batch * world_size * per + rank * per + torch.arange(per), cfg.num_steps,
                        latent_shape)
     if cfg.same_noise:
-        noise[:, 0] = torch.stack([torch.randn(*latent_shape, generator=seeded_generator(seed, 'group', epoch, batch, i))
+        noise[:, 0] = torch.stack([torch.randn(latent_shape, generator=seeded_generator(seed, 'group', epoch, batch, i))
                                    for i in prompt_ids.tolist()])
     return noise
 
 
 def sample_epoch(policy, pipe, reward_fn, text, prompts, cfg: GRPOConfig, epoch, seed, latent_shape, rank=0,
                  world_size=1, autocast=None):
-    """This rank's rollouts of one epoch, decoded by `pipe` and scored by reward_fn(audio (B, S), rate, prompts).
-    text(captions, device) -> text_f (B, 77, Dt), text_f_c (B, Dc); latent_shape: (N, C). Returns latents
-    (B, T + 1, N, C), log_probs (B, T), timesteps (B, T + 1), prompt_ids (B,), rewards (B,) fp32, with
-    B = num_batches_per_epoch * sample_batch_size."""
+    """This rank's rollouts of an epoch (less sample), prompt_ids and rewards (B,) of reward_fn(audio, rate, text)."""
     device, dtype = policy.latent_mean.device, policy.latent_mean.dtype
     per = cfg.sample_batch_size
     batches = []
@@ -383,10 +326,8 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
 
 
 def gather_advantages(rewards, prompt_ids, cfg: GRPOConfig, rank=0):
-    """This rank's advantages (B,), computed over every process's rewards (a caption's group spans processes), and
-    the global stats reward_mean, reward_std (ddof 0) and zero_std_share."""
-    all_rewards, all_ids = all_gather(rewards.float()), all_gather(prompt_ids)
-    ids = all_ids.tolist()
+    """This rank's advantages (B,) over all processes' rewards; global reward_mean, reward_std, zero_std_share."""
+    all_rewards, ids = all_gather(rewards.float()), all_gather(prompt_ids).tolist()
     advantages = compute_advantages(all_rewards, ids, std=cfg.advantage_std, clip=cfg.adv_clip_max)
     B = rewards.shape[0]
     stats = {"reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std(correction=0).item(),
@@ -396,12 +337,9 @@ def gather_advantages(rewards, prompt_ids, cfg: GRPOConfig, rank=0):
 
 def train_epoch(model, ref_model, optimizer, samples, text, prompts, cfg: GRPOConfig, generator, micro_batch=0,
                 autocast=None):
-    """Drop the zero-signal samples, then per inner epoch shuffle into num_batches_per_epoch minibatches and take one
-    train_step per grad_accum_steps of them. generator: a seeded CPU generator, so a resume repeats the draws.
-    Returns train_step's stats per update, with `kept`, the number of samples trained on."""
-    mask = informative_mask(samples["advantages"], cfg.num_batches_per_epoch, generator).cpu()
-    keys = ("latents", "log_probs", "timesteps", "prompt_ids", "advantages")
-    kept = {k: samples[k][mask.to(samples[k].device)] for k in keys}
+    """Drop zero-signal samples, shuffle into minibatches, a train_step per grad_accum_steps; returns their stats."""
+    mask = informative_mask(samples["advantages"], cfg.num_batches_per_epoch, generator)
+    kept = {k: samples[k][mask] for k in ("latents", "log_probs", "timesteps", "prompt_ids", "advantages")}
     K = len(kept["advantages"])
     size = K // cfg.num_batches_per_epoch
     dtype = getattr(model, "module", model).latent_mean.dtype
@@ -425,8 +363,7 @@ def train_epoch(model, ref_model, optimizer, samples, text, prompts, cfg: GRPOCo
 @torch.no_grad()
 def evaluate_reward(policy, pipe, reward_fn, text, prompts, seed, num_steps=25, cfg_strength=4.5, batch_size=16,
                     rank=0, world_size=1, autocast=None) -> float:
-    """Mean reward of Euler (CFG) samples of `prompts`, shared out across processes. Prompt i starts from the noise
-    of (seed, i), so two calls differ only through the weights."""
+    """Mean reward of Euler (CFG) samples of `prompts` over all processes; prompt i's noise is seeded by (seed, i)."""
     device, dtype = policy.latent_mean.device, policy.latent_mean.dtype
     N, C = policy.cfg.latent_seq_len, policy.cfg.latent_dim
     mine = list(range(rank, len(prompts), world_size))
@@ -440,7 +377,7 @@ def evaluate_reward(policy, pipe, reward_fn, text, prompts, seed, num_steps=25, 
         with autocast or nullcontext():
             x = euler_sample(policy, noise, text_f, text_f_c, num_steps=num_steps, cfg_strength=cfg_strength)
         rewards = torch.as_tensor(reward_fn(pipe.decode(x)[2][:, 0], pipe.sample_rate, captions))
-        total += torch.stack([rewards.double().sum(), torch.tensor(float(len(idx)), dtype=torch.float64)]).to(device)
+        total += torch.tensor([rewards.double().sum().item(), len(idx)], dtype=torch.float64, device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(total)
     return (total[0] / total[1]).item()
@@ -450,11 +387,18 @@ def evaluate_reward(policy, pipe, reward_fn, text, prompts, seed, num_steps=25, 
 
 GiB = 2**30
 
+# The other models of the released GRPO run, resident on every GPU: (parameters, bytes per parameter).
+RELEASED_FROZEN = {
+    "text encoder flan-t5-large encoder (fp32)": (341_231_104, 4),
+    "VAE v1-44 (fp32)": (305_479_938, 4),  # fixtures/manifest_vae_44k.json
+    "vocoder BigVGAN v2 44k (fp32)": (122_187_145, 4),  # fixtures/manifest_bigvgan_v2_44khz_128band_512x.json
+    "reward Qwen2.5-Omni-7B thinker (bf16)": (8_931_813_888, 2),  # approximate: LLM 7.6 B + audio/vision encoders
+}
+
 
 def saved_bytes_per_token(hidden_dim, num_heads, mlp_ratio=4.0, dtype=torch.bfloat16) -> float:
-    """Activation bytes one audio-stream block (kernel-3 convs, as released) saves for backward per token, measured
-    on the CPU with saved-tensor hooks at two lengths (weights not counted); bfloat16 = under autocast. The CPU
-    attention kernel, like CUDA's fused ones, saves the output and log-sum-exp, not the attention matrix."""
+    """Bytes per token an audio-stream block saves for backward (not weights), measured with saved-tensor hooks on the
+    CPU, whose attention kernel, like CUDA's fused ones, saves no attention matrix; bfloat16 = under autocast."""
     from transformer import StreamBlock, rope_tables
     block = StreamBlock(hidden_dim, num_heads, mlp_ratio, kernel_size=3)
     weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
@@ -480,14 +424,10 @@ def saved_bytes_per_token(hidden_dim, num_heads, mlp_ratio=4.0, dtype=torch.bflo
 
 
 def memory_estimate(model_cfg, cfg: GRPOConfig = GRPOConfig(), latent_frames=None, lora_rank=0,
-                    checkpointing=False, micro_batch=0, dtype=torch.bfloat16, frozen=None) -> dict:
-    """Peak GPU memory of one GRPO process's training forward/backward, in GiB by part, plus "total".
-    lora_rank 0: full fine-tuning with a frozen fp32 reference copy; r > 0: apply_lora(r), the base is the reference.
-    checkpointing: Resonate.grad_checkpointing; micro_batch: clips per backward (0: the minibatch, as released);
-    frozen: {name: (parameters, bytes each)} of the other resident models (default RELEASED_FROZEN). Weights fp32,
-    AdamW two fp32 states; activations = saved_bytes_per_token x the tokens of each block (joint: N + text, single:
-    N, plus one block for the in/out layers), x 2 for CFG. Excludes fragmentation and the rollout, decoding and
-    reward transients (freed before training)."""
+                    checkpointing=False, micro_batch=0, dtype=torch.bfloat16, frozen=RELEASED_FROZEN) -> dict:
+    """Peak GPU memory of one GRPO process's training step, GiB by part and "total". lora_rank 0: full fine-tuning with
+    an fp32 reference copy; micro_batch: clips per backward; frozen: {name: (parameters, bytes each)} of the other
+    resident models. Excludes fragmentation and the rollout, decoding and reward transients (freed before training)."""
     from transformer import Resonate
     N = latent_frames or model_cfg.latent_seq_len
     model = Resonate.from_config(model_cfg, device="meta")
@@ -503,8 +443,6 @@ def memory_estimate(model_cfg, cfg: GRPOConfig = GRPOConfig(), latent_frames=Non
     else:
         acts = seqs * block_tokens * per_token
     T = cfg.num_train_steps
-    if frozen is None:
-        frozen = RELEASED_FROZEN
     parts = {
         "weights (fp32)": 4 * P,
         "gradients": 4 * trainable,
@@ -519,13 +457,4 @@ def memory_estimate(model_cfg, cfg: GRPOConfig = GRPOConfig(), latent_frames=Non
     out["trainable parameters (M)"] = trainable / 1e6
     out["activation bytes per token per block"] = per_token
     return out
-
-
-# The other models of the released GRPO run, resident on every GPU: (parameters, bytes per parameter).
-RELEASED_FROZEN = {
-    "text encoder flan-t5-large encoder (fp32)": (341_231_104, 4),
-    "VAE v1-44 (fp32)": (305_479_938, 4),  # fixtures/manifest_vae_44k.json
-    "vocoder BigVGAN v2 44k (fp32)": (122_187_145, 4),  # fixtures/manifest_bigvgan_v2_44khz_128band_512x.json
-    "reward Qwen2.5-Omni-7B thinker (bf16)": (8_931_813_888, 2),  # approximate: LLM 7.6 B + audio/vision encoders
-}
 

