@@ -83,7 +83,8 @@ def check():
         if globals()[key] not in allowed:
             raise ValueError(f'--{key} must be one of {sorted(allowed)}, got {globals()[key]!r}')
     data.pick_device(device)
-    check_settings(['-'], duration, steps, cfg_strength, seed, 1, batch_size)
+    check_settings(['-'], duration, steps, cfg_strength, seed, 1, batch_size,
+                   extra=(('repeats', repeats), ('probe_size', probe_size), ('score_batch_size', score_batch_size)))
     problems = [(threads < 0, f'--threads must be 0 (torch\'s default) or a number of threads, got {threads}')]
     for bad, message in problems + (speed_problems() if mode == 'speed' else eval_problems()):
         if bad:
@@ -95,9 +96,7 @@ def speed_problems():
     fits = [v for v, c in BIGVGAN_CONFIGS.items()
             if (c['num_mels'], math.prod(c['upsample_rates'])) == (m['n_mels'], m['hop_length'])] + ['griffin-lim']
     longest = MODELS[size]().max_latent_len * 2 * m['hop_length'] / m['sample_rate']  # RoPE's range, in seconds
-    return [(repeats < 1, f'--repeats must be at least 1, got {repeats}'),
-            (duration > longest, f'--duration must be at most {longest:.1f} s for --size={size}, got {duration}'),
-            (probe_size < 1, f'--probe_size must be at least 1, got {probe_size}'),
+    return [(duration > longest, f'--duration must be at most {longest:.1f} s for --size={size}, got {duration}'),
             (set(parts.split(',')) - set(SPEED_PARTS), f'--parts takes {",".join(SPEED_PARTS)}, got {parts!r}'),
             (vocoder not in fits, f'--vocoder={vocoder} does not take the {m["n_mels"]} mel bins at hop '
                                   f'{m["hop_length"]} of --mel={mel}; use --vocoder={" or ".join(fits)}')]
@@ -133,8 +132,10 @@ def matmul_probe(dev, dt, n, reps):
     return 2 * n ** 3 / timed(lambda: a @ b, dev, reps)  # FLOP/s: what this machine's GEMM reaches
 
 
-def random_weights(module, std=0.02):
-    """Fill a module built on the meta device with N(0, std) weights on the CPU (allocates once, no init cost)."""
+def random_weights(build, std=0.02):
+    """build() on the meta device, then filled on the CPU with N(0, std) weights (allocates once, no init cost)."""
+    with torch.device('meta'):
+        module = build()
     module.to_empty(device='cpu')
     with torch.no_grad():
         for p in module.parameters():
@@ -159,9 +160,7 @@ def build_text_encoder(dev, dt):
         return enc.encode, enc.dim
     config = T5Config(vocab_size=32128, feed_forward_proj='gated-gelu', is_encoder_decoder=False, use_cache=False,
                       **RANDOM_TEXT_ENCODERS[text_encoder])
-    with torch.device('meta'):
-        model = T5EncoderModel(config)
-    model = random_weights(model).eval().to(dev, dt)
+    model = random_weights(lambda: T5EncoderModel(config)).eval().to(dev, dt)
 
     def encode(prompts):
         ids = torch.randint(0, config.vocab_size, (len(prompts), 77), device=dev)
@@ -172,16 +171,12 @@ def build_text_encoder(dev, dt):
 
 def build_parts(dev, dt):
     encode, text_dim = build_text_encoder(dev, dt)
-    with torch.device('meta'):
-        vae_net = VAES[vae]()
-    vae_net = random_weights(vae_net).fold_weight_norm().eval()
+    vae_net = random_weights(VAES[vae]).fold_weight_norm()
     cfg_t = MODELS[size](latent_dim=vae_net.embed_dim, text_dim=text_dim, text_c_dim=text_dim)
-    net = random_weights(Resonate.from_config(cfg_t, device='meta')).eval()
-    if vocoder == 'griffin-lim':
-        voc = GriffinLim(MEL_CONFIGS[mel])
-    else:  # built with its own init: its fixed Kaiser-sinc filters are buffers that random_weights would erase
-        voc = BigVGAN.from_config(BIGVGAN_CONFIGS[vocoder]).eval()
-    return encode, *(m.to(dev, dt) for m in (net, vae_net, voc))
+    net = random_weights(lambda: Resonate(cfg_t))
+    # BigVGAN keeps its own init: its fixed Kaiser-sinc filters are buffers that random_weights would erase
+    voc = GriffinLim(MEL_CONFIGS[mel]) if vocoder == 'griffin-lim' else BigVGAN.from_config(BIGVGAN_CONFIGS[vocoder])
+    return encode, *(m.eval().to(dev, dt) for m in (net, vae_net, voc))
 
 
 def speed_calls(dev, dt):
@@ -247,7 +242,6 @@ def eval_problems():
         (not (os.path.isfile(prompts) and prompts.endswith('.json')),
          f'--prompts {prompts!r} is no TTA-Bench JSON file; give one such as config/tta_bench_acc.json'),
         (limit < 0, f'--limit must be 0 (every prompt) or a number of prompts, got {limit}'),
-        (score_batch_size < 1, f'--score_batch_size must be at least 1, got {score_batch_size}'),
         (audio_dir and not os.path.isdir(audio_dir), f'--audio_dir {audio_dir!r} is not a folder of <id>.wav files'),
         (not audio_dir and ckpt and not os.path.isfile(ckpt), f'--ckpt {ckpt!r} is no file; give a ckpt.pt or .pth'),
         (weights not in ('grpo', 'pt'), f"--weights must be 'grpo' or 'pt', got {weights!r}")]
@@ -297,12 +291,7 @@ def bench_eval(items, skipped):
         generate_missing(items, rank, world, dev)
     rows, unreadable = score_clips(items, audio_dir or out_dir, rank, world, dev)
     rows = [row for part in gathered(rows, world) for row in part]
-    summary = None
-    if rank == 0:
-        order = {pid: i for i, (pid, _) in enumerate(items)}
-        summary = write_results(sorted(rows, key=lambda r: order[r['id']]), {**skipped, **unreadable}, dev)
-        system = audio_dir or ckpt or f'published {weights}'
-        print(results_table(summary['means'], f'this run: {system}, {len(rows)} clips'))
+    summary = write_results(items, rows, {**skipped, **unreadable}, dev) if rank == 0 else None
     if world > 1:
         dist.destroy_process_group()
     return summary
@@ -390,34 +379,25 @@ def release():
         torch.cuda.empty_cache()
 
 
+@torch.no_grad()
 def score_clips(items, folder, rank, world, dev):
-    """[{'id', 'prompt', column: value}] of this rank's share of the items with a readable folder/<id>.wav, by each
-    --metrics scorer in turn, and {id: reason} of the missing or unreadable clips."""
+    """[{'id', 'prompt', column: value}] of this rank's share of the items with a readable folder/<id>.wav, scored by
+    one --metrics scorer at a time, and {id: reason} of the missing or unreadable clips."""
     unreadable = {pid: f'no readable {pid}.wav in {folder}' for pid, _ in items if not wav_info(wav_path(folder, pid))}
     mine = [(pid, text) for pid, text in items if pid not in unreadable][rank::world]
-    rows = [{'id': pid, 'prompt': text} for pid, text in mine]
+    columns = {'id': [pid for pid, _ in mine], 'prompt': [text for _, text in mine]}
     for name in metric_names() if mine else []:
-        for column, values in run_metric(name, mine, folder, rank, dev).items():
-            assert column not in rows[0] and len(values) == len(rows), f'{name}: column {column!r} twice or short'
-            for row, value in zip(rows, values):
-                row[column] = value
-    return rows, unreadable
-
-
-@torch.no_grad()
-def run_metric(name, items, folder, rank, dev):
-    """{column: [value per item]} of metric `name` on the items' clips; the scorer is freed before the next is built."""
-    torch.manual_seed(seed)  # scorers that draw random numbers repeat run to run
-    scorer = build_metric(name, dev)
-    columns = {}
-    with tqdm(total=len(items), unit='clip', desc=name, disable=rank != 0) as bar:
-        for ids, captions, audio, sr in clip_batches(items, folder):
-            for key, values in scorer.score_all(audio, sr, captions, ids).items():  # (B,) each
-                columns.setdefault(name if key == 'score' else key, []).extend(values.float().cpu().tolist())
-            bar.update(len(captions))
-    del scorer
-    release()
-    return columns
+        torch.manual_seed(seed)  # scorers that draw random numbers repeat run to run
+        scorer = build_metric(name, dev)
+        with tqdm(total=len(mine), unit='clip', desc=name, disable=rank != 0) as bar:
+            for ids, captions, audio, sr in clip_batches(mine, folder):
+                for key, values in scorer.score_all(audio, sr, captions, ids).items():  # (B,) each
+                    columns.setdefault(name if key == 'score' else key, []).extend(values.float().cpu().tolist())
+                bar.update(len(captions))
+        del scorer  # before the next one is built
+        release()
+    assert all(len(v) == len(mine) for v in columns.values()), f'a column of {metrics} is short or named twice'
+    return [dict(zip(columns, row)) for row in zip(*columns.values())], unreadable
 
 
 def build_metric(name, dev):
@@ -442,16 +422,20 @@ def clip_batches(items, folder):
             yield list(ids), list(captions), torch.stack(waves), sr
 
 
-def write_results(rows, skipped, dev):
+def write_results(items, rows, skipped, dev):
+    """Write scores.jsonl (rows in the items' order) and summary.json, print the table; returns the summary."""
+    order = {pid: i for i, (pid, _) in enumerate(items)}
+    rows = sorted(rows, key=lambda r: order[r['id']])
     columns = [c for c in (rows[0] if rows else {}) if c not in ('id', 'prompt')]
     summary = dict(prompts=prompts, limit=limit, metrics=metric_names(), audio_dir=audio_dir or out_dir,
                    generation=None if audio_dir else generation_settings(dev), scored=len(rows),
                    skipped_count=len(skipped), means={c: sum(r[c] for r in rows) / len(rows) for c in columns},
                    skipped=skipped)
-    lines = ''.join(json.dumps(row, ensure_ascii=False) + '\n' for row in rows)
-    write_text(os.path.join(out_dir, 'scores.jsonl'), lines)
+    write_text(os.path.join(out_dir, 'scores.jsonl'), ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows))
     write_text(os.path.join(out_dir, 'summary.json'), json.dumps(summary, indent=1, ensure_ascii=False) + '\n')
     print(f'wrote {out_dir}/scores.jsonl ({len(rows)} rows) and {out_dir}/summary.json ({len(skipped)} skipped)')
+    system = audio_dir or ckpt or f'published {weights}'
+    print(results_table(summary['means'], f'this run: {system}, {len(rows)} clips'))
     return summary
 
 
