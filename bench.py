@@ -121,25 +121,14 @@ def timed(fn, dev, n):
     return min(seconds[1:])
 
 
-def count_flops(fn):
-    with FlopCounterMode(display=False) as counter:  # matmuls, convolutions and attention
-        fn()
-    return counter.get_total_flops()
-
-
-def matmul_probe(dev, dt, n, reps):
-    a, b = torch.randn(n, n, device=dev, dtype=dt), torch.randn(n, n, device=dev, dtype=dt)
-    return 2 * n ** 3 / timed(lambda: a @ b, dev, reps)  # FLOP/s: what this machine's GEMM reaches
-
-
-def random_weights(build, std=0.02):
-    """build() on the meta device, then filled on the CPU with N(0, std) weights (allocates once, no init cost)."""
+def random_weights(build):
+    """build() on the meta device, then filled on the CPU with N(0, 0.02) weights (allocates once, no init cost)."""
     with torch.device('meta'):
         module = build()
     module.to_empty(device='cpu')
     with torch.no_grad():
         for p in module.parameters():
-            p.normal_(0, std)
+            p.normal_(0, 0.02)
         for name, b in module.named_buffers():
             if b.is_floating_point():  # statistics: mean 0, std 1
                 b.fill_(1.0 if name.endswith('std') else 0.0)
@@ -169,19 +158,15 @@ def build_text_encoder(dev, dt):
     return encode, config.d_model
 
 
-def build_parts(dev, dt):
+def speed_calls(dev, dt):
+    """{part: (one call, calls per clip batch)} of random-weight parts on random inputs, and the latent frames."""
     encode, text_dim = build_text_encoder(dev, dt)
     vae_net = random_weights(VAES[vae]).fold_weight_norm()
     cfg_t = MODELS[size](latent_dim=vae_net.embed_dim, text_dim=text_dim, text_c_dim=text_dim)
     net = random_weights(lambda: Resonate(cfg_t))
     # BigVGAN keeps its own init: its fixed Kaiser-sinc filters are buffers that random_weights would erase
     voc = GriffinLim(MEL_CONFIGS[mel]) if vocoder == 'griffin-lim' else BigVGAN.from_config(BIGVGAN_CONFIGS[vocoder])
-    return encode, *(m.eval().to(dev, dt) for m in (net, vae_net, voc))
-
-
-def speed_calls(dev, dt):
-    """{part: (one call, calls per clip batch)} on random inputs of the configured shapes, and the latent frames."""
-    encode, net, vae_net, voc = build_parts(dev, dt)
+    net, vae_net, voc = (m.eval().to(dev, dt) for m in (net, vae_net, voc))
     mel_cfg = MEL_CONFIGS[mel]
     N, B, C = num_latent_frames(duration, mel_cfg, cover=True), batch_size, net.cfg.latent_dim
     captions = ['rain on a tin roof'] * B
@@ -205,13 +190,16 @@ def bench_speed():
     data.warn_if_slow_bf16(str(dev), dtype_name(dev))  # the probe shows it too, but only after the work
     torch.manual_seed(seed)
     calls, N = speed_calls(dev, dt)
-    probe = matmul_probe(dev, dt, probe_size, repeats)
+    a, b = torch.randn(2, probe_size, probe_size, device=dev, dtype=dt)
+    probe = 2 * probe_size ** 3 / timed(lambda: a @ b, dev, repeats)  # FLOP/s: what this machine's GEMM reaches
     print(f'{size} on {dev} ({torch.get_num_threads()} threads), {dtype_name(dev)}, {batch_size} x {duration:g} s '
           f'clip, {N} latent frames, {steps} steps, CFG {cfg_strength:g}; matmul probe {probe / 1e9:.0f} GFLOP/s')
     print(f'{"part":<14}{"ms/call":>10}{"calls":>7}{"s per gen s":>13}{"GFLOP/call":>12}{"GFLOP/s":>9}{"of probe":>10}')
     results = {}
     for name, (fn, n_calls) in calls.items():
-        flops, seconds = count_flops(fn), timed(fn, dev, repeats)
+        with FlopCounterMode(display=False) as counter:  # matmuls, convolutions and attention
+            fn()
+        flops, seconds = counter.get_total_flops(), timed(fn, dev, repeats)
         per_second = seconds * n_calls / (batch_size * duration)
         results[name] = dict(seconds=seconds, calls=n_calls, per_generated_second=per_second, flops=flops)
         print(f'{name:<14}{seconds * 1e3:>10.1f}{n_calls:>7}{per_second:>13.3f}{flops / 1e9:>12.1f}'
@@ -375,14 +363,12 @@ def write_text(path, text):
 def release():
     """Return freed model memory to the device, so that the next model's peak is its own, not a sum."""
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()  # a no-op where CUDA is not in use
 
 
 @torch.no_grad()
 def score_clips(items, folder, rank, world, dev):
-    """[{'id', 'prompt', column: value}] of this rank's share of the items with a readable folder/<id>.wav, scored by
-    one --metrics scorer at a time, and {id: reason} of the missing or unreadable clips."""
+    """This rank's rows {'id', 'prompt', column: value}, one scorer at a time, and {id: reason} of unreadable clips."""
     unreadable = {pid: f'no readable {pid}.wav in {folder}' for pid, _ in items if not wav_info(wav_path(folder, pid))}
     mine = [(pid, text) for pid, text in items if pid not in unreadable][rank::world]
     columns = {'id': [pid for pid, _ in mine], 'prompt': [text for _, text in mine]}
@@ -405,13 +391,12 @@ def build_metric(name, dev):
         return reward.build_reward({name: dict(metric_kwargs.get(name, {}))}, dev).terms[name][0]
     except (ValueError, TypeError, OSError) as e:  # a model not on this machine, kwargs that do not fit
         hint = (f"\n(bench.py's --weights_dir is the generator's: give a metric's folder in a config/*.py preset as "
-                f"metric_kwargs = {{{name!r}: {{'weights_dir': FOLDER}}}})") if isinstance(e, data.WeightsMissing) else ''
+                f"metric_kwargs = {{{name!r}: {{'weights_dir': DIR}}}})") if isinstance(e, data.WeightsMissing) else ''
         sys.exit(f'error: metric {name!r} could not be built: {e}{hint}')
 
 
 def clip_batches(items, folder):
-    """(ids, captions, audio (B, S) float32, sample rate) of up to score_batch_size consecutive clips of one rate and
-    length, mono (the channel mean), silent ones too (data.load_audio refuses them); the scorer resamples."""
+    """(ids, captions, audio (B, S) float32 mono, sr) of runs of up to score_batch_size clips of one rate and length."""
     def read(pid, text):
         samples, sr = soundfile.read(wav_path(folder, pid), dtype='float32', always_2d=True)  # (S, channels)
         return pid, text, torch.from_numpy(samples.mean(1)), sr
@@ -423,7 +408,6 @@ def clip_batches(items, folder):
 
 
 def write_results(items, rows, skipped, dev):
-    """Write scores.jsonl (rows in the items' order) and summary.json, print the table; returns the summary."""
     order = {pid: i for i, (pid, _) in enumerate(items)}
     rows = sorted(rows, key=lambda r: order[r['id']])
     columns = [c for c in (rows[0] if rows else {}) if c not in ('id', 'prompt')]
