@@ -70,9 +70,8 @@ SPEED_PARTS = ('text', 'transformer', 'vae', 'vocoder')
 
 def configure(argv):
     """data.configure on these settings after MODE_DEFAULTS[X] of a --mode=X in argv: the user's settings beat them."""
-    for arg in argv:
-        if arg.startswith('--mode='):
-            globals().update(MODE_DEFAULTS.get(arg[len('--mode='):], {}))
+    for name in (arg[len('--mode='):] for arg in argv if arg.startswith('--mode=')):
+        globals().update(MODE_DEFAULTS.get(name, {}))
     data.configure(globals(), argv)
 
 
@@ -164,21 +163,19 @@ def speed_calls(dev, dt):
     vae_net = random_weights(VAES[vae]).fold_weight_norm()
     cfg_t = MODELS[size](latent_dim=vae_net.embed_dim, text_dim=text_dim, text_c_dim=text_dim)
     net = random_weights(lambda: Resonate(cfg_t))
-    # BigVGAN keeps its own init: its fixed Kaiser-sinc filters are buffers that random_weights would erase
-    voc = GriffinLim(MEL_CONFIGS[mel]) if vocoder == 'griffin-lim' else BigVGAN.from_config(BIGVGAN_CONFIGS[vocoder])
-    net, vae_net, voc = (m.eval().to(dev, dt) for m in (net, vae_net, voc))
     mel_cfg = MEL_CONFIGS[mel]
+    # BigVGAN keeps its own init: its fixed Kaiser-sinc filters are buffers that random_weights would erase
+    voc = GriffinLim(mel_cfg) if vocoder == 'griffin-lim' else BigVGAN.from_config(BIGVGAN_CONFIGS[vocoder])
+    net, vae_net, voc = (m.eval().to(dev, dt) for m in (net, vae_net, voc))
     N, B, C = num_latent_frames(duration, mel_cfg, cover=True), batch_size, net.cfg.latent_dim
     captions = ['rain on a tin roof'] * B
-    text_f, text_f_c = (x.to(dev, dt) for x in encode(captions))
-    neg_f, neg_f_c = (x.to(dev, dt) for x in net.empty_conditions(B))
+    conditions = [c.to(dev, dt) for c in (*encode(captions), *net.empty_conditions(B))]  # cond, then uncond features
     x, z = torch.randn(B, N, C, device=dev, dtype=dt), torch.randn(B, C, N, device=dev, dtype=dt)  # noisy, VAE latents
     t = torch.full((B,), 0.5, device=dev, dtype=dt)
     mel_in = torch.randn(B, mel_cfg['n_mels'], 2 * N, device=dev, dtype=dt)
     calls = {'text': (lambda: encode(captions), 1),
-             'transformer': (lambda: guided_velocity(net, x, t, text_f, text_f_c, neg_f, neg_f_c, cfg_strength), steps),
-             'vae': (lambda: vae_net.decode(z), 1),
-             'vocoder': (lambda: voc(mel_in), 1)}
+             'transformer': (lambda: guided_velocity(net, x, t, *conditions, cfg_strength), steps),
+             'vae': (lambda: vae_net.decode(z), 1), 'vocoder': (lambda: voc(mel_in), 1)}
     return {name: calls[name] for name in SPEED_PARTS if name in parts.split(',')}, N
 
 
@@ -341,8 +338,7 @@ def wav_info(path):
 
 
 def complete_wav(path):
-    info = wav_info(path)
-    return info is not None and info.frames == round(duration * info.samplerate)
+    return (info := wav_info(path)) is not None and info.frames == round(duration * info.samplerate)
 
 
 def load_eval_pipeline(dev):
@@ -391,17 +387,16 @@ def build_metric(name, dev):
         return reward.build_reward({name: dict(metric_kwargs.get(name, {}))}, dev).terms[name][0]
     except (ValueError, TypeError, OSError) as e:  # a model not on this machine, kwargs that do not fit
         hint = (f"\n(bench.py's --weights_dir is the generator's: give a metric's folder in a config/*.py preset as "
-                f"metric_kwargs = {{{name!r}: {{'weights_dir': DIR}}}})") if isinstance(e, data.WeightsMissing) else ''
-        sys.exit(f'error: metric {name!r} could not be built: {e}{hint}')
+                f"metric_kwargs = {{{name!r}: {{'weights_dir': FOLDER}}}})")
+        sys.exit(f'error: metric {name!r} could not be built: {e}{hint if isinstance(e, data.WeightsMissing) else ""}')
 
 
 def clip_batches(items, folder):
     """(ids, captions, audio (B, S) float32 mono, sr) of runs of up to score_batch_size clips of one rate and length."""
-    def read(pid, text):
-        samples, sr = soundfile.read(wav_path(folder, pid), dtype='float32', always_2d=True)  # (S, channels)
-        return pid, text, torch.from_numpy(samples.mean(1)), sr
-    clips = (read(pid, text) for pid, text in items)
-    for (sr, _), group in itertools.groupby(clips, key=lambda clip: (clip[3], len(clip[2]))):
+    def read(item):  # (id, caption) -> (id, caption, wave (S,), sr)
+        samples, sr = soundfile.read(wav_path(folder, item[0]), dtype='float32', always_2d=True)  # (S, channels)
+        return *item, torch.from_numpy(samples.mean(1)), sr
+    for (sr, _), group in itertools.groupby(map(read, items), key=lambda clip: (clip[3], len(clip[2]))):
         while batch := list(itertools.islice(group, score_batch_size)):
             ids, captions, waves, _ = zip(*batch)
             yield list(ids), list(captions), torch.stack(waves), sr
