@@ -1,5 +1,5 @@
-"""
-Benchmarks of the generation pipeline. One function per mode, picked with --mode.
+"""Benchmarks of the generation pipeline: --mode=eval scores TTA-Bench's accuracy subset (arXiv 2509.02398) as the
+paper does (arXiv 2603.11661); --mode=speed times each part and counts its FLOPs, on random weights.
 
 $ python bench.py --mode=eval                                     # TTA-Bench: the paper's table, resumable
 $ torchrun --standalone --nproc_per_node=8 bench.py --mode=eval   # the same, prompts sharded over 8 GPUs
@@ -7,23 +7,9 @@ $ python bench.py --mode=eval --audio_dir=tangoflux --out_dir=out/tangoflux   # 
 $ python bench.py --mode=eval --ckpt=out/ckpt.pt --metrics=loudness,centroid --limit=20   # no download
 $ python bench.py --mode=speed                                    # full size, 2 s clip, fp32, this machine
 $ python bench.py --mode=speed --duration=10 --dtype=bf16 --threads=2
-
-eval: the paper's evaluation (arXiv 2603.11661) on TTA-Bench's accuracy subset (arXiv 2509.02398). Writes out_dir/<id>.wav for
-every prompt whose clip is not there yet (10 s, 25 Euler steps, CFG 4.5, seed 42, bf16 on CUDA), scores every
-clip with each --metrics scorer of reward.REWARDS in turn (one model in memory at a time), and writes
-out_dir/scores.jsonl (a row per id), out_dir/summary.json (means, counts, skipped ids) and prints our means
-beside the paper's. A clip's noise is drawn from data.seeded_generator(seed, id), so it depends on its id alone,
-not on batching or sharding (the released script draws one generator's noise per batch of 16). Under torchrun
-the prompts are sharded over the processes.
-speed: seconds of compute per generated second of audio, split into text encoding, transformer (all Euler
-steps, CFG branches batched), VAE decoding and vocoder, with each part's FLOPs and achieved FLOP/s against a
-matmul probe run on the same machine in the same dtype. Weights are random (built on the meta device, then
-filled; BigVGAN with its own init, which computes its fixed filters), so nothing is downloaded; the text encoder
-has FLAN-T5-large's shape unless `text_encoder` names a real one.
-Settings are the module globals below, overridden by config/*.py presets and --key=value (data.configure);
---mode=eval first sets the released evaluation's values of MODE_DEFAULTS, which the user's settings override.
 """
 import gc
+import itertools
 import json
 import math
 import os
@@ -83,11 +69,9 @@ SPEED_PARTS = ('text', 'transformer', 'vae', 'vocoder')
 
 
 def configure(argv):
-    """data.configure on these settings, after MODE_DEFAULTS[X] of a --mode=X in argv, so that the user's settings
-    beat the mode's defaults. Raises ValueError or FileNotFoundError as data.configure does."""
-    for arg in argv:
-        if arg.startswith('--mode='):
-            globals().update(MODE_DEFAULTS.get(arg[len('--mode='):], {}))
+    """data.configure on these settings after MODE_DEFAULTS[X] of a --mode=X in argv: the user's settings beat them."""
+    for name in (arg[len('--mode='):] for arg in argv if arg.startswith('--mode=')):
+        globals().update(MODE_DEFAULTS.get(name, {}))
     data.configure(globals(), argv)
 
 
@@ -98,7 +82,8 @@ def check():
         if globals()[key] not in allowed:
             raise ValueError(f'--{key} must be one of {sorted(allowed)}, got {globals()[key]!r}')
     data.pick_device(device)
-    check_settings(['-'], duration, steps, cfg_strength, seed, 1, batch_size)
+    check_settings(['-'], duration, steps, cfg_strength, seed, 1, batch_size,
+                   extra=(('repeats', repeats), ('probe_size', probe_size), ('score_batch_size', score_batch_size)))
     problems = [(threads < 0, f'--threads must be 0 (torch\'s default) or a number of threads, got {threads}')]
     for bad, message in problems + (speed_problems() if mode == 'speed' else eval_problems()):
         if bad:
@@ -110,17 +95,14 @@ def speed_problems():
     fits = [v for v, c in BIGVGAN_CONFIGS.items()
             if (c['num_mels'], math.prod(c['upsample_rates'])) == (m['n_mels'], m['hop_length'])] + ['griffin-lim']
     longest = MODELS[size]().max_latent_len * 2 * m['hop_length'] / m['sample_rate']  # RoPE's range, in seconds
-    return [(repeats < 1, f'--repeats must be at least 1, got {repeats}'),
-            (duration > longest, f'--duration must be at most {longest:.1f} s for --size={size}, got {duration}'),
-            (probe_size < 1, f'--probe_size must be at least 1, got {probe_size}'),
+    return [(duration > longest, f'--duration must be at most {longest:.1f} s for --size={size}, got {duration}'),
             (set(parts.split(',')) - set(SPEED_PARTS), f'--parts takes {",".join(SPEED_PARTS)}, got {parts!r}'),
             (vocoder not in fits, f'--vocoder={vocoder} does not take the {m["n_mels"]} mel bins at hop '
                                   f'{m["hop_length"]} of --mel={mel}; use --vocoder={" or ".join(fits)}')]
 
 
 def dtype_name(dev):
-    """The --dtype name for dev: 'auto' is bf16 on CUDA (the released evaluation), fp32 elsewhere."""
-    return ('bf16' if dev.type == 'cuda' else 'fp32') if dtype == 'auto' else dtype
+    return ('bf16' if dev.type == 'cuda' else 'fp32') if dtype == 'auto' else dtype  # auto: as the released evaluation
 
 
 # -----------------------------------------------------------------------------
@@ -138,25 +120,14 @@ def timed(fn, dev, n):
     return min(seconds[1:])
 
 
-def count_flops(fn):
-    """FLOPs of one call of fn() (matmuls, convolutions and attention, as torch's FlopCounterMode counts)."""
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def matmul_probe(dev, dt, n, reps):
-    """FLOP/s of an n x n x n matmul in dtype dt: what this machine's GEMM reaches."""
-    a, b = torch.randn(n, n, device=dev, dtype=dt), torch.randn(n, n, device=dev, dtype=dt)
-    return 2 * n ** 3 / timed(lambda: a @ b, dev, reps)
-
-
-def random_weights(module, std=0.02):
-    """Fill a module built on the meta device with N(0, std) weights on the CPU (allocates once, no init cost)."""
+def random_weights(build):
+    """build() on the meta device, then filled on the CPU with N(0, 0.02) weights (allocates once, no init cost)."""
+    with torch.device('meta'):
+        module = build()
     module.to_empty(device='cpu')
     with torch.no_grad():
         for p in module.parameters():
-            p.normal_(0, std)
+            p.normal_(0, 0.02)
         for name, b in module.named_buffers():
             if b.is_floating_point():  # statistics: mean 0, std 1
                 b.fill_(1.0 if name.endswith('std') else 0.0)
@@ -168,60 +139,43 @@ RANDOM_TEXT_ENCODERS = {  # speed's random stand-ins (T5Config fields); under ev
     't5-tiny-random': dict(d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2)}
 
 
-def build_text_encoder():
-    """(encode(list of str) -> (text_f, text_f_c), width, module). 'flan-t5-large-random' = a T5 encoder with
-    FLAN-T5-large's configuration and random weights fed random token ids (77 per caption, as released);
-    't5-tiny-random' the same with a 32-d, one-layer T5 (tests)."""
+def build_text_encoder(dev, dt):
+    """(encode(B captions) -> (text_f (B, 77, D), text_f_c (B, D)), D) on dev: the named encoder, or a T5 of
+    RANDOM_TEXT_ENCODERS' shape with random weights, fed random token ids (77 per caption, as released)."""
+    dt = torch.float32 if dt == torch.float16 else dt  # T5 overflows in fp16
     if text_encoder not in RANDOM_TEXT_ENCODERS:
-        enc = load_text_encoder(text_encoder)
-        return enc.encode, enc.dim, enc
+        enc = load_text_encoder(text_encoder).to(dev, dt)
+        return enc.encode, enc.dim
     config = T5Config(vocab_size=32128, feed_forward_proj='gated-gelu', is_encoder_decoder=False, use_cache=False,
                       **RANDOM_TEXT_ENCODERS[text_encoder])
-    with torch.device('meta'):
-        model = T5EncoderModel(config)
-    model = random_weights(model).eval()
+    model = random_weights(lambda: T5EncoderModel(config)).eval().to(dev, dt)
 
     def encode(prompts):
-        ids = torch.randint(0, 32128, (len(prompts), 77), device=model.device)
-        text_f = model(input_ids=ids).last_hidden_state.float()  # (B, 77, 1024)
+        ids = torch.randint(0, config.vocab_size, (len(prompts), 77), device=dev)
+        text_f = model(input_ids=ids).last_hidden_state.float()
         return text_f, text_f.mean(1)  # pooled over all 77 positions, as released
-    return encode, config.d_model, model
-
-
-def build_parts(dev, dt):
-    """Random-weight transformer, VAE and vocoder of the configured sizes on dev in dt, and the text encoder."""
-    encode, text_dim, text_model = build_text_encoder()
-    with torch.device('meta'):
-        vae_net = VAES[vae]()
-    vae_net = random_weights(vae_net).fold_weight_norm().eval()
-    cfg_t = MODELS[size](latent_dim=vae_net.embed_dim, text_dim=text_dim, text_c_dim=text_dim)
-    net = random_weights(Resonate.from_config(cfg_t, device='meta')).eval()
-    if vocoder == 'griffin-lim':
-        voc = GriffinLim(MEL_CONFIGS[mel])
-    else:  # built with its own init: its fixed Kaiser-sinc filters are buffers that random_weights would erase
-        voc = BigVGAN.from_config(BIGVGAN_CONFIGS[vocoder]).eval()
-    for m in (net, vae_net, voc):
-        m.to(dev, dt)
-    text_model.to(dev, torch.float32 if dt == torch.float16 else dt)  # T5 overflows in fp16
-    return encode, net, vae_net, voc
+    return encode, config.d_model
 
 
 def speed_calls(dev, dt):
-    """{part: (one call, calls per clip batch)} on random inputs of the configured shapes, and the latent frames."""
-    encode, net, vae_net, voc = build_parts(dev, dt)
+    """{part: (one call, calls per clip batch)} of random-weight parts on random inputs, and the latent frames."""
+    encode, text_dim = build_text_encoder(dev, dt)
+    vae_net = random_weights(VAES[vae]).fold_weight_norm()
+    cfg_t = MODELS[size](latent_dim=vae_net.embed_dim, text_dim=text_dim, text_c_dim=text_dim)
+    net = random_weights(lambda: Resonate(cfg_t))
     mel_cfg = MEL_CONFIGS[mel]
+    # BigVGAN keeps its own init: its fixed Kaiser-sinc filters are buffers that random_weights would erase
+    voc = GriffinLim(mel_cfg) if vocoder == 'griffin-lim' else BigVGAN.from_config(BIGVGAN_CONFIGS[vocoder])
+    net, vae_net, voc = (m.eval().to(dev, dt) for m in (net, vae_net, voc))
     N, B, C = num_latent_frames(duration, mel_cfg, cover=True), batch_size, net.cfg.latent_dim
     captions = ['rain on a tin roof'] * B
-    text_f, text_f_c = (x.to(dev, dt) for x in encode(captions))
-    neg_f, neg_f_c = (x.to(dev, dt) for x in net.empty_conditions(B))
+    conditions = [c.to(dev, dt) for c in (*encode(captions), *net.empty_conditions(B))]  # cond, then uncond features
     x, z = torch.randn(B, N, C, device=dev, dtype=dt), torch.randn(B, C, N, device=dev, dtype=dt)  # noisy, VAE latents
     t = torch.full((B,), 0.5, device=dev, dtype=dt)
     mel_in = torch.randn(B, mel_cfg['n_mels'], 2 * N, device=dev, dtype=dt)
     calls = {'text': (lambda: encode(captions), 1),
-             'transformer': (lambda: guided_velocity(net, x, t, text_f, text_f_c, neg_f, neg_f_c, cfg_strength),
-                             steps),
-             'vae': (lambda: vae_net.decode(z), 1),
-             'vocoder': (lambda: voc(mel_in), 1)}
+             'transformer': (lambda: guided_velocity(net, x, t, *conditions, cfg_strength), steps),
+             'vae': (lambda: vae_net.decode(z), 1), 'vocoder': (lambda: voc(mel_in), 1)}
     return {name: calls[name] for name in SPEED_PARTS if name in parts.split(',')}, N
 
 
@@ -233,19 +187,20 @@ def bench_speed():
     data.warn_if_slow_bf16(str(dev), dtype_name(dev))  # the probe shows it too, but only after the work
     torch.manual_seed(seed)
     calls, N = speed_calls(dev, dt)
-    probe = matmul_probe(dev, dt, probe_size, repeats)
-    audio_seconds = batch_size * duration
+    a, b = torch.randn(2, probe_size, probe_size, device=dev, dtype=dt)
+    probe = 2 * probe_size ** 3 / timed(lambda: a @ b, dev, repeats)  # FLOP/s: what this machine's GEMM reaches
     print(f'{size} on {dev} ({torch.get_num_threads()} threads), {dtype_name(dev)}, {batch_size} x {duration:g} s '
           f'clip, {N} latent frames, {steps} steps, CFG {cfg_strength:g}; matmul probe {probe / 1e9:.0f} GFLOP/s')
     print(f'{"part":<14}{"ms/call":>10}{"calls":>7}{"s per gen s":>13}{"GFLOP/call":>12}{"GFLOP/s":>9}{"of probe":>10}')
     results = {}
     for name, (fn, n_calls) in calls.items():
-        flops = count_flops(fn)
-        seconds = timed(fn, dev, repeats)
-        results[name] = dict(seconds=seconds, calls=n_calls, per_generated_second=seconds * n_calls / audio_seconds,
-                             flops=flops)
-        print(f'{name:<14}{seconds * 1e3:>10.1f}{n_calls:>7}{results[name]["per_generated_second"]:>13.3f}'
-              f'{flops / 1e9:>12.1f}{flops / seconds / 1e9:>9.0f}{flops / seconds / probe:>10.0%}')
+        with FlopCounterMode(display=False) as counter:  # matmuls, convolutions and attention
+            fn()
+        flops, seconds = counter.get_total_flops(), timed(fn, dev, repeats)
+        per_second = seconds * n_calls / (batch_size * duration)
+        results[name] = dict(seconds=seconds, calls=n_calls, per_generated_second=per_second, flops=flops)
+        print(f'{name:<14}{seconds * 1e3:>10.1f}{n_calls:>7}{per_second:>13.3f}{flops / 1e9:>12.1f}'
+              f'{flops / seconds / 1e9:>9.0f}{flops / seconds / probe:>10.0%}')
     total = sum(r['per_generated_second'] for r in results.values())
     print(f'{"total":<14}{"":>17}{total:>13.3f}   (real-time factor {1 / total:.2f}x)')
     return dict(probe_flops_per_s=probe, parts=results, seconds_per_generated_second=total)
@@ -272,7 +227,6 @@ def eval_problems():
         (not (os.path.isfile(prompts) and prompts.endswith('.json')),
          f'--prompts {prompts!r} is no TTA-Bench JSON file; give one such as config/tta_bench_acc.json'),
         (limit < 0, f'--limit must be 0 (every prompt) or a number of prompts, got {limit}'),
-        (score_batch_size < 1, f'--score_batch_size must be at least 1, got {score_batch_size}'),
         (audio_dir and not os.path.isdir(audio_dir), f'--audio_dir {audio_dir!r} is not a folder of <id>.wav files'),
         (not audio_dir and ckpt and not os.path.isfile(ckpt), f'--ckpt {ckpt!r} is no file; give a ckpt.pt or .pth'),
         (weights not in ('grpo', 'pt'), f"--weights must be 'grpo' or 'pt', got {weights!r}")]
@@ -283,33 +237,23 @@ def metric_names():
 
 
 def eval_inputs():
-    """The (id, caption) pairs to evaluate and {id: reason} of the skipped ones. Raises ValueError for a prompts
-    file or out_dir that cannot serve, and when out_dir holds clips generated with other settings (resuming
-    must not mix them)."""
-    items, skipped = read_bench()
-    data.check_writable(out_dir, '--out_dir')
-    record = os.path.join(out_dir, 'generation.json')
-    if not audio_dir and os.path.isfile(record):
-        with open(record) as f:
-            old = json.load(f)
-        changed = [f'{k}={old.get(k)!r} (now {v!r})' for k, v in generation_settings(data.pick_device(device)).items()
-                   if old.get(k) != v]
-        if changed:
-            raise ValueError(f'--out_dir {out_dir} holds clips generated with {", ".join(changed)}; resume with '
-                             f'those settings or choose another --out_dir')
-    return items, skipped
-
-
-def read_bench():
-    """[(id, caption)] of the first --limit entries of the TTA-Bench file (data.read_prompts) and {id: reason} of
-    those it skips (an empty, null or non-text prompt_text: TTA-Bench's fairness set has one). Raises ValueError as
-    read_prompts does, and for ids that repeat or cannot name a file."""
+    """The (id, caption) pairs of the first --limit prompts and {id: reason} of the skipped ones. Raises ValueError
+    for prompts or an out_dir that cannot serve, and for an out_dir of clips generated with other settings."""
     entries = data.read_prompts(prompts, keep_unusable=True)
     ids = [i for i, _ in entries]
     bad = [i for i in ids if not re.fullmatch(r'[A-Za-z0-9_][A-Za-z0-9_.-]*', i)]
     if bad or len(set(ids)) < len(ids):
         raise ValueError(f'--prompts {prompts}: ids must be unique file names (letters, digits, _ . -); '
                          f'{bad[:3] or "some ids repeat"}')
+    data.check_writable(out_dir, '--out_dir')
+    record = os.path.join(out_dir, 'generation.json')
+    if not audio_dir and os.path.isfile(record):  # resuming must not mix clips of other settings
+        old = json.loads(Path(record).read_text())
+        now = generation_settings(data.pick_device(device))
+        changed = [f'{k}={old.get(k)!r} (now {v!r})' for k, v in now.items() if old.get(k) != v]
+        if changed:
+            raise ValueError(f'--out_dir {out_dir} holds clips generated with {", ".join(changed)}; resume with '
+                             f'those settings or choose another --out_dir')
     entries = entries[:limit or None]
     return [(i, c) for i, c in entries if c], {i: 'empty, null or non-text prompt_text' for i, c in entries if not c}
 
@@ -323,8 +267,7 @@ def generation_settings(dev):
 
 
 def bench_eval(items, skipped):
-    """Generate the missing clips of the (id, caption) items, score every clip, write scores.jsonl and
-    summary.json, print the table. Returns the summary on rank 0, None on the other ranks."""
+    """Generate the missing clips, score every clip, write the results; returns the summary on rank 0, else None."""
     rank, world, dev = init_distributed()
     if rank == 0:
         print(f'eval: {len(items) + len(skipped)} prompts of {prompts} ({len(skipped)} skipped), {world} '
@@ -333,12 +276,7 @@ def bench_eval(items, skipped):
         generate_missing(items, rank, world, dev)
     rows, unreadable = score_clips(items, audio_dir or out_dir, rank, world, dev)
     rows = [row for part in gathered(rows, world) for row in part]
-    summary = None
-    if rank == 0:
-        order = {pid: i for i, (pid, _) in enumerate(items)}
-        summary = write_results(sorted(rows, key=lambda r: order[r['id']]), {**skipped, **unreadable}, dev)
-        system = audio_dir or ckpt or f'published {weights}'
-        print(results_table(summary['means'], f'this run: {system}, {len(rows)} clips'))
+    summary = write_results(items, rows, {**skipped, **unreadable}, dev) if rank == 0 else None
     if world > 1:
         dist.destroy_process_group()
     return summary
@@ -370,8 +308,7 @@ def wav_path(folder, pid):
 
 
 def generate_missing(items, rank, world, dev):
-    """Write out_dir/<id>.wav for each (id, caption) without a complete clip; this rank takes every world-th.
-    The noise of a clip comes from data.seeded_generator(seed, id): it does not depend on batching or sharding."""
+    """Write out_dir/<id>.wav for each (id, caption) without a complete clip; this rank takes every world-th."""
     todo = [(pid, text) for pid, text in items if not complete_wav(wav_path(out_dir, pid))]
     gathered(None, world)  # every rank lists the same clips before any is written
     if rank == 0:
@@ -382,7 +319,7 @@ def generate_missing(items, rank, world, dev):
         pipe = load_eval_pipeline(dev)
         with tqdm(total=len(mine), unit='clip', desc='generate', disable=rank != 0) as bar:
             for start in range(0, len(mine), batch_size):
-                batch = mine[start:start + batch_size]
+                batch = mine[start:start + batch_size]  # each clip's noise depends on its id alone
                 audio, sr = generate([text for _, text in batch], pipe, duration, steps, cfg_strength, seed=[
                     data.seeded_generator(seed, pid) for pid, _ in batch], batch_size=len(batch), progress=False)
                 for (pid, _), wave in zip(batch, audio):  # (S,) each
@@ -394,21 +331,17 @@ def generate_missing(items, rank, world, dev):
 
 
 def wav_info(path):
-    """soundfile's info of an audio file, or None when it is missing or unreadable."""
     try:
         return soundfile.info(path)
-    except (soundfile.SoundFileError, RuntimeError, OSError):
+    except (soundfile.SoundFileError, RuntimeError, OSError):  # missing or unreadable
         return None
 
 
 def complete_wav(path):
-    """True for a readable audio file of round(duration * its rate) samples, generated with these settings."""
-    info = wav_info(path)
-    return info is not None and info.frames == round(duration * info.samplerate)
+    return (info := wav_info(path)) is not None and info.frames == round(duration * info.samplerate)
 
 
 def load_eval_pipeline(dev):
-    """sample.load_pipeline from the eval settings; exits with the loader's message when it cannot load."""
     s = generation_settings(dev)
     try:
         pipe = load_pipeline(ckpt or None, weights_dir or None, dev, s['dtype'], weights, s['text_encoder'],
@@ -420,95 +353,73 @@ def load_eval_pipeline(dev):
 
 
 def write_text(path, text):
-    """Write UTF-8 text atomically (data.write_atomic)."""
     data.write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding='utf-8'))
 
 
 def release():
     """Return freed model memory to the device, so that the next model's peak is its own, not a sum."""
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def score_clips(items, folder, rank, world, dev):
-    """Score this rank's share of the (id, caption) items whose folder/<id>.wav is readable, by each --metrics
-    scorer in turn. Returns [{'id', 'prompt', column: value}], and {id: reason} for the clips that are missing
-    or unreadable."""
-    unreadable = {pid: f'no readable {pid}.wav in {folder}' for pid, _ in items if not wav_info(wav_path(folder, pid))}
-    mine = [(pid, text) for pid, text in items if pid not in unreadable][rank::world]
-    rows = [{'id': pid, 'prompt': text} for pid, text in mine]
-    for name in metric_names() if mine else []:
-        for column, values in run_metric(name, mine, folder, rank, dev).items():
-            assert column not in rows[0] and len(values) == len(rows), f'{name}: column {column!r} twice or short'
-            for row, value in zip(rows, values):
-                row[column] = value
-    return rows, unreadable
+    torch.cuda.empty_cache()  # a no-op where CUDA is not in use
 
 
 @torch.no_grad()
-def run_metric(name, items, folder, rank, dev):
-    """{column: [value per item]} of metric `name` on folder/<id>.wav of the (id, caption) items, in batches of
-    score_batch_size. The scorer is built here and freed before returning, so only one is ever in memory.
-    Columns are score_all's keys, or `name` for its single default "score"."""
-    torch.manual_seed(seed)  # scorers that draw random numbers repeat run to run
-    scorer = build_metric(name, dev)
-    columns = {}
-    with tqdm(total=len(items), unit='clip', desc=name, disable=rank != 0) as bar:
-        for ids, captions, audio, sr in clip_batches(items, folder):
-            for key, values in scorer.score_all(audio, sr, captions, ids).items():  # (B,) each
-                columns.setdefault(name if key == 'score' else key, []).extend(values.float().cpu().tolist())
-            bar.update(len(captions))
-    del scorer
-    release()
-    return columns
+def score_clips(items, folder, rank, world, dev):
+    """This rank's rows {'id', 'prompt', column: value}, one scorer at a time, and {id: reason} of unreadable clips."""
+    unreadable = {pid: f'no readable {pid}.wav in {folder}' for pid, _ in items if not wav_info(wav_path(folder, pid))}
+    mine = [(pid, text) for pid, text in items if pid not in unreadable][rank::world]
+    columns = {'id': [pid for pid, _ in mine], 'prompt': [text for _, text in mine]}
+    for name in metric_names() if mine else []:
+        torch.manual_seed(seed)  # scorers that draw random numbers repeat run to run
+        scorer = build_metric(name, dev)
+        with tqdm(total=len(mine), unit='clip', desc=name, disable=rank != 0) as bar:
+            for ids, captions, audio, sr in clip_batches(mine, folder):
+                for key, values in scorer.score_all(audio, sr, captions, ids).items():  # (B,) each
+                    columns.setdefault(name if key == 'score' else key, []).extend(values.float().cpu().tolist())
+                bar.update(len(captions))
+        del scorer  # before the next one is built
+        release()
+    assert all(len(v) == len(mine) for v in columns.values()), f'a column of {metrics} is short or named twice'
+    return [dict(zip(columns, row)) for row in zip(*columns.values())], unreadable
 
 
 def build_metric(name, dev):
-    """reward.REWARDS[name] with metric_kwargs[name], on dev when it takes a device (reward.build_reward's rule);
-    exits with one line when it cannot be built (a model that is not on this machine, kwargs that do not fit)."""
     try:
         return reward.build_reward({name: dict(metric_kwargs.get(name, {}))}, dev).terms[name][0]
-    except (ValueError, TypeError, OSError) as e:
+    except (ValueError, TypeError, OSError) as e:  # a model not on this machine, kwargs that do not fit
         hint = (f"\n(bench.py's --weights_dir is the generator's: give a metric's folder in a config/*.py preset as "
-                f"metric_kwargs = {{{name!r}: {{'weights_dir': FOLDER}}}})") if isinstance(e, data.WeightsMissing) else ''
-        sys.exit(f'error: metric {name!r} could not be built: {e}{hint}')
+                f"metric_kwargs = {{{name!r}: {{'weights_dir': FOLDER}}}})")
+        sys.exit(f'error: metric {name!r} could not be built: {e}{hint if isinstance(e, data.WeightsMissing) else ""}')
 
 
 def clip_batches(items, folder):
-    """(ids, captions, audio (B, S) float32, sample_rate) of up to score_batch_size consecutive clips of one rate and
-    length, read from folder/<id>.wav at the file's own rate and downmixed to the channel mean; the scorer
-    resamples (reward.prepare_audio). Silent clips are scored too (data.load_audio refuses them, for training)."""
-    batch, key = [], None
-    for pid, text in items:
-        samples, sr = soundfile.read(wav_path(folder, pid), dtype='float32', always_2d=True)  # (S, channels)
-        wave = torch.from_numpy(samples.mean(1))  # (S,)
-        if batch and (len(batch) == score_batch_size or (sr, len(wave)) != key):
-            yield [i for i, _, _ in batch], [t for _, t, _ in batch], torch.stack([w for *_, w in batch]), key[0]
-            batch = []
-        batch.append((pid, text, wave))
-        key = (sr, len(wave))
-    if batch:
-        yield [i for i, _, _ in batch], [t for _, t, _ in batch], torch.stack([w for *_, w in batch]), key[0]
+    """(ids, captions, audio (B, S) float32 mono, sr) of runs of up to score_batch_size clips of one rate and length."""
+    def read(item):  # (id, caption) -> (id, caption, wave (S,), sr)
+        samples, sr = soundfile.read(wav_path(folder, item[0]), dtype='float32', always_2d=True)  # (S, channels)
+        return *item, torch.from_numpy(samples.mean(1)), sr
+    for (sr, _), group in itertools.groupby(map(read, items), key=lambda clip: (clip[3], len(clip[2]))):
+        while batch := list(itertools.islice(group, score_batch_size)):
+            ids, captions, waves, _ = zip(*batch)
+            yield list(ids), list(captions), torch.stack(waves), sr
 
 
-def write_results(rows, skipped, dev):
-    """out_dir/scores.jsonl (a row per id, every metric column) and out_dir/summary.json (means over the rows,
-    counts, skipped ids with the reason); returns the summary."""
+def write_results(items, rows, skipped, dev):
+    order = {pid: i for i, (pid, _) in enumerate(items)}
+    rows = sorted(rows, key=lambda r: order[r['id']])
     columns = [c for c in (rows[0] if rows else {}) if c not in ('id', 'prompt')]
     summary = dict(prompts=prompts, limit=limit, metrics=metric_names(), audio_dir=audio_dir or out_dir,
                    generation=None if audio_dir else generation_settings(dev), scored=len(rows),
                    skipped_count=len(skipped), means={c: sum(r[c] for r in rows) / len(rows) for c in columns},
                    skipped=skipped)
-    lines = ''.join(json.dumps(row, ensure_ascii=False) + '\n' for row in rows)
-    write_text(os.path.join(out_dir, 'scores.jsonl'), lines)
+    write_text(os.path.join(out_dir, 'scores.jsonl'), ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows))
     write_text(os.path.join(out_dir, 'summary.json'), json.dumps(summary, indent=1, ensure_ascii=False) + '\n')
     print(f'wrote {out_dir}/scores.jsonl ({len(rows)} rows) and {out_dir}/summary.json ({len(skipped)} skipped)')
+    system = audio_dir or ckpt or f'published {weights}'
+    print(results_table(summary['means'], f'this run: {system}, {len(rows)} clips'))
     return summary
 
 
 def results_table(means, label):
-    """A markdown table: our means (label) beside the paper's rows; our other columns follow the paper's."""
+    """A markdown table: our means (label), then the paper's rows; our columns outside the paper's come last."""
     extra = [c for c in means if c not in PAPER_COLUMNS.values()]
     ours = [f'{means[c]:.3f}' if c in means else '-' for c in [*PAPER_COLUMNS.values(), *extra]]
     rows = [['system', *PAPER_COLUMNS, *extra], ['---'] * (1 + len(PAPER_COLUMNS) + len(extra)), [label, *ours]]
