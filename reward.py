@@ -1,13 +1,7 @@
-"""Rewards and evaluation metrics: everything that scores generated clips against their captions. Every scorer is a
-Reward: `score(audio (B, S) float, sample_rate: int, prompts: list[str]) -> (B,) float32`, higher is better, at its
-`sample_rate` (None: any); prepare_audio checks and resamples (data.resample, as the released metrics). In order:
-
-    LoudnessReward, SpectralCentroidReward   signal-level rewards, no download: tests and CPU runs
-    AudioboxAesthetics ("aes")    Meta's Audiobox Aesthetics (CE, CU, PC, PQ) of the clip alone
-    MSClapScore ("clap")          CLAPScore: cosine of Microsoft CLAP 2023 text and audio embeddings
-    ClapReward ("laion_clap")     cosine of LAION-CLAP embeddings, the released alternative GRPO reward
-    QwenOmniJudge                 an audio LLM's yes/no: the training reward ("qwen_omni") and AQAScore ("aqa")
-    build_reward("loudness:1.0,clap:0.5") -> a WeightedSum of REWARDS entries"""
+"""Rewards and evaluation metrics. Every scorer is a Reward: score(audio (B, S) float, sample_rate, prompts) -> (B,)
+float32, higher is better. In order: signal-level rewards (no download), Audiobox Aesthetics ("aes"), CLAPScore
+("clap", Microsoft CLAP 2023), LAION-CLAP ("laion_clap"), the Qwen-Omni judge ("qwen_omni", the training reward, and
+"aqa", AQAScore), and build_reward("loudness:1.0,clap:0.5") -> a WeightedSum of REWARDS entries."""
 
 import dataclasses
 import functools
@@ -26,8 +20,8 @@ from data import WeightsMissing, hub_files, pick_device, read_weights, resample,
 
 
 def prepare_audio(audio, sample_rate, target_rate, prompts) -> torch.Tensor:
-    """(B, S) float clips at `sample_rate` Hz, with B prompts -> (B, S') float32, detached, at `target_rate` Hz
-    (None: as is). Raises ValueError for a wrong shape or dtype, a bad rate or a prompt count that does not match."""
+    """(B, S) float at `sample_rate` Hz -> (B, S') float32, detached, at `target_rate` Hz (None: as is).
+    Raises ValueError for a wrong shape or dtype, a bad rate or a prompt count that does not match."""
     if not torch.is_tensor(audio) or audio.ndim != 2 or not audio.is_floating_point():
         shape = tuple(audio.shape) if torch.is_tensor(audio) else type(audio).__name__
         raise ValueError(f"audio must be a (B, S) float tensor, got {shape}; squeeze a (B, 1, S) vocoder output")
@@ -36,19 +30,18 @@ def prepare_audio(audio, sample_rate, target_rate, prompts) -> torch.Tensor:
     if isinstance(prompts, str) or len(prompts) != audio.shape[0]:
         raise ValueError(f"need one prompt per clip: {audio.shape[0]} clips, prompts={prompts!r:.80}")
     audio = audio.detach().float()
-    return audio if target_rate is None else resample(audio, int(sample_rate), int(target_rate))  # as is at one rate
+    return audio if target_rate is None else resample(audio, int(sample_rate), int(target_rate))
 
 
 class Reward:
-    """Interface of every reward; subclasses set `sample_rate` and implement `score`."""
+    """Subclasses set `sample_rate` (Hz; None: any) and implement score, or score_all with a "score" column."""
     sample_rate = None
 
     def score(self, audio, sample_rate, prompts) -> torch.Tensor:
-        raise NotImplementedError
+        return self.score_all(audio, sample_rate, prompts)["score"]
 
     def score_all(self, audio, sample_rate, prompts, ids=None) -> dict:
-        """{column: (B,) float32} of every figure this scorer computes (bench.py's columns); default: one, "score".
-        ids: the clips' prompt ids, for scorers that draw per clip (CLAPScore's crop)."""
+        """{column: (B,) float32} (bench.py's columns); ids: the prompt ids, for scorers that draw per clip."""
         return {"score": self.score(audio, sample_rate, prompts)}
 
     def __call__(self, audio, sample_rate, prompts):
@@ -69,8 +62,7 @@ class LoudnessReward(Reward):
 
 
 class SpectralCentroidReward(Reward):
-    """-|log2(centroid / target_hz)|, in octaves so that 500 Hz and 2 kHz are equally far from 1 kHz; centroid:
-    the magnitude-weighted mean frequency (Hz) of the whole clip's Hann-windowed spectrum."""
+    """-|log2(centroid / target_hz)| (octaves); centroid: the mean frequency of the clip's Hann-windowed spectrum."""
     def __init__(self, target_hz: float = 1000.0):
         if target_hz <= 0:
             raise ValueError(f"target_hz must be positive, got {target_hz}")
@@ -96,9 +88,9 @@ AES_WAVLM = {"extractor_mode": "default", "conv_feature_layers": "[(512,10,5)] +
              "encoder_attention_heads": 12, "activation_fn": "gelu", "layer_norm_first": False, "conv_pos": 128,
              "conv_pos_groups": 16, "relative_position_embedding": True, "num_buckets": 320, "max_distance": 800,
              "gru_rel_pos": True, "normalize": False}
-# Official AesMultiOutput state-dict names -> ours (transformers' WavLMModel under `wavlm`, the heads under
-# `heads`), rewritten by every rule in turn.
+# Official AesMultiOutput state-dict names -> ours (transformers' WavLMModel under `wavlm`, the heads under `heads`)
 AES_KEY_MAP = [
+    (r"^model\.", ""),  # checkpoint.pt's prefix, which the package strips
     (r"^wavlm_model\.mask_emb$", "wavlm.masked_spec_embed"),
     (r"conv_layers\.(\d+)\.0\.", r"conv_layers.\1.conv."),  # blocks: Sequential(conv, dropout, [norm,] gelu)
     (r"conv_layers\.0\.2\.", "conv_layers.0.layer_norm."),  # the group norm of the first conv block
@@ -119,9 +111,9 @@ AES_KEY_MAP = [
 ]
 
 
-def aes_key(name: str) -> str:
-    """Our state-dict name for an official Audiobox Aesthetics one (through AES_KEY_MAP)."""
-    for pattern, replacement in AES_KEY_MAP:
+def rename_key(name: str, rules) -> str:
+    """An official state-dict name rewritten by every (regex, replacement) rule in turn: ours."""
+    for pattern, replacement in rules:
         name = re.sub(pattern, replacement, name)
     return name
 
@@ -162,10 +154,9 @@ class AesModel(nn.Module):
 
     @classmethod
     def from_official(cls, wavlm_config, model_cfg, state_dict):
-        """Built on the meta device, then filled strictly with official-name weights (through AES_KEY_MAP)."""
         with torch.device("meta"):
             model = cls(wavlm_config, model_cfg)
-        model.load_state_dict({aes_key(k): v for k, v in state_dict.items()}, assign=True)
+        model.load_state_dict({rename_key(k, AES_KEY_MAP): v for k, v in state_dict.items()}, assign=True)
         return model
 
     def hidden_states(self, wav, valid):
@@ -219,8 +210,7 @@ class AudioboxAesthetics(Reward):
         {"state_dict": {"model." + official name: tensor}, "model_cfg": AesMultiOutput fields,
         "target_transform": {axis: {"mean", "std"}}}."""
         ckpt = read_weights(hub_files(AES_REPO, [AES_FILE], weights_dir)[AES_FILE])
-        state = {re.sub(r"^model\.", "", k): v for k, v in ckpt["state_dict"].items()}  # as the package strips it
-        model = AesModel.from_official(wavlm_config, ckpt["model_cfg"], state)
+        model = AesModel.from_official(wavlm_config, ckpt["model_cfg"], ckpt["state_dict"])
         return cls(model, ckpt["target_transform"], axis, device, max_windows)
 
     @torch.no_grad()
@@ -256,22 +246,14 @@ MSCLAP_D_PROJ = 1024  # config_2023.yml: d_proj, the joint embedding size
 # stored melW) although the audio arrives at 44.1 kHz.
 HTSAT_2023 = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(4, 8, 16, 32), window_size=8, spec_size=256,
                   patch_size=4, mlp_ratio=4.0, num_classes=527, n_fft=1024, hop=320, mel_bins=64)
-# Official names -> ours, the first matching prefix replaced (and back for the manifest test).
-MSCLAP_KEY_MAP = {
-    "audio_encoder.base.htsat.spectrogram_extractor.stft.conv_real.weight": "audio.stft_real",
-    "audio_encoder.base.htsat.spectrogram_extractor.stft.conv_imag.weight": "audio.stft_imag",
-    "audio_encoder.base.htsat.logmel_extractor.melW": "audio.melW",
-    "audio_encoder.base.htsat.": "audio.",
-    "audio_encoder.projection.": "audio_proj.",
-    "caption_encoder.base.": "text.",
-    "caption_encoder.projection.": "text_proj.",
-}
-
-
-def rename_key(key, key_map=MSCLAP_KEY_MAP):
-    """`key` with its first matching prefix in key_map replaced (official -> ours; pass the inverted map back)."""
-    old = next((k for k in key_map if key.startswith(k)), None)
-    return key if old is None else key_map[old] + key[len(old):]
+# Official names -> ours (rename_key)
+MSCLAP_KEY_MAP = [
+    (r"^audio_encoder\.base\.htsat\.spectrogram_extractor\.stft\.conv_(real|imag)\.weight$", r"audio.stft_\1"),
+    (r"^audio_encoder\.base\.htsat\.(logmel_extractor\.)?", "audio."),  # logmel_extractor.melW: audio.melW
+    (r"^audio_encoder\.projection\.", "audio_proj."),
+    (r"^caption_encoder\.base\.", "text."),
+    (r"^caption_encoder\.projection\.", "text_proj."),
+]
 
 
 def seven_seconds(wave, start=None) -> torch.Tensor:
@@ -471,7 +453,7 @@ class MSClap(nn.Module):
         load skips them; the fixed STFT kernels are computed when the state omits them."""
         real, imag = stft_kernels(self.audio.stft_real.shape[-1])
         state = {"audio.stft_real": real, "audio.stft_imag": imag, **{
-            rename_key(k): v for k, v in state.items()
+            rename_key(k, MSCLAP_KEY_MAP): v for k, v in state.items()
             if not (k.startswith("caption_encoder.base.h.") and k.endswith((".attn.bias", ".attn.masked_bias")))}}
         self.load_state_dict(state, strict=True, assign=True)
 
@@ -498,10 +480,8 @@ class MSClap(nn.Module):
 
 
 class MSClapScore(Reward):
-    """CLAPScore as TTA-Bench computes it: cosine of Microsoft CLAP 2023 audio and text embeddings, at 44.1 kHz.
-    Unlike msclap, clips arrive mono and a longer clip's 7 s crop is seeded by (seed, prompt id) (crop_start), so a clip
-    scores the same on every run. weights_dir: CLAP_weights_2023.pth and gpt2's files (default the Hugging Face
-    cache); sizes: MSClap.from_pretrained's htsat / d_proj; model: an already built MSClap."""
+    """CLAPScore (TTA-Bench): cosine of Microsoft CLAP 2023 audio and text embeddings; a clip over 7 s is cropped at
+    crop_start(seed, its prompt id, else its caption). sizes: MSClap.from_pretrained's htsat, d_proj."""
     sample_rate = MSCLAP_RATE
 
     def __init__(self, weights_dir=None, device=None, seed=0, model=None, **sizes):
@@ -509,17 +489,13 @@ class MSClapScore(Reward):
         self.seed = seed
 
     def score_all(self, audio, sample_rate, prompts, ids=None):
-        return {"score": self.score(audio, sample_rate, prompts, ids)}
-
-    def score(self, audio, sample_rate, prompts, ids=None):
-        """(B,) cosines; a longer clip's crop is drawn from (seed, its prompt id), the caption when ids is None."""
         audio = prepare_audio(audio, sample_rate, self.sample_rate, prompts)
         keys = prompts if ids is None else ids
         clips = torch.stack([seven_seconds(w, crop_start(w.numel(), self.seed, k)) for w, k in zip(audio, keys)])
         device = self.model.logit_scale.device
         sound = self.model.embed_audio(clips.to(device))  # (B, d_proj)
         text = self.model.embed_text(*(t.to(device) for t in self.model.tokenize(prompts)))
-        return (F.normalize(sound.float(), dim=-1) * F.normalize(text.float(), dim=-1)).sum(-1).to(audio.device)
+        return {"score": F.cosine_similarity(sound.float(), text.float()).to(audio.device)}
 
 
 # ---------------------------------------------------------------- LAION-CLAP (the alternative GRPO reward)
@@ -728,14 +704,8 @@ class WeightedSum(Reward):
         assert terms, "WeightedSum needs at least one reward"
         self.terms = dict(terms)
 
-    def score_all(self, audio, sample_rate, prompts, ids=None):
-        """{name: (B,) unweighted score} of every term, for logging, and "score", their weighted sum."""
-        parts = {name: reward.score(audio, sample_rate, prompts).float().to(audio.device)
-                 for name, (reward, _) in self.terms.items()}
-        return {**parts, "score": sum(weight * parts[name] for name, (_, weight) in self.terms.items())}
-
     def score(self, audio, sample_rate, prompts):
-        return self.score_all(audio, sample_rate, prompts)["score"]
+        return sum(weight * reward.score(audio, sample_rate, prompts) for reward, weight in self.terms.values())
 
 
 REWARDS = {
