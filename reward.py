@@ -20,8 +20,7 @@ from data import WeightsMissing, hub_files, pick_device, read_weights, resample,
 
 
 def prepare_audio(audio, sample_rate, target_rate, prompts) -> torch.Tensor:
-    """(B, S) float at `sample_rate` Hz -> (B, S') float32, detached, at `target_rate` Hz (None: as is).
-    Raises ValueError for a wrong shape or dtype, a bad rate or a prompt count that does not match."""
+    """(B, S) float at `sample_rate` Hz -> (B, S') float32 at `target_rate` (None: as is); ValueError for bad input."""
     if not torch.is_tensor(audio) or audio.ndim != 2 or not audio.is_floating_point():
         shape = tuple(audio.shape) if torch.is_tensor(audio) else type(audio).__name__
         raise ValueError(f"audio must be a (B, S) float tensor, got {shape}; squeeze a (B, 1, S) vocoder output")
@@ -119,7 +118,6 @@ def rename_key(name: str, rules) -> str:
 
 
 def _wavlm_config(cfg: dict):
-    """transformers' WavLMConfig for the package's (unilm) WavLM config dict."""
     from transformers import WavLMConfig
     assert cfg["extractor_mode"] == "default" and not cfg["layer_norm_first"] and not cfg["normalize"], cfg
     assert cfg["relative_position_embedding"] and cfg["gru_rel_pos"], "transformers' WavLM always has both"
@@ -136,10 +134,8 @@ def _wavlm_config(cfg: dict):
 
 
 class AesModel(nn.Module):
-    """Audiobox Aesthetics' AesMultiOutput on transformers' WavLM: per axis, a softmax-weighted sum of the layers + 1
-    hidden states, mean over the unpadded frames, L2 normalisation, a linear head. The encoder runs layer by layer
-    because the package's WavLM marks a frame padding only when all its samples are (transformers' conv arithmetic
-    gives fewer). wavlm_config: the package's dict (AES_WAVLM); model_cfg: the checkpoint's AesMultiOutput fields."""
+    """The package's AesMultiOutput on transformers' WavLM, from its WavLM dict (AES_WAVLM) and the checkpoint's
+    model_cfg: per axis a softmax-weighted sum of all hidden states, mean over real frames, L2 norm, a linear head."""
     def __init__(self, wavlm_config: dict, model_cfg: dict):
         from transformers import WavLMModel
         super().__init__()
@@ -160,7 +156,8 @@ class AesModel(nn.Module):
         return model
 
     def hidden_states(self, wav, valid):
-        """(N, W) 16 kHz windows, (N, W) bool True on real samples -> (N, T, D, L) states, (N, T) bool frames."""
+        """(N, W) 16 kHz windows, (N, W) bool real samples -> (N, T, D, L) states, (N, T) bool real frames."""
+        # layer by layer: the package marks a frame padding only when all its samples are (transformers, fewer)
         wavlm, encoder = self.wavlm, self.wavlm.encoder
         x = wavlm.feature_extractor(wav).transpose(1, 2)  # (N, T, C)
         N, T, _ = x.shape
@@ -175,7 +172,7 @@ class AesModel(nn.Module):
         return torch.stack(states, dim=-1), frames
 
     def forward(self, wav, valid) -> dict:
-        """(N, W) windows and their (N, W) sample mask -> {axis: (N,)} predictions in normalised units."""
+        """-> {axis: (N,)} predictions in normalised units."""
         states, frames = self.hidden_states(wav, valid)
         keep = frames[..., None].float()  # (N, T, 1)
         preds = {}
@@ -187,11 +184,8 @@ class AesModel(nn.Module):
 
 
 class AudioboxAesthetics(Reward):
-    """Meta Audiobox Aesthetics (arXiv 2502.05139; audiobox-aesthetics 0.0.4, AesPredictor.forward): CE, CU, PC, PQ
-    of each clip on a 1-10 scale, caption unused. As released: 16 kHz, 10 s windows with a 10 s hop, the last padded
-    and masked, each de-normalised (x * std + mean) and weighted by its share of audio; float32 under any autocast.
-    Unlike the package, clips arrive mono (it averages channels after resampling: equal up to rounding) and a batch's
-    windows run together, max_windows per pass. `score` gives `axis` (default PQ); ValueError for an unknown one."""
+    """Audiobox Aesthetics (arXiv 2502.05139; audiobox-aesthetics 0.0.4, AesPredictor.forward): CE, CU, PC, PQ (1-10)
+    of 10 s windows, weighted by their share of audio; caption unused. score: `axis` (ValueError for an unknown one)."""
     sample_rate = 16000
     WINDOW_SECONDS = 10
 
@@ -205,17 +199,13 @@ class AudioboxAesthetics(Reward):
 
     @classmethod
     def from_pretrained(cls, weights_dir=None, device=None, axis="PQ", max_windows=16, wavlm_config=AES_WAVLM):
-        """The published `checkpoint.pt` of facebook/audiobox-aesthetics (~416 MB) via data.hub_files (raises
-        data.WeightsMissing). It holds only containers and float32 tensors, so no class is allowed:
-        {"state_dict": {"model." + official name: tensor}, "model_cfg": AesMultiOutput fields,
-        "target_transform": {axis: {"mean", "std"}}}."""
+        """facebook/audiobox-aesthetics' checkpoint.pt (~416 MB) via data.hub_files (raises data.WeightsMissing)."""
         ckpt = read_weights(hub_files(AES_REPO, [AES_FILE], weights_dir)[AES_FILE])
         model = AesModel.from_official(wavlm_config, ckpt["model_cfg"], ckpt["state_dict"])
         return cls(model, ckpt["target_transform"], axis, device, max_windows)
 
     @torch.no_grad()
     def score_all(self, audio, sample_rate, prompts, ids=None) -> dict:
-        """{"CE", "CU", "PC", "PQ": (B,) float32} for (B, S) clips at `sample_rate` Hz."""
         wave = prepare_audio(audio, sample_rate, self.sample_rate, prompts).to(self.device)
         (B, S), W, m = wave.shape, self.WINDOW_SECONDS * self.sample_rate, self.max_windows
         n = -(-S // W)  # windows per clip
@@ -238,16 +228,13 @@ class AudioboxAesthetics(Reward):
 
 MSCLAP_REPO, MSCLAP_FILE = "microsoft/msclap", "CLAP_weights_2023.pth"
 GPT2_REPO, GPT2_FILES = "gpt2", ("config.json", "vocab.json", "merges.txt")  # the weights are in MSCLAP_FILE
-MSCLAP_RATE, MSCLAP_SECONDS, MSCLAP_TEXT_LEN = 44100, 7, 77  # config_2023.yml: sampling_rate, duration, text_len
-MSCLAP_SPAN = MSCLAP_SECONDS * MSCLAP_RATE  # samples in the 7 s window
+MSCLAP_RATE, MSCLAP_SPAN, MSCLAP_TEXT_LEN = 44100, 7 * 44100, 77  # config_2023.yml: sampling_rate, 7 s, text_len
 MSCLAP_D_PROJ = 1024  # config_2023.yml: d_proj, the joint embedding size
-# HTSATWrapper ignores config_2023.yml's audio settings: it builds HTSAT_Swin_Transformer with its defaults and the
-# mel front end of models/config.py, made for 32 kHz AudioSet (the filterbank spans 50 Hz - 14 kHz at 32 kHz: the
-# stored melW) although the audio arrives at 44.1 kHz.
+# HTSATWrapper ignores config_2023.yml's audio settings: HTSAT_Swin_Transformer's defaults and the 32 kHz mel front
+# end of models/config.py (the stored melW), although the audio arrives at 44.1 kHz
 HTSAT_2023 = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(4, 8, 16, 32), window_size=8, spec_size=256,
                   patch_size=4, mlp_ratio=4.0, num_classes=527, n_fft=1024, hop=320, mel_bins=64)
-# Official names -> ours (rename_key)
-MSCLAP_KEY_MAP = [
+MSCLAP_KEY_MAP = [  # official names -> ours (rename_key)
     (r"^audio_encoder\.base\.htsat\.spectrogram_extractor\.stft\.conv_(real|imag)\.weight$", r"audio.stft_\1"),
     (r"^audio_encoder\.base\.htsat\.(logmel_extractor\.)?", "audio."),  # logmel_extractor.melW: audio.melW
     (r"^audio_encoder\.projection\.", "audio_proj."),
@@ -257,8 +244,8 @@ MSCLAP_KEY_MAP = [
 
 
 def seven_seconds(wave, start=None) -> torch.Tensor:
-    """msclap's CLAPWrapper.load_audio_into_tensor for a (C, S) 44.1 kHz clip -> (308700,): channels concatenated,
-    then tiled and cut to 7 s if at most 7 s long, else cropped to 7 s from sample `start`."""
+    """msclap's CLAPWrapper.load_audio_into_tensor: (C, S) 44.1 kHz -> (308700,), channels concatenated, then tiled
+    and cut to 7 s, or if longer cropped to 7 s from sample `start`."""
     flat = wave.reshape(-1)
     if flat.numel() <= MSCLAP_SPAN:
         return flat.repeat(math.ceil(MSCLAP_SPAN / flat.numel()))[:MSCLAP_SPAN]
@@ -267,16 +254,13 @@ def seven_seconds(wave, start=None) -> torch.Tensor:
 
 
 def crop_start(num_samples: int, seed, prompt_id):
-    """Start of the 7 s crop of a clip of `num_samples` (channels concatenated, 44.1 kHz); None when it is tiled.
-    msclap draws it with the unseeded random.randrange(num_samples - 7 s); we draw from the same range with
-    data.seeded_generator(seed, prompt_id), so a clip scores the same on every run."""
+    """msclap's random.randrange(num_samples - 7 s), seeded by (seed, prompt_id); None for a clip that is tiled."""
     if num_samples > MSCLAP_SPAN:
         return int(torch.randint(num_samples - MSCLAP_SPAN, (), generator=seeded_generator(seed, prompt_id)))
 
 
 def stft_kernels(n_fft: int):
-    """torchlibrosa's STFT as two conv1d kernels (n_fft // 2 + 1, 1, n_fft): cos and -sin times a periodic Hann
-    window. They are fixed, so a state dict may omit them."""
+    """torchlibrosa's STFT as conv1d kernels (n_fft // 2 + 1, 1, n_fft): cos and -sin times a periodic Hann window."""
     n = torch.arange(n_fft, dtype=torch.float64)
     angle = 2 * math.pi * torch.arange(n_fft // 2 + 1, dtype=torch.float64)[:, None] * n / n_fft
     window = torch.hann_window(n_fft, periodic=True, dtype=torch.float64)
@@ -284,8 +268,7 @@ def stft_kernels(n_fft: int):
 
 
 def shifted_window_mask(res: int, window: int, shift: int) -> torch.Tensor:
-    """(num_windows, N, N) additive mask of shifted-window attention (Swin): -100 between two tokens of one window
-    that the cyclic shift brought from different regions of the (res, res) grid, else 0. N = window ** 2."""
+    """(num_windows, N, N) Swin mask: -100 between tokens the cyclic shift brought from different regions, else 0."""
     region = torch.zeros(res, res)
     cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
     for i, (rows, cols) in enumerate((r, c) for r in cuts for c in cuts):
@@ -360,8 +343,7 @@ class SwinStage(nn.Module):
 
 
 class HTSAT(nn.Module):
-    """HTS-AT audio encoder (Chen et al., arXiv 2202.00874) as msclap runs it: log-mel front end, a Swin
-    transformer over the mel image, and the mean of its final tokens (`latent_output`). Arguments: HTSAT_2023."""
+    """HTS-AT (arXiv 2202.00874) as msclap runs it: a Swin transformer over the log-mel image, mean of its tokens."""
     def __init__(self, embed_dim, depths, num_heads, window_size, spec_size, patch_size, mlp_ratio, num_classes,
                  n_fft, hop, mel_bins):
         super().__init__()
@@ -414,9 +396,7 @@ class Projection(nn.Module):
 
 
 class MSClap(nn.Module):
-    """Microsoft CLAP 2023 (Elizalde et al., arXiv 2309.05767): HTSAT audio and GPT-2 text encoders, each projected
-    into a `d_proj`-dimensional joint space. Built from HTSAT's arguments (HTSAT_2023), a transformers GPT2Config
-    and, for tokenize(), a GPT-2 tokenizer whose pad token is '!'."""
+    """Microsoft CLAP 2023 (arXiv 2309.05767): HTSAT audio and GPT-2 text encoders projected to a joint space."""
     def __init__(self, htsat: dict, gpt2_config, d_proj=MSCLAP_D_PROJ, tokenizer=None):
         super().__init__()
         from transformers import GPT2Model
@@ -429,16 +409,12 @@ class MSClap(nn.Module):
 
     @classmethod
     def from_pretrained(cls, weights_dir=None, device=None, htsat=HTSAT_2023, d_proj=MSCLAP_D_PROJ):
-        """The published model: microsoft/msclap's CLAP_weights_2023.pth (~0.65 GB) and gpt2's config and
-        tokenizer files, from `weights_dir` (a folder holding them) or the Hugging Face cache (downloading them).
-        Built on the meta device and filled from the file. Raises data.WeightsMissing when files are missing."""
+        """microsoft/msclap's CLAP_weights_2023.pth (~0.65 GB) and gpt2's config and tokenizer, via data.hub_files
+        (raises data.WeightsMissing)."""
         from transformers import GPT2Config, GPT2Tokenizer
         clap = hub_files(MSCLAP_REPO, [MSCLAP_FILE], weights_dir)[MSCLAP_FILE]
         gpt2 = hub_files(GPT2_REPO, GPT2_FILES, weights_dir)
-        # CLAPWrapper.load_clap reads {"model": state dict} with a bare torch.load, which torch >= 2.6 (within
-        # msclap's torch < 3 pin) runs with weights_only=True: msclap works there only if the file holds tensors
-        # and containers alone, so nothing is allowed (anything more fails in read_weights, naming the file)
-        state = read_weights(clap)
+        state = read_weights(clap)  # tensors and containers only, as msclap's torch.load reads it on torch >= 2.6
         if "model" not in state:
             raise ValueError(f"{clap} is not msclap's checkpoint: it has no 'model' entry")
         tokenizer = GPT2Tokenizer(vocab=str(gpt2["vocab.json"]), merges=str(gpt2["merges.txt"]), pad_token="!")
@@ -448,9 +424,7 @@ class MSClap(nn.Module):
         return model.to(pick_device(device or "auto")).eval()
 
     def load_official(self, state):
-        """Load a state dict with msclap's key names, strictly, through MSCLAP_KEY_MAP. GPT-2's causal-mask
-        buffers that older transformers saved (h.N.attn.bias, .masked_bias) are dropped, as msclap's non-strict
-        load skips them; the fixed STFT kernels are computed when the state omits them."""
+        """Load msclap's state dict strictly, less GPT-2's causal-mask buffers (msclap loads non-strictly)."""
         real, imag = stft_kernels(self.audio.stft_real.shape[-1])
         state = {"audio.stft_real": real, "audio.stft_imag": imag, **{
             rename_key(k, MSCLAP_KEY_MAP): v for k, v in state.items()
@@ -470,9 +444,8 @@ class MSClap(nn.Module):
         return self.text_proj(hidden[torch.arange(len(last), device=last.device), last])
 
     def tokenize(self, prompts):
-        """msclap's CLAPWrapper.preprocess_text: caption + ' <|endoftext|>', GPT-2 BPE, padded with '!' (the pad, id 0,
-        so each '!' of a caption is 0 too) to 77 tokens; longer captions are not cut (as msclap) but pad the batch.
-        -> input_ids, attention_mask (B, max(77, longest)) int64."""
+        """msclap's CLAPWrapper.preprocess_text: caption + ' <|endoftext|>' padded with '!' (id 0) to 77 tokens, longer
+        ones uncut -> input_ids, attention_mask (B, max(77, longest)) int64."""
         tokens = self.tokenizer([p + " <|endoftext|>" for p in prompts], padding=True, return_tensors="pt")
         extra = max(0, MSCLAP_TEXT_LEN - tokens["input_ids"].shape[1])
         return (F.pad(tokens["input_ids"], (0, extra), value=self.tokenizer.pad_token_id),
@@ -501,10 +474,8 @@ class MSClapScore(Reward):
 # ---------------------------------------------------------------- LAION-CLAP (the alternative GRPO reward)
 
 class ClapReward(Reward):
-    """Cosine of LAION-CLAP text and audio embeddings at 48 kHz: Resonate's alternative GRPO reward. We run
-    transformers' ClapModel (default laion/clap-htsat-unfused), not the released laion_clap package and
-    music_speech_audioset_epoch_15_esc_89.98.pt: close to, not equal to, its numbers. As released, the audio goes
-    through int16 and back, and a clip over 10 s is cut by the feature extractor."""
+    """Cosine of LAION-CLAP text and audio embeddings, Resonate's alternative GRPO reward, on transformers' ClapModel
+    (not the released laion_clap checkpoint: close to, not equal to, its numbers)."""
     sample_rate = 48000
 
     def __init__(self, model_name_or_path="laion/clap-htsat-unfused", device=None, dtype=None, *,
@@ -528,8 +499,7 @@ class ClapReward(Reward):
         text = self.model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"])
         sound = self.model.get_audio_features(input_features=sound["input_features"].to(self.device, self.model.dtype),
                                               is_longer=sound["is_longer"].to(self.device))
-        text, sound = text.pooler_output, sound.pooler_output  # (B, D) each: the projected embeddings
-        return (F.normalize(text.float(), dim=-1) * F.normalize(sound.float(), dim=-1)).sum(-1).to(audio.device)
+        return F.cosine_similarity(text.pooler_output.float(), sound.pooler_output.float()).to(audio.device)
 
 
 # ---------------------------------------------------------------- Qwen-Omni judges: the LALM reward and AQAScore
