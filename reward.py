@@ -506,10 +506,8 @@ class ClapReward(Reward):
 
 @dataclasses.dataclass(frozen=True)
 class JudgeSettings:
-    """How QwenOmniJudge asks its model and reads the answer. repo: thinker + talker (only the thinker is built);
-    system_prompt: None for no system turn; yes, no: one token each; audio_tokens: (start, placeholder, end);
-    whole_clip: log-mel of the whole unpadded clip (Qwen3-Omni's processor), else padded or cut to Whisper's 30 s
-    (Qwen2.5-Omni's); rule: see QwenOmniJudge; max_new_tokens: the greedy answer's cap."""
+    """How QwenOmniJudge asks and reads; whole_clip: log-mel of the whole clip (Qwen3-Omni's processor), else of
+    Whisper's 30 s window (Qwen2.5-Omni's); audio_tokens: (start, placeholder, end)."""
     repo: str
     system_prompt: str | None
     yes: str
@@ -538,19 +536,16 @@ THINKERS = {"qwen2_5_omni": "Qwen2_5OmniThinkerForConditionalGeneration",  # con
 
 
 def audio_token_count(mel_frames, chunk=None):
-    """Audio tokens the Omni encoder emits for `mel_frames` 10 ms frames (int or (B,) tensor), as the processors count.
-    chunk None (Qwen2.5-Omni): a stride-2 conv then stride-2 pooling. chunk = 2 * n_window (Qwen3-Omni: 100 frames):
-    per chunk three stride-2 convs (kernel 3, padding 1: ceil(n / 2) each), so ceil(n / 8): 100 frames -> 13 tokens."""
+    """Audio tokens for `mel_frames` (int or (B,) tensor), as the processors count: chunk None (Qwen2.5-Omni), a
+    stride-2 conv and stride-2 pooling; else (Qwen3-Omni) three stride-2 convs, ceil(n / 8), per chunk of frames."""
     if chunk is None:
         return (-(-mel_frames // 2) - 2) // 2 + 1
     return mel_frames // chunk * -(-chunk // 8) + -(-(mel_frames % chunk) // 8)
 
 
 def load_judge(repo, weights_dir, dtype):
-    """(thinker, tokenizer, Whisper feature extractor) of a Qwen2.5-Omni or Qwen3-Omni repository, from `weights_dir` or
-    the Hugging Face cache (downloading config, tokenizer, feature extractor and every indexed shard, talker ones too:
-    from_pretrained reads the whole index). dtype None: the checkpoint's (bf16), as released. Raises
-    data.WeightsMissing; ValueError for a weights_dir with only some of the files, or another model family."""
+    """(thinker, tokenizer, Whisper feature extractor) of a Qwen-Omni repository via data.hub_files; dtype None: the
+    checkpoint's. Raises data.WeightsMissing; ValueError for a weights_dir with only some files or another family."""
     import transformers
     try:
         paths = hub_files(repo, JUDGE_FILES, weights_dir)
@@ -558,9 +553,8 @@ def load_judge(repo, weights_dir, dtype):
         paths.update(hub_files(repo, sorted(set(shards)), weights_dir))
     except WeightsMissing:  # one message for the whole repository rather than a list of shards
         raise WeightsMissing(f"the judge https://huggingface.co/{repo} is not on this machine and could not be "
-                             f"downloaded: fetch it where you have access (`hf download {repo}`) and pass that folder "
-                             f"as weights_dir, or run the command here to fill the Hugging Face cache (HF_TOKEN for "
-                             f"gated copies, HF_ENDPOINT for a mirror)") from None
+                             f"downloaded: run `hf download {repo}` here (HF_TOKEN for gated copies, HF_ENDPOINT for a "
+                             f"mirror), or where you have access and pass that folder as weights_dir") from None
     folder, *others = {p.parent for p in paths.values()}
     if others:
         raise ValueError(f"{weights_dir} holds only some of {repo}'s files; put all of them there, or none")
@@ -573,18 +567,10 @@ def load_judge(repo, weights_dir, dtype):
 
 
 class QwenOmniJudge(Reward):
-    """Ask a Qwen-Omni thinker whether the clip holds the caption's sound events (Resonate, arXiv 2603.11661; released
-    flow_grpo/rewards.py): QWEN25_OMNI is the training reward, AQA_QWEN3_OMNI the AQAScore metric. Mono 16 kHz; user
-    turn = question then clip; greedy answer; score = p(yes) / (p(yes) + p(no)) at the answer token the rule reads,
-    0 when that token is neither word exactly (the released quirk: with Qwen3-Omni's lowercase words "Yes" scores 0).
-    Rule "last_yes_no" (released): both released functions ask for one new token, but the Omni generate() overrides
-    it with thinker_max_new_tokens=1024, so the answer is decoded to <|im_end|> and its last yes or no read (here at
-    most max_new_tokens). "first_token" (QWEN25_OMNI's, cheap): one forward, the first answer token; the two agree
-    unless the answer starts otherwise or says yes or no again later. Unlike the released code (one clip at a time),
-    a batch runs together, left-padded: the same up to float rounding. Inputs come from the tokenizer and Whisper
-    feature extractor, not the Omni processors (they need PIL and torchvision). settings: a JudgeSettings (keyword
-    overrides replace fields); max_batch: clips per pass; model, tokenizer, feature_extractor: prebuilt parts.
-    Raises data.WeightsMissing; ValueError for an unknown rule, max_new_tokens < 1 or a tokenizer that does not fit."""
+    """A Qwen-Omni thinker asked whether the clip holds the caption's sound events (Resonate, arXiv 2603.11661; released
+    flow_grpo/rewards.py): p(yes) / (p(yes) + p(no)) at the greedy answer token the rule reads, 0 if neither word.
+    "last_yes_no" (released): the last yes/no of the answer, decoded to <|im_end|>; "first_token": its first token.
+    overrides replace JudgeSettings fields. Raises data.WeightsMissing; ValueError for bad settings or tokenizer."""
     sample_rate = 16000
     QUESTION = ("Does this audio contain the sound events described by the text: {caption}? "
                 "Please only answer yes or no, without other explanations.")
@@ -610,32 +596,27 @@ class QwenOmniJudge(Reward):
         self.chunk = 2 * audio_config.n_window if audio_config.model_type.startswith("qwen3") else None
 
     def prompt(self, caption: str, num_audio_tokens: int) -> str:
-        """The chat text for one clip, as the model's chat template renders the released conversation:
-        [system turn,] user turn (question then audio), open assistant turn."""
+        """The chat text of one clip, as the chat template renders the released conversation."""
         (start, pad, end), system = self.settings.audio_tokens, self.settings.system_prompt
         system = "" if system is None else f"<|im_start|>system\n{system}<|im_end|>\n"
         return (f"{system}<|im_start|>user\n{self.QUESTION.format(caption=caption)}{start}{pad * num_audio_tokens}"
                 f"{end}<|im_end|>\n<|im_start|>assistant\n")
 
     def inputs(self, audio, prompts) -> dict:
-        """Model inputs for (B, S) 16 kHz clips: left-padded input_ids / attention_mask (B, L), log-mel
-        input_features (B, mels, T) and feature_attention_mask (B, T), on the judge's device. The audio placeholder
-        is expanded to the encoder's token count, as the processor does."""
+        """Model inputs of (B, S) 16 kHz clips, left-padded, each audio placeholder expanded as the processor does."""
         pad = dict(padding="longest", truncation=False) if self.settings.whole_clip else dict(padding="max_length")
         features = self.feature_extractor([w.numpy() for w in audio.cpu()], sampling_rate=self.sample_rate,
                                           return_attention_mask=True, return_tensors="pt", **pad)
         num_tokens = audio_token_count(features["attention_mask"].sum(-1), self.chunk)  # (B,)
         texts = [self.prompt(p, int(n)) for p, n in zip(prompts, num_tokens)]
         text = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
-        return {"input_ids": text["input_ids"].to(self.device),
-                "attention_mask": text["attention_mask"].to(self.device),
-                "input_features": features["input_features"].to(self.device, self.model.dtype),
-                "feature_attention_mask": features["attention_mask"].to(self.device)}
+        inputs = {**text, "input_features": features["input_features"].to(self.model.dtype),
+                  "feature_attention_mask": features["attention_mask"]}
+        return {k: v.to(self.device) for k, v in inputs.items()}
 
     @torch.no_grad()
     def yes_no_scores(self, inputs) -> torch.Tensor:
-        """(B,) float32 p(yes) / (p(yes) + p(no)) at the greedy answer token the rule reads, 0 where it is neither
-        word. All rows decode together; a row that has emitted <|im_end|> is fed on but no longer counts."""
+        """(B,) float32 scores; all rows decode together, a row past its <|im_end|> no longer counting."""
         assert inputs["attention_mask"][:, -1].all(), "prompts must be left-padded, each ending in the last column"
         steps = 1 if self.settings.rule == "first_token" else self.settings.max_new_tokens
         thinker, mask = self.model.model, inputs["attention_mask"]
@@ -690,9 +671,8 @@ REWARDS = {
 
 
 def build_reward(spec, device=None) -> WeightedSum:
-    """A WeightedSum from a config spec: "loudness:1.0,clap:0.5", {"loudness": 1.0} or
-    {"loudness": {"weight": 1.0, "target_db": -14}}. `device` goes to the rewards that run a model.
-    Raises ValueError for an empty spec, an unknown name (listing the known ones) or a malformed weight."""
+    """A WeightedSum from "loudness:1.0,clap:0.5", {"loudness": 1.0} or {"loudness": {"weight": 1, "target_db": -14}};
+    `device` goes to the rewards that take one. Raises ValueError for an empty, unknown or malformed spec."""
     if isinstance(spec, str):  # "a:1.0, b" -> {"a": 1.0, "b": 1.0}
         spec = {name.strip(): float(weight or 1.0)
                 for name, _, weight in (item.partition(":") for item in spec.split(",") if item.strip())}
