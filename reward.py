@@ -28,8 +28,7 @@ def prepare_audio(audio, sample_rate, target_rate, prompts) -> torch.Tensor:
         raise ValueError(f"sample_rate must be a positive integer in Hz, got {sample_rate!r}")
     if isinstance(prompts, str) or len(prompts) != audio.shape[0]:
         raise ValueError(f"need one prompt per clip: {audio.shape[0]} clips, prompts={prompts!r:.80}")
-    audio = audio.detach().float()
-    return audio if target_rate is None else resample(audio, int(sample_rate), int(target_rate))
+    return resample(audio.detach().float(), int(sample_rate), int(target_rate or sample_rate))  # as is at one rate
 
 
 class Reward:
@@ -117,36 +116,30 @@ def rename_key(name: str, rules) -> str:
     return name
 
 
-def _wavlm_config(cfg: dict):
-    from transformers import WavLMConfig
-    assert cfg["extractor_mode"] == "default" and not cfg["layer_norm_first"] and not cfg["normalize"], cfg
-    assert cfg["relative_position_embedding"] and cfg["gru_rel_pos"], "transformers' WavLM always has both"
-    # "[(512,10,5)] + [(512,3,2)] * 4" -> (dim, kernel, stride) per conv layer, read without eval
-    terms = re.findall(r"\[\((\d+),\s*(\d+),\s*(\d+)\)\]\s*(?:\*\s*(\d+))?", cfg["conv_feature_layers"])
-    dims, kernels, strides = zip(*[(int(d), int(k), int(s)) for d, k, s, n in terms for _ in range(int(n or 1))])
-    return WavLMConfig(
-        hidden_size=cfg["encoder_embed_dim"], num_hidden_layers=cfg["encoder_layers"],
-        num_attention_heads=cfg["encoder_attention_heads"], intermediate_size=cfg["encoder_ffn_embed_dim"],
-        hidden_act=cfg["activation_fn"], feat_extract_norm="group", conv_dim=dims, conv_kernel=kernels,
-        conv_stride=strides, conv_bias=cfg["conv_bias"], num_conv_pos_embeddings=cfg["conv_pos"],
-        num_conv_pos_embedding_groups=cfg["conv_pos_groups"], num_buckets=cfg["num_buckets"],
-        max_bucket_distance=cfg["max_distance"])
-
-
 class AesModel(nn.Module):
     """The package's AesMultiOutput on transformers' WavLM, from its WavLM dict (AES_WAVLM) and the checkpoint's
     model_cfg: per axis a softmax-weighted sum of all hidden states, mean over real frames, L2 norm, a linear head."""
     def __init__(self, wavlm_config: dict, model_cfg: dict):
-        from transformers import WavLMModel
+        from transformers import WavLMConfig, WavLMModel
         super().__init__()
-        assert model_cfg["use_weighted_layer_sum"] and model_cfg["normalize_embed"], model_cfg
-        # the package's create_mlp_block with proj_num_layer 1, as published: a single Linear per axis
-        assert model_cfg["proj_num_layer"] == 1, "only the published one-layer heads are implemented"
-        self.wavlm = WavLMModel(_wavlm_config(wavlm_config))
-        dim, L = self.wavlm.config.hidden_size, model_cfg["nth_layer"]
+        c, m = wavlm_config, model_cfg
+        assert c["extractor_mode"] == "default" and not c["layer_norm_first"] and not c["normalize"], c
+        assert c["relative_position_embedding"] and c["gru_rel_pos"], "transformers' WavLM always has both"
+        assert m["use_weighted_layer_sum"] and m["normalize_embed"] and m["proj_num_layer"] == 1, m  # as published
+        # "[(512,10,5)] + [(512,3,2)] * 4" -> (dim, kernel, stride) per conv layer, read without eval
+        terms = re.findall(r"\[\((\d+),\s*(\d+),\s*(\d+)\)\]\s*(?:\*\s*(\d+))?", c["conv_feature_layers"])
+        dims, kernels, strides = zip(*[(int(d), int(k), int(s)) for d, k, s, n in terms for _ in range(int(n or 1))])
+        self.wavlm = WavLMModel(WavLMConfig(
+            hidden_size=c["encoder_embed_dim"], num_hidden_layers=c["encoder_layers"],
+            num_attention_heads=c["encoder_attention_heads"], intermediate_size=c["encoder_ffn_embed_dim"],
+            hidden_act=c["activation_fn"], feat_extract_norm="group", conv_dim=dims, conv_kernel=kernels,
+            conv_stride=strides, conv_bias=c["conv_bias"], num_conv_pos_embeddings=c["conv_pos"],
+            num_conv_pos_embedding_groups=c["conv_pos_groups"], num_buckets=c["num_buckets"],
+            max_bucket_distance=c["max_distance"]))
+        dim, L = self.wavlm.config.hidden_size, m["nth_layer"]
         assert L == self.wavlm.config.num_hidden_layers + 1, "the package's layer sum only works on all the states"
         self.layer_weights = nn.ParameterDict({a: nn.Parameter(torch.full((L,), 1 / L)) for a in AES_AXES})
-        self.heads = nn.ModuleDict({a: nn.Sequential(nn.Linear(dim, model_cfg["output_dim"])) for a in AES_AXES})
+        self.heads = nn.ModuleDict({a: nn.Sequential(nn.Linear(dim, m["output_dim"])) for a in AES_AXES})
 
     @classmethod
     def from_official(cls, wavlm_config, model_cfg, state_dict):
@@ -519,11 +512,10 @@ class JudgeSettings:
 
 
 QWEN25_OMNI = JudgeSettings(  # Resonate's training reward
-    repo="Qwen/Qwen2.5-Omni-7B",
-    system_prompt=("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
-                   "auditory and visual inputs, as well as generating text and speech."),
-    yes="Yes", no="No", audio_tokens=("<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"), whole_clip=False,
-    rule="first_token")
+    repo="Qwen/Qwen2.5-Omni-7B", yes="Yes", no="No", audio_tokens=("<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"),
+    whole_clip=False, rule="first_token", system_prompt=(
+        "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving auditory and "
+        "visual inputs, as well as generating text and speech."))
 AQA_QWEN3_OMNI = JudgeSettings(  # AQAScore, the TTA-Bench evaluation metric
     repo="Qwen/Qwen3-Omni-30B-A3B-Instruct", system_prompt=None, yes="yes", no="no",
     audio_tokens=("<|audio_start|>", "<|audio_pad|>", "<|audio_end|>"), whole_clip=True, rule="last_yes_no")
@@ -659,15 +651,9 @@ class WeightedSum(Reward):
         return sum(weight * reward.score(audio, sample_rate, prompts) for reward, weight in self.terms.values())
 
 
-REWARDS = {
-    "loudness": LoudnessReward,
-    "centroid": SpectralCentroidReward,
-    "clap": MSClapScore,
-    "laion_clap": ClapReward,
-    "qwen_omni": QwenOmniJudge,  # Qwen2.5-Omni-7B, the training reward
-    "aqa": functools.partial(QwenOmniJudge, AQA_QWEN3_OMNI),  # AQAScore: Qwen3-Omni-30B-A3B-Instruct
-    "aes": AudioboxAesthetics.from_pretrained,
-}
+REWARDS = {"loudness": LoudnessReward, "centroid": SpectralCentroidReward, "aes": AudioboxAesthetics.from_pretrained,
+           "clap": MSClapScore, "laion_clap": ClapReward,
+           "qwen_omni": QwenOmniJudge, "aqa": functools.partial(QwenOmniJudge, AQA_QWEN3_OMNI)}
 
 
 def build_reward(spec, device=None) -> WeightedSum:
