@@ -285,10 +285,8 @@ class WindowAttention(nn.Module):
         B, nW, N, C = x.shape
         q, k, v = self.qkv(x).view(B, nW, N, 3, self.heads, C // self.heads).permute(3, 0, 1, 4, 2, 5)
         bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)  # (heads, N, N)
-        attn = (q * (C // self.heads) ** -0.5) @ k.transpose(-2, -1) + bias  # (B, nW, heads, N, N)
-        if mask is not None:
-            attn = attn + mask[:, None]
-        return self.proj((attn.softmax(-1) @ v).transpose(2, 3).reshape(B, nW, N, C))
+        bias = bias if mask is None else bias + mask[:, None]  # (nW, heads, N, N)
+        return self.proj(F.scaled_dot_product_attention(q, k, v, bias).transpose(2, 3).reshape(B, nW, N, C))
 
 
 class SwinBlock(nn.Module):
@@ -402,8 +400,7 @@ class MSClap(nn.Module):
 
     @classmethod
     def from_pretrained(cls, weights_dir=None, device=None, htsat=HTSAT_2023, d_proj=MSCLAP_D_PROJ):
-        """microsoft/msclap's CLAP_weights_2023.pth (~0.65 GB) and gpt2's config and tokenizer, via data.hub_files
-        (raises data.WeightsMissing)."""
+        """microsoft/msclap's CLAP_weights_2023.pth and gpt2's tokenizer via data.hub_files (data.WeightsMissing)."""
         from transformers import GPT2Config, GPT2Tokenizer
         clap = hub_files(MSCLAP_REPO, [MSCLAP_FILE], weights_dir)[MSCLAP_FILE]
         gpt2 = hub_files(GPT2_REPO, GPT2_FILES, weights_dir)
@@ -437,8 +434,7 @@ class MSClap(nn.Module):
         return self.text_proj(hidden[torch.arange(len(last), device=last.device), last])
 
     def tokenize(self, prompts):
-        """msclap's CLAPWrapper.preprocess_text: caption + ' <|endoftext|>' padded with '!' (id 0) to 77 tokens, longer
-        ones uncut -> input_ids, attention_mask (B, max(77, longest)) int64."""
+        """msclap's CLAPWrapper.preprocess_text -> input_ids, attention_mask (B, max(77, longest)), padded with '!'."""
         tokens = self.tokenizer([p + " <|endoftext|>" for p in prompts], padding=True, return_tensors="pt")
         extra = max(0, MSCLAP_TEXT_LEN - tokens["input_ids"].shape[1])
         return (F.pad(tokens["input_ids"], (0, extra), value=self.tokenizer.pad_token_id),
@@ -499,8 +495,7 @@ class ClapReward(Reward):
 
 @dataclasses.dataclass(frozen=True)
 class JudgeSettings:
-    """How QwenOmniJudge asks and reads; whole_clip: log-mel of the whole clip (Qwen3-Omni's processor), else of
-    Whisper's 30 s window (Qwen2.5-Omni's); audio_tokens: (start, placeholder, end)."""
+    """How QwenOmniJudge asks; whole_clip: log-mel of the whole clip (Qwen3-Omni), else of Whisper's 30 s window."""
     repo: str
     system_prompt: str | None
     yes: str
