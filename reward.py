@@ -150,7 +150,7 @@ class AesModel(nn.Module):
 
     def hidden_states(self, wav, valid):
         """(N, W) 16 kHz windows, (N, W) bool real samples -> (N, T, D, L) states, (N, T) bool real frames."""
-        # layer by layer: the package marks a frame padding only when all its samples are (transformers, fewer)
+        # layer by layer with our frame mask: the package pads a frame only when all its samples are padding
         wavlm, encoder = self.wavlm, self.wavlm.encoder
         x = wavlm.feature_extractor(wav).transpose(1, 2)  # (N, T, C)
         N, T, _ = x.shape
@@ -400,7 +400,7 @@ class MSClap(nn.Module):
 
     @classmethod
     def from_pretrained(cls, weights_dir=None, device=None, htsat=HTSAT_2023, d_proj=MSCLAP_D_PROJ):
-        """microsoft/msclap's CLAP_weights_2023.pth and gpt2's tokenizer via data.hub_files (data.WeightsMissing)."""
+        """msclap's CLAP_weights_2023.pth, gpt2's config and tokenizer via data.hub_files (data.WeightsMissing)."""
         from transformers import GPT2Config, GPT2Tokenizer
         clap = hub_files(MSCLAP_REPO, [MSCLAP_FILE], weights_dir)[MSCLAP_FILE]
         gpt2 = hub_files(GPT2_REPO, GPT2_FILES, weights_dir)
