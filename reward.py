@@ -1,13 +1,7 @@
-"""Rewards and evaluation metrics: everything that scores generated clips against their captions. Every scorer is a
-Reward: `score(audio (B, S) float, sample_rate: int, prompts: list[str]) -> (B,) float32`, higher is better, at its
-`sample_rate` (None: any); prepare_audio checks and resamples (data.resample, as the released metrics). In order:
-
-    LoudnessReward, SpectralCentroidReward   signal-level rewards, no download: tests and CPU runs
-    AudioboxAesthetics ("aes")    Meta's Audiobox Aesthetics (CE, CU, PC, PQ) of the clip alone
-    MSClapScore ("clap")          CLAPScore: cosine of Microsoft CLAP 2023 text and audio embeddings
-    ClapReward ("laion_clap")     cosine of LAION-CLAP embeddings, the released alternative GRPO reward
-    QwenOmniJudge                 an audio LLM's yes/no: the training reward ("qwen_omni") and AQAScore ("aqa")
-    build_reward("loudness:1.0,clap:0.5") -> a WeightedSum of REWARDS entries"""
+"""Rewards and evaluation metrics. Every scorer is a Reward: score(audio (B, S) float, sample_rate, prompts) -> (B,)
+float32, higher is better. In order: signal-level rewards (no download), Audiobox Aesthetics ("aes"), CLAPScore
+("clap", Microsoft CLAP 2023), LAION-CLAP ("laion_clap"), the Qwen-Omni judge ("qwen_omni", the training reward, and
+"aqa", AQAScore), and build_reward("loudness:1.0,clap:0.5") -> a WeightedSum of REWARDS entries."""
 
 import dataclasses
 import functools
@@ -26,8 +20,7 @@ from data import WeightsMissing, hub_files, pick_device, read_weights, resample,
 
 
 def prepare_audio(audio, sample_rate, target_rate, prompts) -> torch.Tensor:
-    """(B, S) float clips at `sample_rate` Hz, with B prompts -> (B, S') float32, detached, at `target_rate` Hz
-    (None: as is). Raises ValueError for a wrong shape or dtype, a bad rate or a prompt count that does not match."""
+    """(B, S) float at `sample_rate` Hz -> (B, S') float32 at `target_rate` (None: as is); ValueError for bad input."""
     if not torch.is_tensor(audio) or audio.ndim != 2 or not audio.is_floating_point():
         shape = tuple(audio.shape) if torch.is_tensor(audio) else type(audio).__name__
         raise ValueError(f"audio must be a (B, S) float tensor, got {shape}; squeeze a (B, 1, S) vocoder output")
@@ -35,20 +28,18 @@ def prepare_audio(audio, sample_rate, target_rate, prompts) -> torch.Tensor:
         raise ValueError(f"sample_rate must be a positive integer in Hz, got {sample_rate!r}")
     if isinstance(prompts, str) or len(prompts) != audio.shape[0]:
         raise ValueError(f"need one prompt per clip: {audio.shape[0]} clips, prompts={prompts!r:.80}")
-    audio = audio.detach().float()
-    return audio if target_rate is None else resample(audio, int(sample_rate), int(target_rate))  # as is at one rate
+    return resample(audio.detach().float(), int(sample_rate), int(target_rate or sample_rate))  # as is at one rate
 
 
 class Reward:
-    """Interface of every reward; subclasses set `sample_rate` and implement `score`."""
+    """Subclasses set `sample_rate` (Hz; None: any) and implement score, or score_all with a "score" column."""
     sample_rate = None
 
     def score(self, audio, sample_rate, prompts) -> torch.Tensor:
-        raise NotImplementedError
+        return self.score_all(audio, sample_rate, prompts)["score"]
 
     def score_all(self, audio, sample_rate, prompts, ids=None) -> dict:
-        """{column: (B,) float32} of every figure this scorer computes (bench.py's columns); default: one, "score".
-        ids: the clips' prompt ids, for scorers that draw per clip (CLAPScore's crop)."""
+        """{column: (B,) float32} (bench.py's columns); ids: the prompt ids, for scorers that draw per clip."""
         return {"score": self.score(audio, sample_rate, prompts)}
 
     def __call__(self, audio, sample_rate, prompts):
@@ -69,8 +60,7 @@ class LoudnessReward(Reward):
 
 
 class SpectralCentroidReward(Reward):
-    """-|log2(centroid / target_hz)|, in octaves so that 500 Hz and 2 kHz are equally far from 1 kHz; centroid:
-    the magnitude-weighted mean frequency (Hz) of the whole clip's Hann-windowed spectrum."""
+    """-|log2(centroid / target_hz)| (octaves); centroid: the mean frequency of the clip's Hann-windowed spectrum."""
     def __init__(self, target_hz: float = 1000.0):
         if target_hz <= 0:
             raise ValueError(f"target_hz must be positive, got {target_hz}")
@@ -96,9 +86,9 @@ AES_WAVLM = {"extractor_mode": "default", "conv_feature_layers": "[(512,10,5)] +
              "encoder_attention_heads": 12, "activation_fn": "gelu", "layer_norm_first": False, "conv_pos": 128,
              "conv_pos_groups": 16, "relative_position_embedding": True, "num_buckets": 320, "max_distance": 800,
              "gru_rel_pos": True, "normalize": False}
-# Official AesMultiOutput state-dict names -> ours (transformers' WavLMModel under `wavlm`, the heads under
-# `heads`), rewritten by every rule in turn.
+# Official AesMultiOutput state-dict names -> ours (transformers' WavLMModel under `wavlm`, the heads under `heads`)
 AES_KEY_MAP = [
+    (r"^model\.", ""),  # checkpoint.pt's prefix, which the package strips
     (r"^wavlm_model\.mask_emb$", "wavlm.masked_spec_embed"),
     (r"conv_layers\.(\d+)\.0\.", r"conv_layers.\1.conv."),  # blocks: Sequential(conv, dropout, [norm,] gelu)
     (r"conv_layers\.0\.2\.", "conv_layers.0.layer_norm."),  # the group norm of the first conv block
@@ -119,57 +109,48 @@ AES_KEY_MAP = [
 ]
 
 
-def aes_key(name: str) -> str:
-    """Our state-dict name for an official Audiobox Aesthetics one (through AES_KEY_MAP)."""
-    for pattern, replacement in AES_KEY_MAP:
+def rename_key(name: str, rules) -> str:
+    """An official state-dict name rewritten by every (regex, replacement) rule in turn: ours."""
+    for pattern, replacement in rules:
         name = re.sub(pattern, replacement, name)
     return name
 
 
-def _wavlm_config(cfg: dict):
-    """transformers' WavLMConfig for the package's (unilm) WavLM config dict."""
-    from transformers import WavLMConfig
-    assert cfg["extractor_mode"] == "default" and not cfg["layer_norm_first"] and not cfg["normalize"], cfg
-    assert cfg["relative_position_embedding"] and cfg["gru_rel_pos"], "transformers' WavLM always has both"
-    # "[(512,10,5)] + [(512,3,2)] * 4" -> (dim, kernel, stride) per conv layer, read without eval
-    terms = re.findall(r"\[\((\d+),\s*(\d+),\s*(\d+)\)\]\s*(?:\*\s*(\d+))?", cfg["conv_feature_layers"])
-    dims, kernels, strides = zip(*[(int(d), int(k), int(s)) for d, k, s, n in terms for _ in range(int(n or 1))])
-    return WavLMConfig(
-        hidden_size=cfg["encoder_embed_dim"], num_hidden_layers=cfg["encoder_layers"],
-        num_attention_heads=cfg["encoder_attention_heads"], intermediate_size=cfg["encoder_ffn_embed_dim"],
-        hidden_act=cfg["activation_fn"], feat_extract_norm="group", conv_dim=dims, conv_kernel=kernels,
-        conv_stride=strides, conv_bias=cfg["conv_bias"], num_conv_pos_embeddings=cfg["conv_pos"],
-        num_conv_pos_embedding_groups=cfg["conv_pos_groups"], num_buckets=cfg["num_buckets"],
-        max_bucket_distance=cfg["max_distance"])
-
-
 class AesModel(nn.Module):
-    """Audiobox Aesthetics' AesMultiOutput on transformers' WavLM: per axis, a softmax-weighted sum of the layers + 1
-    hidden states, mean over the unpadded frames, L2 normalisation, a linear head. The encoder runs layer by layer
-    because the package's WavLM marks a frame padding only when all its samples are (transformers' conv arithmetic
-    gives fewer). wavlm_config: the package's dict (AES_WAVLM); model_cfg: the checkpoint's AesMultiOutput fields."""
+    """The package's AesMultiOutput on transformers' WavLM, from its WavLM dict (AES_WAVLM) and the checkpoint's
+    model_cfg: per axis a softmax-weighted sum of all hidden states, mean over real frames, L2 norm, a linear head."""
     def __init__(self, wavlm_config: dict, model_cfg: dict):
-        from transformers import WavLMModel
+        from transformers import WavLMConfig, WavLMModel
         super().__init__()
-        assert model_cfg["use_weighted_layer_sum"] and model_cfg["normalize_embed"], model_cfg
-        # the package's create_mlp_block with proj_num_layer 1, as published: a single Linear per axis
-        assert model_cfg["proj_num_layer"] == 1, "only the published one-layer heads are implemented"
-        self.wavlm = WavLMModel(_wavlm_config(wavlm_config))
-        dim, L = self.wavlm.config.hidden_size, model_cfg["nth_layer"]
+        c, m = wavlm_config, model_cfg
+        assert c["extractor_mode"] == "default" and not c["layer_norm_first"] and not c["normalize"], c
+        assert c["relative_position_embedding"] and c["gru_rel_pos"], "transformers' WavLM always has both"
+        assert m["use_weighted_layer_sum"] and m["normalize_embed"] and m["proj_num_layer"] == 1, m  # as published
+        # "[(512,10,5)] + [(512,3,2)] * 4" -> (dim, kernel, stride) per conv layer, read without eval
+        terms = re.findall(r"\[\((\d+),\s*(\d+),\s*(\d+)\)\]\s*(?:\*\s*(\d+))?", c["conv_feature_layers"])
+        dims, kernels, strides = zip(*[(int(d), int(k), int(s)) for d, k, s, n in terms for _ in range(int(n or 1))])
+        self.wavlm = WavLMModel(WavLMConfig(
+            hidden_size=c["encoder_embed_dim"], num_hidden_layers=c["encoder_layers"],
+            num_attention_heads=c["encoder_attention_heads"], intermediate_size=c["encoder_ffn_embed_dim"],
+            hidden_act=c["activation_fn"], feat_extract_norm="group", conv_dim=dims, conv_kernel=kernels,
+            conv_stride=strides, conv_bias=c["conv_bias"], num_conv_pos_embeddings=c["conv_pos"],
+            num_conv_pos_embedding_groups=c["conv_pos_groups"], num_buckets=c["num_buckets"],
+            max_bucket_distance=c["max_distance"]))
+        dim, L = self.wavlm.config.hidden_size, m["nth_layer"]
         assert L == self.wavlm.config.num_hidden_layers + 1, "the package's layer sum only works on all the states"
         self.layer_weights = nn.ParameterDict({a: nn.Parameter(torch.full((L,), 1 / L)) for a in AES_AXES})
-        self.heads = nn.ModuleDict({a: nn.Sequential(nn.Linear(dim, model_cfg["output_dim"])) for a in AES_AXES})
+        self.heads = nn.ModuleDict({a: nn.Sequential(nn.Linear(dim, m["output_dim"])) for a in AES_AXES})
 
     @classmethod
     def from_official(cls, wavlm_config, model_cfg, state_dict):
-        """Built on the meta device, then filled strictly with official-name weights (through AES_KEY_MAP)."""
         with torch.device("meta"):
             model = cls(wavlm_config, model_cfg)
-        model.load_state_dict({aes_key(k): v for k, v in state_dict.items()}, assign=True)
+        model.load_state_dict({rename_key(k, AES_KEY_MAP): v for k, v in state_dict.items()}, assign=True)
         return model
 
     def hidden_states(self, wav, valid):
-        """(N, W) 16 kHz windows, (N, W) bool True on real samples -> (N, T, D, L) states, (N, T) bool frames."""
+        """(N, W) 16 kHz windows, (N, W) bool real samples -> (N, T, D, L) states, (N, T) bool real frames."""
+        # layer by layer with our frame mask: the package pads a frame only when all its samples are padding
         wavlm, encoder = self.wavlm, self.wavlm.encoder
         x = wavlm.feature_extractor(wav).transpose(1, 2)  # (N, T, C)
         N, T, _ = x.shape
@@ -184,7 +165,7 @@ class AesModel(nn.Module):
         return torch.stack(states, dim=-1), frames
 
     def forward(self, wav, valid) -> dict:
-        """(N, W) windows and their (N, W) sample mask -> {axis: (N,)} predictions in normalised units."""
+        """-> {axis: (N,)} predictions in normalised units."""
         states, frames = self.hidden_states(wav, valid)
         keep = frames[..., None].float()  # (N, T, 1)
         preds = {}
@@ -196,11 +177,8 @@ class AesModel(nn.Module):
 
 
 class AudioboxAesthetics(Reward):
-    """Meta Audiobox Aesthetics (arXiv 2502.05139; audiobox-aesthetics 0.0.4, AesPredictor.forward): CE, CU, PC, PQ
-    of each clip on a 1-10 scale, caption unused. As released: 16 kHz, 10 s windows with a 10 s hop, the last padded
-    and masked, each de-normalised (x * std + mean) and weighted by its share of audio; float32 under any autocast.
-    Unlike the package, clips arrive mono (it averages channels after resampling: equal up to rounding) and a batch's
-    windows run together, max_windows per pass. `score` gives `axis` (default PQ); ValueError for an unknown one."""
+    """Audiobox Aesthetics (arXiv 2502.05139; audiobox-aesthetics 0.0.4, AesPredictor.forward): CE, CU, PC, PQ (1-10)
+    of 10 s windows, weighted by their share of audio; caption unused. score: `axis` (ValueError for an unknown one)."""
     sample_rate = 16000
     WINDOW_SECONDS = 10
 
@@ -214,18 +192,13 @@ class AudioboxAesthetics(Reward):
 
     @classmethod
     def from_pretrained(cls, weights_dir=None, device=None, axis="PQ", max_windows=16, wavlm_config=AES_WAVLM):
-        """The published `checkpoint.pt` of facebook/audiobox-aesthetics (~416 MB) via data.hub_files (raises
-        data.WeightsMissing). It holds only containers and float32 tensors, so no class is allowed:
-        {"state_dict": {"model." + official name: tensor}, "model_cfg": AesMultiOutput fields,
-        "target_transform": {axis: {"mean", "std"}}}."""
+        """facebook/audiobox-aesthetics' checkpoint.pt (~416 MB) via data.hub_files (raises data.WeightsMissing)."""
         ckpt = read_weights(hub_files(AES_REPO, [AES_FILE], weights_dir)[AES_FILE])
-        state = {re.sub(r"^model\.", "", k): v for k, v in ckpt["state_dict"].items()}  # as the package strips it
-        model = AesModel.from_official(wavlm_config, ckpt["model_cfg"], state)
+        model = AesModel.from_official(wavlm_config, ckpt["model_cfg"], ckpt["state_dict"])
         return cls(model, ckpt["target_transform"], axis, device, max_windows)
 
     @torch.no_grad()
     def score_all(self, audio, sample_rate, prompts, ids=None) -> dict:
-        """{"CE", "CU", "PC", "PQ": (B,) float32} for (B, S) clips at `sample_rate` Hz."""
         wave = prepare_audio(audio, sample_rate, self.sample_rate, prompts).to(self.device)
         (B, S), W, m = wave.shape, self.WINDOW_SECONDS * self.sample_rate, self.max_windows
         n = -(-S // W)  # windows per clip
@@ -248,35 +221,24 @@ class AudioboxAesthetics(Reward):
 
 MSCLAP_REPO, MSCLAP_FILE = "microsoft/msclap", "CLAP_weights_2023.pth"
 GPT2_REPO, GPT2_FILES = "gpt2", ("config.json", "vocab.json", "merges.txt")  # the weights are in MSCLAP_FILE
-MSCLAP_RATE, MSCLAP_SECONDS, MSCLAP_TEXT_LEN = 44100, 7, 77  # config_2023.yml: sampling_rate, duration, text_len
-MSCLAP_SPAN = MSCLAP_SECONDS * MSCLAP_RATE  # samples in the 7 s window
+MSCLAP_RATE, MSCLAP_SPAN, MSCLAP_TEXT_LEN = 44100, 7 * 44100, 77  # config_2023.yml: sampling_rate, 7 s, text_len
 MSCLAP_D_PROJ = 1024  # config_2023.yml: d_proj, the joint embedding size
-# HTSATWrapper ignores config_2023.yml's audio settings: it builds HTSAT_Swin_Transformer with its defaults and the
-# mel front end of models/config.py, made for 32 kHz AudioSet (the filterbank spans 50 Hz - 14 kHz at 32 kHz: the
-# stored melW) although the audio arrives at 44.1 kHz.
+# HTSATWrapper ignores config_2023.yml's audio settings: HTSAT_Swin_Transformer's defaults and the 32 kHz mel front
+# end of models/config.py (the stored melW), although the audio arrives at 44.1 kHz
 HTSAT_2023 = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(4, 8, 16, 32), window_size=8, spec_size=256,
                   patch_size=4, mlp_ratio=4.0, num_classes=527, n_fft=1024, hop=320, mel_bins=64)
-# Official names -> ours, the first matching prefix replaced (and back for the manifest test).
-MSCLAP_KEY_MAP = {
-    "audio_encoder.base.htsat.spectrogram_extractor.stft.conv_real.weight": "audio.stft_real",
-    "audio_encoder.base.htsat.spectrogram_extractor.stft.conv_imag.weight": "audio.stft_imag",
-    "audio_encoder.base.htsat.logmel_extractor.melW": "audio.melW",
-    "audio_encoder.base.htsat.": "audio.",
-    "audio_encoder.projection.": "audio_proj.",
-    "caption_encoder.base.": "text.",
-    "caption_encoder.projection.": "text_proj.",
-}
-
-
-def rename_key(key, key_map=MSCLAP_KEY_MAP):
-    """`key` with its first matching prefix in key_map replaced (official -> ours; pass the inverted map back)."""
-    old = next((k for k in key_map if key.startswith(k)), None)
-    return key if old is None else key_map[old] + key[len(old):]
+MSCLAP_KEY_MAP = [  # official names -> ours (rename_key)
+    (r"^audio_encoder\.base\.htsat\.spectrogram_extractor\.stft\.conv_(real|imag)\.weight$", r"audio.stft_\1"),
+    (r"^audio_encoder\.base\.htsat\.(logmel_extractor\.)?", "audio."),  # logmel_extractor.melW: audio.melW
+    (r"^audio_encoder\.projection\.", "audio_proj."),
+    (r"^caption_encoder\.base\.", "text."),
+    (r"^caption_encoder\.projection\.", "text_proj."),
+]
 
 
 def seven_seconds(wave, start=None) -> torch.Tensor:
-    """msclap's CLAPWrapper.load_audio_into_tensor for a (C, S) 44.1 kHz clip -> (308700,): channels concatenated,
-    then tiled and cut to 7 s if at most 7 s long, else cropped to 7 s from sample `start`."""
+    """msclap's CLAPWrapper.load_audio_into_tensor: (C, S) 44.1 kHz -> (308700,), channels concatenated, then tiled
+    and cut to 7 s, or if longer cropped to 7 s from sample `start`."""
     flat = wave.reshape(-1)
     if flat.numel() <= MSCLAP_SPAN:
         return flat.repeat(math.ceil(MSCLAP_SPAN / flat.numel()))[:MSCLAP_SPAN]
@@ -285,16 +247,13 @@ def seven_seconds(wave, start=None) -> torch.Tensor:
 
 
 def crop_start(num_samples: int, seed, prompt_id):
-    """Start of the 7 s crop of a clip of `num_samples` (channels concatenated, 44.1 kHz); None when it is tiled.
-    msclap draws it with the unseeded random.randrange(num_samples - 7 s); we draw from the same range with
-    data.seeded_generator(seed, prompt_id), so a clip scores the same on every run."""
+    """msclap's random.randrange(num_samples - 7 s), seeded by (seed, prompt_id); None for a clip that is tiled."""
     if num_samples > MSCLAP_SPAN:
         return int(torch.randint(num_samples - MSCLAP_SPAN, (), generator=seeded_generator(seed, prompt_id)))
 
 
 def stft_kernels(n_fft: int):
-    """torchlibrosa's STFT as two conv1d kernels (n_fft // 2 + 1, 1, n_fft): cos and -sin times a periodic Hann
-    window. They are fixed, so a state dict may omit them."""
+    """torchlibrosa's STFT as conv1d kernels (n_fft // 2 + 1, 1, n_fft): cos and -sin times a periodic Hann window."""
     n = torch.arange(n_fft, dtype=torch.float64)
     angle = 2 * math.pi * torch.arange(n_fft // 2 + 1, dtype=torch.float64)[:, None] * n / n_fft
     window = torch.hann_window(n_fft, periodic=True, dtype=torch.float64)
@@ -302,8 +261,7 @@ def stft_kernels(n_fft: int):
 
 
 def shifted_window_mask(res: int, window: int, shift: int) -> torch.Tensor:
-    """(num_windows, N, N) additive mask of shifted-window attention (Swin): -100 between two tokens of one window
-    that the cyclic shift brought from different regions of the (res, res) grid, else 0. N = window ** 2."""
+    """(num_windows, N, N) Swin mask: -100 between tokens the cyclic shift brought from different regions, else 0."""
     region = torch.zeros(res, res)
     cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
     for i, (rows, cols) in enumerate((r, c) for r in cuts for c in cuts):
@@ -327,10 +285,8 @@ class WindowAttention(nn.Module):
         B, nW, N, C = x.shape
         q, k, v = self.qkv(x).view(B, nW, N, 3, self.heads, C // self.heads).permute(3, 0, 1, 4, 2, 5)
         bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)  # (heads, N, N)
-        attn = (q * (C // self.heads) ** -0.5) @ k.transpose(-2, -1) + bias  # (B, nW, heads, N, N)
-        if mask is not None:
-            attn = attn + mask[:, None]
-        return self.proj((attn.softmax(-1) @ v).transpose(2, 3).reshape(B, nW, N, C))
+        bias = bias if mask is None else bias + mask[:, None]  # (nW, heads, N, N)
+        return self.proj(F.scaled_dot_product_attention(q, k, v, bias).transpose(2, 3).reshape(B, nW, N, C))
 
 
 class SwinBlock(nn.Module):
@@ -378,8 +334,7 @@ class SwinStage(nn.Module):
 
 
 class HTSAT(nn.Module):
-    """HTS-AT audio encoder (Chen et al., arXiv 2202.00874) as msclap runs it: log-mel front end, a Swin
-    transformer over the mel image, and the mean of its final tokens (`latent_output`). Arguments: HTSAT_2023."""
+    """HTS-AT (arXiv 2202.00874) as msclap runs it: a Swin transformer over the log-mel image, mean of its tokens."""
     def __init__(self, embed_dim, depths, num_heads, window_size, spec_size, patch_size, mlp_ratio, num_classes,
                  n_fft, hop, mel_bins):
         super().__init__()
@@ -432,9 +387,7 @@ class Projection(nn.Module):
 
 
 class MSClap(nn.Module):
-    """Microsoft CLAP 2023 (Elizalde et al., arXiv 2309.05767): HTSAT audio and GPT-2 text encoders, each projected
-    into a `d_proj`-dimensional joint space. Built from HTSAT's arguments (HTSAT_2023), a transformers GPT2Config
-    and, for tokenize(), a GPT-2 tokenizer whose pad token is '!'."""
+    """Microsoft CLAP 2023 (arXiv 2309.05767): HTSAT audio and GPT-2 text encoders projected to a joint space."""
     def __init__(self, htsat: dict, gpt2_config, d_proj=MSCLAP_D_PROJ, tokenizer=None):
         super().__init__()
         from transformers import GPT2Model
@@ -447,16 +400,11 @@ class MSClap(nn.Module):
 
     @classmethod
     def from_pretrained(cls, weights_dir=None, device=None, htsat=HTSAT_2023, d_proj=MSCLAP_D_PROJ):
-        """The published model: microsoft/msclap's CLAP_weights_2023.pth (~0.65 GB) and gpt2's config and
-        tokenizer files, from `weights_dir` (a folder holding them) or the Hugging Face cache (downloading them).
-        Built on the meta device and filled from the file. Raises data.WeightsMissing when files are missing."""
+        """msclap's CLAP_weights_2023.pth, gpt2's config and tokenizer via data.hub_files (data.WeightsMissing)."""
         from transformers import GPT2Config, GPT2Tokenizer
         clap = hub_files(MSCLAP_REPO, [MSCLAP_FILE], weights_dir)[MSCLAP_FILE]
         gpt2 = hub_files(GPT2_REPO, GPT2_FILES, weights_dir)
-        # CLAPWrapper.load_clap reads {"model": state dict} with a bare torch.load, which torch >= 2.6 (within
-        # msclap's torch < 3 pin) runs with weights_only=True: msclap works there only if the file holds tensors
-        # and containers alone, so nothing is allowed (anything more fails in read_weights, naming the file)
-        state = read_weights(clap)
+        state = read_weights(clap)  # tensors and containers only, as msclap's torch.load reads it on torch >= 2.6
         if "model" not in state:
             raise ValueError(f"{clap} is not msclap's checkpoint: it has no 'model' entry")
         tokenizer = GPT2Tokenizer(vocab=str(gpt2["vocab.json"]), merges=str(gpt2["merges.txt"]), pad_token="!")
@@ -466,12 +414,10 @@ class MSClap(nn.Module):
         return model.to(pick_device(device or "auto")).eval()
 
     def load_official(self, state):
-        """Load a state dict with msclap's key names, strictly, through MSCLAP_KEY_MAP. GPT-2's causal-mask
-        buffers that older transformers saved (h.N.attn.bias, .masked_bias) are dropped, as msclap's non-strict
-        load skips them; the fixed STFT kernels are computed when the state omits them."""
+        """Load msclap's state dict strictly, less GPT-2's causal-mask buffers (msclap loads non-strictly)."""
         real, imag = stft_kernels(self.audio.stft_real.shape[-1])
         state = {"audio.stft_real": real, "audio.stft_imag": imag, **{
-            rename_key(k): v for k, v in state.items()
+            rename_key(k, MSCLAP_KEY_MAP): v for k, v in state.items()
             if not (k.startswith("caption_encoder.base.h.") and k.endswith((".attn.bias", ".attn.masked_bias")))}}
         self.load_state_dict(state, strict=True, assign=True)
 
@@ -488,9 +434,7 @@ class MSClap(nn.Module):
         return self.text_proj(hidden[torch.arange(len(last), device=last.device), last])
 
     def tokenize(self, prompts):
-        """msclap's CLAPWrapper.preprocess_text: caption + ' <|endoftext|>', GPT-2 BPE, padded with '!' (the pad, id 0,
-        so each '!' of a caption is 0 too) to 77 tokens; longer captions are not cut (as msclap) but pad the batch.
-        -> input_ids, attention_mask (B, max(77, longest)) int64."""
+        """msclap's CLAPWrapper.preprocess_text -> input_ids, attention_mask (B, max(77, longest)), padded with '!'."""
         tokens = self.tokenizer([p + " <|endoftext|>" for p in prompts], padding=True, return_tensors="pt")
         extra = max(0, MSCLAP_TEXT_LEN - tokens["input_ids"].shape[1])
         return (F.pad(tokens["input_ids"], (0, extra), value=self.tokenizer.pad_token_id),
@@ -498,10 +442,8 @@ class MSClap(nn.Module):
 
 
 class MSClapScore(Reward):
-    """CLAPScore as TTA-Bench computes it: cosine of Microsoft CLAP 2023 audio and text embeddings, at 44.1 kHz.
-    Unlike msclap, clips arrive mono and a longer clip's 7 s crop is seeded by (seed, prompt id) (crop_start), so a clip
-    scores the same on every run. weights_dir: CLAP_weights_2023.pth and gpt2's files (default the Hugging Face
-    cache); sizes: MSClap.from_pretrained's htsat / d_proj; model: an already built MSClap."""
+    """CLAPScore (TTA-Bench): cosine of Microsoft CLAP 2023 audio and text embeddings; a clip over 7 s is cropped at
+    crop_start(seed, its prompt id, else its caption). sizes: MSClap.from_pretrained's htsat, d_proj."""
     sample_rate = MSCLAP_RATE
 
     def __init__(self, weights_dir=None, device=None, seed=0, model=None, **sizes):
@@ -509,26 +451,20 @@ class MSClapScore(Reward):
         self.seed = seed
 
     def score_all(self, audio, sample_rate, prompts, ids=None):
-        return {"score": self.score(audio, sample_rate, prompts, ids)}
-
-    def score(self, audio, sample_rate, prompts, ids=None):
-        """(B,) cosines; a longer clip's crop is drawn from (seed, its prompt id), the caption when ids is None."""
         audio = prepare_audio(audio, sample_rate, self.sample_rate, prompts)
         keys = prompts if ids is None else ids
         clips = torch.stack([seven_seconds(w, crop_start(w.numel(), self.seed, k)) for w, k in zip(audio, keys)])
         device = self.model.logit_scale.device
         sound = self.model.embed_audio(clips.to(device))  # (B, d_proj)
         text = self.model.embed_text(*(t.to(device) for t in self.model.tokenize(prompts)))
-        return (F.normalize(sound.float(), dim=-1) * F.normalize(text.float(), dim=-1)).sum(-1).to(audio.device)
+        return {"score": F.cosine_similarity(sound.float(), text.float()).to(audio.device)}
 
 
 # ---------------------------------------------------------------- LAION-CLAP (the alternative GRPO reward)
 
 class ClapReward(Reward):
-    """Cosine of LAION-CLAP text and audio embeddings at 48 kHz: Resonate's alternative GRPO reward. We run
-    transformers' ClapModel (default laion/clap-htsat-unfused), not the released laion_clap package and
-    music_speech_audioset_epoch_15_esc_89.98.pt: close to, not equal to, its numbers. As released, the audio goes
-    through int16 and back, and a clip over 10 s is cut by the feature extractor."""
+    """Cosine of LAION-CLAP text and audio embeddings, Resonate's alternative GRPO reward, on transformers' ClapModel
+    (not the released laion_clap checkpoint: close to, not equal to, its numbers)."""
     sample_rate = 48000
 
     def __init__(self, model_name_or_path="laion/clap-htsat-unfused", device=None, dtype=None, *,
@@ -552,18 +488,14 @@ class ClapReward(Reward):
         text = self.model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"])
         sound = self.model.get_audio_features(input_features=sound["input_features"].to(self.device, self.model.dtype),
                                               is_longer=sound["is_longer"].to(self.device))
-        text, sound = text.pooler_output, sound.pooler_output  # (B, D) each: the projected embeddings
-        return (F.normalize(text.float(), dim=-1) * F.normalize(sound.float(), dim=-1)).sum(-1).to(audio.device)
+        return F.cosine_similarity(text.pooler_output.float(), sound.pooler_output.float()).to(audio.device)
 
 
 # ---------------------------------------------------------------- Qwen-Omni judges: the LALM reward and AQAScore
 
 @dataclasses.dataclass(frozen=True)
 class JudgeSettings:
-    """How QwenOmniJudge asks its model and reads the answer. repo: thinker + talker (only the thinker is built);
-    system_prompt: None for no system turn; yes, no: one token each; audio_tokens: (start, placeholder, end);
-    whole_clip: log-mel of the whole unpadded clip (Qwen3-Omni's processor), else padded or cut to Whisper's 30 s
-    (Qwen2.5-Omni's); rule: see QwenOmniJudge; max_new_tokens: the greedy answer's cap."""
+    """How QwenOmniJudge asks; whole_clip: log-mel of the whole clip (Qwen3-Omni), else of Whisper's 30 s window."""
     repo: str
     system_prompt: str | None
     yes: str
@@ -575,11 +507,10 @@ class JudgeSettings:
 
 
 QWEN25_OMNI = JudgeSettings(  # Resonate's training reward
-    repo="Qwen/Qwen2.5-Omni-7B",
-    system_prompt=("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
-                   "auditory and visual inputs, as well as generating text and speech."),
-    yes="Yes", no="No", audio_tokens=("<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"), whole_clip=False,
-    rule="first_token")
+    repo="Qwen/Qwen2.5-Omni-7B", yes="Yes", no="No", audio_tokens=("<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"),
+    whole_clip=False, rule="first_token", system_prompt=(
+        "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving auditory and "
+        "visual inputs, as well as generating text and speech."))
 AQA_QWEN3_OMNI = JudgeSettings(  # AQAScore, the TTA-Bench evaluation metric
     repo="Qwen/Qwen3-Omni-30B-A3B-Instruct", system_prompt=None, yes="yes", no="no",
     audio_tokens=("<|audio_start|>", "<|audio_pad|>", "<|audio_end|>"), whole_clip=True, rule="last_yes_no")
@@ -592,19 +523,16 @@ THINKERS = {"qwen2_5_omni": "Qwen2_5OmniThinkerForConditionalGeneration",  # con
 
 
 def audio_token_count(mel_frames, chunk=None):
-    """Audio tokens the Omni encoder emits for `mel_frames` 10 ms frames (int or (B,) tensor), as the processors count.
-    chunk None (Qwen2.5-Omni): a stride-2 conv then stride-2 pooling. chunk = 2 * n_window (Qwen3-Omni: 100 frames):
-    per chunk three stride-2 convs (kernel 3, padding 1: ceil(n / 2) each), so ceil(n / 8): 100 frames -> 13 tokens."""
+    """Audio tokens for `mel_frames` (int or (B,) tensor), as the processors count: chunk None (Qwen2.5-Omni), a
+    stride-2 conv and stride-2 pooling; else (Qwen3-Omni) three stride-2 convs, ceil(n / 8), per chunk of frames."""
     if chunk is None:
         return (-(-mel_frames // 2) - 2) // 2 + 1
     return mel_frames // chunk * -(-chunk // 8) + -(-(mel_frames % chunk) // 8)
 
 
 def load_judge(repo, weights_dir, dtype):
-    """(thinker, tokenizer, Whisper feature extractor) of a Qwen2.5-Omni or Qwen3-Omni repository, from `weights_dir` or
-    the Hugging Face cache (downloading config, tokenizer, feature extractor and every indexed shard, talker ones too:
-    from_pretrained reads the whole index). dtype None: the checkpoint's (bf16), as released. Raises
-    data.WeightsMissing; ValueError for a weights_dir with only some of the files, or another model family."""
+    """(thinker, tokenizer, Whisper feature extractor) of a Qwen-Omni repository via data.hub_files; dtype None: the
+    checkpoint's. Raises data.WeightsMissing; ValueError for a weights_dir with only some files or another family."""
     import transformers
     try:
         paths = hub_files(repo, JUDGE_FILES, weights_dir)
@@ -612,9 +540,8 @@ def load_judge(repo, weights_dir, dtype):
         paths.update(hub_files(repo, sorted(set(shards)), weights_dir))
     except WeightsMissing:  # one message for the whole repository rather than a list of shards
         raise WeightsMissing(f"the judge https://huggingface.co/{repo} is not on this machine and could not be "
-                             f"downloaded: fetch it where you have access (`hf download {repo}`) and pass that folder "
-                             f"as weights_dir, or run the command here to fill the Hugging Face cache (HF_TOKEN for "
-                             f"gated copies, HF_ENDPOINT for a mirror)") from None
+                             f"downloaded: run `hf download {repo}` here (HF_TOKEN for gated copies, HF_ENDPOINT for a "
+                             f"mirror), or where you have access and pass that folder as weights_dir") from None
     folder, *others = {p.parent for p in paths.values()}
     if others:
         raise ValueError(f"{weights_dir} holds only some of {repo}'s files; put all of them there, or none")
@@ -627,18 +554,10 @@ def load_judge(repo, weights_dir, dtype):
 
 
 class QwenOmniJudge(Reward):
-    """Ask a Qwen-Omni thinker whether the clip holds the caption's sound events (Resonate, arXiv 2603.11661; released
-    flow_grpo/rewards.py): QWEN25_OMNI is the training reward, AQA_QWEN3_OMNI the AQAScore metric. Mono 16 kHz; user
-    turn = question then clip; greedy answer; score = p(yes) / (p(yes) + p(no)) at the answer token the rule reads,
-    0 when that token is neither word exactly (the released quirk: with Qwen3-Omni's lowercase words "Yes" scores 0).
-    Rule "last_yes_no" (released): both released functions ask for one new token, but the Omni generate() overrides
-    it with thinker_max_new_tokens=1024, so the answer is decoded to <|im_end|> and its last yes or no read (here at
-    most max_new_tokens). "first_token" (QWEN25_OMNI's, cheap): one forward, the first answer token; the two agree
-    unless the answer starts otherwise or says yes or no again later. Unlike the released code (one clip at a time),
-    a batch runs together, left-padded: the same up to float rounding. Inputs come from the tokenizer and Whisper
-    feature extractor, not the Omni processors (they need PIL and torchvision). settings: a JudgeSettings (keyword
-    overrides replace fields); max_batch: clips per pass; model, tokenizer, feature_extractor: prebuilt parts.
-    Raises data.WeightsMissing; ValueError for an unknown rule, max_new_tokens < 1 or a tokenizer that does not fit."""
+    """A Qwen-Omni thinker asked whether the clip holds the caption's sound events (Resonate, arXiv 2603.11661; released
+    flow_grpo/rewards.py): p(yes) / (p(yes) + p(no)) at the greedy answer token the rule reads, 0 if neither word.
+    "last_yes_no" (released): the last yes/no of the answer, decoded to <|im_end|>; "first_token": its first token.
+    overrides replace JudgeSettings fields. Raises data.WeightsMissing; ValueError for bad settings or tokenizer."""
     sample_rate = 16000
     QUESTION = ("Does this audio contain the sound events described by the text: {caption}? "
                 "Please only answer yes or no, without other explanations.")
@@ -664,32 +583,27 @@ class QwenOmniJudge(Reward):
         self.chunk = 2 * audio_config.n_window if audio_config.model_type.startswith("qwen3") else None
 
     def prompt(self, caption: str, num_audio_tokens: int) -> str:
-        """The chat text for one clip, as the model's chat template renders the released conversation:
-        [system turn,] user turn (question then audio), open assistant turn."""
+        """The chat text of one clip, as the chat template renders the released conversation."""
         (start, pad, end), system = self.settings.audio_tokens, self.settings.system_prompt
         system = "" if system is None else f"<|im_start|>system\n{system}<|im_end|>\n"
         return (f"{system}<|im_start|>user\n{self.QUESTION.format(caption=caption)}{start}{pad * num_audio_tokens}"
                 f"{end}<|im_end|>\n<|im_start|>assistant\n")
 
     def inputs(self, audio, prompts) -> dict:
-        """Model inputs for (B, S) 16 kHz clips: left-padded input_ids / attention_mask (B, L), log-mel
-        input_features (B, mels, T) and feature_attention_mask (B, T), on the judge's device. The audio placeholder
-        is expanded to the encoder's token count, as the processor does."""
+        """Model inputs of (B, S) 16 kHz clips, left-padded, each audio placeholder expanded as the processor does."""
         pad = dict(padding="longest", truncation=False) if self.settings.whole_clip else dict(padding="max_length")
         features = self.feature_extractor([w.numpy() for w in audio.cpu()], sampling_rate=self.sample_rate,
                                           return_attention_mask=True, return_tensors="pt", **pad)
         num_tokens = audio_token_count(features["attention_mask"].sum(-1), self.chunk)  # (B,)
         texts = [self.prompt(p, int(n)) for p, n in zip(prompts, num_tokens)]
         text = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
-        return {"input_ids": text["input_ids"].to(self.device),
-                "attention_mask": text["attention_mask"].to(self.device),
-                "input_features": features["input_features"].to(self.device, self.model.dtype),
-                "feature_attention_mask": features["attention_mask"].to(self.device)}
+        inputs = {**text, "input_features": features["input_features"].to(self.model.dtype),
+                  "feature_attention_mask": features["attention_mask"]}
+        return {k: v.to(self.device) for k, v in inputs.items()}
 
     @torch.no_grad()
     def yes_no_scores(self, inputs) -> torch.Tensor:
-        """(B,) float32 p(yes) / (p(yes) + p(no)) at the greedy answer token the rule reads, 0 where it is neither
-        word. All rows decode together; a row that has emitted <|im_end|> is fed on but no longer counts."""
+        """(B,) float32 scores; all rows decode together, a row past its <|im_end|> no longer counting."""
         assert inputs["attention_mask"][:, -1].all(), "prompts must be left-padded, each ending in the last column"
         steps = 1 if self.settings.rule == "first_token" else self.settings.max_new_tokens
         thinker, mask = self.model.model, inputs["attention_mask"]
@@ -728,31 +642,18 @@ class WeightedSum(Reward):
         assert terms, "WeightedSum needs at least one reward"
         self.terms = dict(terms)
 
-    def score_all(self, audio, sample_rate, prompts, ids=None):
-        """{name: (B,) unweighted score} of every term, for logging, and "score", their weighted sum."""
-        parts = {name: reward.score(audio, sample_rate, prompts).float().to(audio.device)
-                 for name, (reward, _) in self.terms.items()}
-        return {**parts, "score": sum(weight * parts[name] for name, (_, weight) in self.terms.items())}
-
     def score(self, audio, sample_rate, prompts):
-        return self.score_all(audio, sample_rate, prompts)["score"]
+        return sum(weight * reward.score(audio, sample_rate, prompts) for reward, weight in self.terms.values())
 
 
-REWARDS = {
-    "loudness": LoudnessReward,
-    "centroid": SpectralCentroidReward,
-    "clap": MSClapScore,
-    "laion_clap": ClapReward,
-    "qwen_omni": QwenOmniJudge,  # Qwen2.5-Omni-7B, the training reward
-    "aqa": functools.partial(QwenOmniJudge, AQA_QWEN3_OMNI),  # AQAScore: Qwen3-Omni-30B-A3B-Instruct
-    "aes": AudioboxAesthetics.from_pretrained,
-}
+REWARDS = {"loudness": LoudnessReward, "centroid": SpectralCentroidReward, "aes": AudioboxAesthetics.from_pretrained,
+           "clap": MSClapScore, "laion_clap": ClapReward,
+           "qwen_omni": QwenOmniJudge, "aqa": functools.partial(QwenOmniJudge, AQA_QWEN3_OMNI)}
 
 
 def build_reward(spec, device=None) -> WeightedSum:
-    """A WeightedSum from a config spec: "loudness:1.0,clap:0.5", {"loudness": 1.0} or
-    {"loudness": {"weight": 1.0, "target_db": -14}}. `device` goes to the rewards that run a model.
-    Raises ValueError for an empty spec, an unknown name (listing the known ones) or a malformed weight."""
+    """A WeightedSum from "loudness:1.0,clap:0.5", {"loudness": 1.0} or {"loudness": {"weight": 1, "target_db": -14}};
+    `device` goes to the rewards that take one. Raises ValueError for an empty, unknown or malformed spec."""
     if isinstance(spec, str):  # "a:1.0, b" -> {"a": 1.0, "b": 1.0}
         spec = {name.strip(): float(weight or 1.0)
                 for name, _, weight in (item.partition(":") for item in spec.split(",") if item.strip())}

@@ -27,9 +27,9 @@ from transformers.models.qwen3_omni_moe import processing_qwen3_omni_moe
 
 import data
 from data import WeightsMissing, resample
-from reward import (AES_AXES, AES_WAVLM, AQA_QWEN3_OMNI, QWEN25_OMNI, REWARDS, AesModel, AudioboxAesthetics,
-                    ClapReward, LoudnessReward, QwenOmniJudge, SpectralCentroidReward, WeightedSum, aes_key,
-                    audio_token_count, build_reward)
+from reward import (AES_AXES, AES_KEY_MAP, AES_WAVLM, AQA_QWEN3_OMNI, QWEN25_OMNI, REWARDS, AesModel,
+                    AudioboxAesthetics, ClapReward, LoudnessReward, QwenOmniJudge, SpectralCentroidReward, WeightedSum,
+                    audio_token_count, build_reward, rename_key)
 
 SR = 16000
 PROMPTS = ["a dog barks", "rain falls on a tin roof while thunder rumbles", "birds"]
@@ -72,10 +72,11 @@ def test_rewards_reject_bad_input():
 def test_build_reward_weighted_sum_and_components():
     audio = torch.stack([tone(300, 0.05), tone(2000, 0.3)])
     reward = build_reward("loudness:1.0, centroid:0.5")
-    parts = reward.score_all(audio, SR, ["a", "b"])
-    total = parts.pop("score")
-    assert set(parts) == {"loudness", "centroid"} and torch.equal(total, reward.score(audio, SR, ["a", "b"]))
-    assert torch.allclose(total, parts["loudness"] + 0.5 * parts["centroid"])
+    total = reward.score(audio, SR, ["a", "b"])
+    assert set(reward.terms) == {"loudness", "centroid"}
+    assert torch.equal(reward.score_all(audio, SR, ["a", "b"])["score"], total)
+    parts = [r.score(audio, SR, ["a", "b"]) for r in (LoudnessReward(), SpectralCentroidReward())]
+    assert torch.allclose(total, parts[0] + 0.5 * parts[1])
     same = build_reward({"loudness": 1.0, "centroid": {"weight": 0.5}})
     assert torch.allclose(same.score(audio, SR, ["a", "b"]), total)
     custom = build_reward({"loudness": {"weight": 2.0, "target_db": -6}})
@@ -188,7 +189,7 @@ def test_aes_full_size_has_the_published_keys_and_shapes():
     with torch.device("meta"):
         model = AesModel(AES_WAVLM, manifest["constructor"])
     ours = {k: list(v.shape) for k, v in model.state_dict().items()}
-    assert ours == {aes_key(k): shape for k, shape in manifest["shapes"].items()}
+    assert ours == {rename_key(k, AES_KEY_MAP): shape for k, shape in manifest["shapes"].items()}
     assert sum(v.numel() for v in model.state_dict().values()) == manifest["num_parameters"]
 
 
