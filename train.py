@@ -1,16 +1,10 @@
 """
 Train Resonate in stages: the mel VAE, flow-matching pretraining of the transformer, then Flow-GRPO.
 
-One process:
 $ python train.py config/tiny_sfx.py --stage=vae --manifest=PATH --out_dir=DIR
 $ python train.py config/tiny_sfx.py --stage=pretrain --manifest=PATH --out_dir=DIR
-Several processes (DDP; NCCL on CUDA, gloo on CPU), e.g. 8 GPUs on one node:
-$ torchrun --standalone --nproc_per_node=8 train.py --stage=pretrain --manifest=PATH
-
-Settings are the module globals below, overridden by `config/*.py` files and then by `--key=value` (data.configure).
-A stage's checkpoint in --out_dir is never replaced unasked: --resume=True continues it, --overwrite=True starts over.
-Every random number of a step is drawn for the whole global batch from a generator seeded by (seed, step), and
-each rank takes its slice: a run resumed from a checkpoint, or split over more processes, takes the same steps.
+$ torchrun --standalone --nproc_per_node=8 train.py --stage=pretrain --manifest=PATH  # DDP: NCCL on CUDA, gloo on CPU
+Settings are the globals below, overridden by config/*.py files, then by --key=value.
 """
 import hashlib
 import math
@@ -94,6 +88,7 @@ compile = False  # torch.compile the model
 config_keys = data.setting_names(globals())  # what --key=value may set, and what checkpoints record
 CHECKPOINTS = {'vae': ('vae.pt',), 'pretrain': ('ckpt.pt',), 'grpo': ('grpo.pt', 'grpo_transformer.pth')}
 MAX_BAD_STEPS = 10  # consecutive steps with a non-finite gradient that end a run: it diverged, not one bad batch
+MASTER = int(os.environ.get('RANK', 0)) == 0  # rank 0, or the only process: it logs and writes
 last_checkpoint = ''  # the newest checkpoint this run wrote or resumed from, for the message on Ctrl-C
 
 
@@ -105,16 +100,14 @@ def get_lr(it):
 
 
 def refuse(problems, prefix=''):
-    """Raise ValueError(prefix + message) for the first (condition, message) pair whose condition holds."""
     for bad, message in problems:
         if bad:
             raise ValueError(prefix + message)
 
 
 def save_checkpoint(obj, path):
-    """Write `obj` to `path`.tmp, flushed to disk, then rename it over `path`: a crash while saving keeps the
-    previous checkpoint. Raises FloatingPointError, writing nothing, when a tensor in `obj` holds NaN or inf, and
-    OSError naming `path` when it cannot be written."""
+    """Write `obj` to `path` atomically: a crash while saving keeps the previous file. Raises FloatingPointError,
+    writing nothing, when a tensor in `obj` holds NaN or inf, and OSError naming `path` when it cannot be written."""
     if bad := nonfinite(obj):
         raise FloatingPointError(f'not saving {path}: NaN or inf in {len(bad)} tensors ({", ".join(bad[:3])}'
                                  f'{", ..." * (len(bad) > 3)}); the previous checkpoint is kept')
@@ -130,41 +123,29 @@ def save_checkpoint(obj, path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    if 'step' in obj:
-        global last_checkpoint
-        last_checkpoint = f'{path} (step {obj["step"]})'
 
 
 def nonfinite(obj, name=''):
-    """Names of the float tensors in a (nested) checkpoint that hold NaN or inf."""
     if torch.is_tensor(obj):
         return [name] if obj.is_floating_point() and not torch.isfinite(obj).all() else []
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
     return [n for k, v in items for n in nonfinite(v, f'{name}.{k}' if name else str(k))]
 
 
-def load_checkpoint(path, what, keys=()):
+def save_run(path, step, optimizer, extra, **weights):
+    global last_checkpoint
+    save_checkpoint({**weights, 'optimizer': optimizer.state_dict(), 'step': step, 'rng_state': torch.get_rng_state(),
+                     'config': {k: globals()[k] for k in config_keys}, **extra}, path)
+    last_checkpoint = f'{path} (step {step})'
+
+
+def load_checkpoint(path, what, keys):
     """A train.py checkpoint; raises FileNotFoundError or ValueError naming `path` (and `what` it should be)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f'{what} {path!r} does not exist; train it first or give its path (see README)')
     ckpt = data.read_weights(path)
     missing = [k for k in keys if k not in ckpt]
     refuse([(missing, f'{path} is not a {what} written by train.py (it has no {", ".join(missing)})')])
-    return ckpt
-
-
-def open_resumed(path, extra, key, setting):
-    """The checkpoint --resume continues, checked against what this run loaded (`extra`, see check_origin) and
-    refused when its `key` ('ema', 'lora') is None but --`setting` asks for one, or the other way round: never
-    drop or invent one silently. Raises FileNotFoundError or ValueError naming `path`."""
-    global last_checkpoint
-    ckpt = load_checkpoint(path, '--resume checkpoint', ('model', 'optimizer', 'step', 'config', key))
-    check_origin(ckpt, extra, path)
-    refuse([(bool(globals()[setting]) != (ckpt[key] is not None), f'--resume: {path} was written with --{setting}='
-             f'{ckpt["config"][setting]!r}; resume with that (or use a new --out_dir)')])
-    last_checkpoint = f'{path} (step {ckpt["step"]})'
-    if int(os.environ.get('RANK', 0)) == 0:
-        print(f'resumed from {last_checkpoint}')
     return ckpt
 
 
@@ -178,9 +159,11 @@ def fingerprint(state):
     return h.hexdigest()[:16]
 
 
-def check_origin(ckpt, extra, path):
-    """--resume: refuse a checkpoint trained from other starting weights, VAE or text encoder than those this run
-    loaded (`extra`: what it will store). Raises ValueError naming the files."""
+def open_resumed(path, extra, key, setting):
+    """The checkpoint --resume continues; raises ValueError naming `path` and the fix when it was trained from other
+    weights, VAE or text encoder than this run (`extra`), or its `key` ('ema', 'lora') disagrees with --`setting`."""
+    global last_checkpoint
+    ckpt = load_checkpoint(path, '--resume checkpoint', ('model', 'optimizer', 'step', 'config', key))
     old, new = ckpt.get('init_fingerprint'), extra.get('init_fingerprint')
     vae_old, vae_new = (fingerprint(c['vae']) if 'vae' in ckpt and 'vae' in extra else '' for c in (ckpt, extra))
     vae_source = f'--init_from={init_from}' if stage == 'grpo' else vae_ckpt or os.path.join(out_dir, 'vae.pt')
@@ -190,22 +173,30 @@ def check_origin(ckpt, extra, path):
             (vae_old != vae_new, f'was trained on another VAE (fingerprint {vae_old}) than the one in {vae_source} '
              f'({vae_new}); give the one it was trained on (--vae_ckpt), or start a new --out_dir'),
             (text_old != text_new, f'was trained with --text_encoder={text_old!r}, not {text_new!r}; resume with '
-             'that, or start a new --out_dir')], prefix=f'--resume: {path} ')
+             'that, or start a new --out_dir'),
+            (bool(globals()[setting]) != (ckpt[key] is not None), f'was written with --{setting}='
+             f'{ckpt["config"][setting]!r}; resume with that (or use a new --out_dir)')], prefix=f'--resume: {path} ')
+    last_checkpoint = f'{path} (step {ckpt["step"]})'
+    if MASTER:
+        print(f'resumed from {last_checkpoint}')
+    return ckpt
 
 
-def load_resumed(module, state, ckpt, path):
-    """module.load_state_dict(state) for --resume; when the weights do not fit (another model size, LoRA rank, ...)
-    raise ValueError naming the model settings that differ from those stored in the checkpoint `ckpt` (at `path`)."""
+def load_resumed(ckpt, path, optimizer, *weights):
+    """Load --resume's (module, state) pairs, then the optimizer; raises ValueError naming the settings that differ."""
     try:
-        module.load_state_dict(state)
+        for module, state in weights:
+            if module is not None:
+                module.load_state_dict(state)
     except RuntimeError as e:
-        saved = ckpt.get('config', {})
+        saved = ckpt['config']
         diff = [f'{k}={saved[k]!r} (now {globals()[k]!r})' for k in ('mel', 'vae', 'model', 'text_encoder', 'lora_rank')
                 if k in saved and saved[k] != globals()[k]]  # the settings that shape the weights
         first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e)).rstrip('.')[:160]
         raise ValueError(f'--resume: the weights in {path} do not fit this model ({first}); it was written with '
                          f'{", ".join(diff) or "the same model settings"}. Resume with those or use a new --out_dir'
                          ) from None
+    optimizer.load_state_dict(ckpt['optimizer'])  # after the weights: their errors name the settings
 
 
 # -----------------------------------------------------------------------------
@@ -234,7 +225,6 @@ class Setup:
             print(f'{stage}: {self.world_size} process(es) on {self.device}, {dtype}{batch}')
 
     def my_slice(self, micro_step):
-        """The slice of the global batch that this rank's micro-step owns."""
         start = (micro_step * self.world_size + self.rank) * batch_size
         return slice(start, start + batch_size)
 
@@ -250,10 +240,8 @@ class Setup:
 
 
 def draw_step(step, n_clips, n, latent_shape, salt=0):
-    """Every random number of one optimizer step for all `n` samples of the global batch, from one generator
-    seeded by (seed, step, salt): every rank draws the same and takes its slice, so a resumed or re-split run sees
-    the same clips, crops, noise, t and dropped captions. latent_shape: (E, N), the VAE's layout.
-    Returns a dict of tensors with leading n."""
+    """Every random number of one step, {name: (n, ...)}, for the whole global batch from a generator seeded by (seed,
+    step, salt): each rank takes its slice, so a resumed or re-split run takes the same steps. latent_shape: (E, N)."""
     g = data.seeded_generator(seed, 'step', step, salt)
     return {'index': torch.randint(n_clips, (n,), generator=g),
             'crop': torch.rand(n, generator=g),  # where in a long clip the window starts, as a fraction
@@ -264,8 +252,7 @@ def draw_step(step, n_clips, n, latent_shape, salt=0):
 
 
 def load_data(sample_rate):
-    """Train and validation clips from --manifest (validation: --val_manifest, else the rows with split 'val',
-    else every 20th training row). Raises ValueError naming a manifest that is empty or holds only 'val' rows."""
+    """Train and validation clips of --manifest (validation: --val_manifest, else its 'val' rows, else every 20th)."""
     rows = data.read_manifest(manifest)
     train_rows = rows if val_manifest else [r for r in rows if r.get('split') != 'val']
     val_rows = data.read_manifest(val_manifest) if val_manifest else \
@@ -277,11 +264,8 @@ def load_data(sample_rate):
 
 class Trainer:
     """What the stages share: optimizer, LR schedule, EMA, DDP, gradient accumulation, evaluation, checkpoints.
-
-    A stage supplies `loss_fn(model, draws, dataset) -> (loss, logs)` for its slice of the step's draws. logs: a
-    dict, or a function returning one (computed on log steps only: it may sync the device); tensor values are
-    this rank's batch means, averaged over ranks, floats must already speak for all ranks. `extra_state` is
-    stored in the checkpoint so sample.py can rebuild from it alone."""
+    `loss_fn(model, draws, dataset) -> (loss, logs)` takes this rank's slice of a step's draws; logs: a dict, or a
+    function returning one (called on log steps only), whose tensors are averaged over ranks, floats already are."""
 
     def __init__(self, s, model, ckpt_name, extra_state, latent_shape, train_set, val_set):
         self.s, self.ckpt_path, self.extra_state = s, os.path.join(out_dir, ckpt_name), extra_state
@@ -305,21 +289,15 @@ class Trainer:
                   f'{max_iters} steps, warm-up {warmup_iters}, lr {learning_rate:g}, EMA {ema_decay or "off"}')
 
     def restore(self):
-        path = self.ckpt_path
-        ckpt = open_resumed(path, self.extra_state, 'ema', 'ema_decay')
-        load_resumed(self.raw, ckpt['model'], ckpt, path)
-        if self.ema is not None:
-            load_resumed(self.ema, ckpt['ema'], ckpt, path)
-        self.optimizer.load_state_dict(ckpt['optimizer'])  # after the weights: their errors name the settings
+        ckpt = open_resumed(self.ckpt_path, self.extra_state, 'ema', 'ema_decay')
+        load_resumed(ckpt, self.ckpt_path, self.optimizer, (self.raw, ckpt['model']), (self.ema, ckpt['ema']))
         self.step = ckpt['step']
         torch.set_rng_state(ckpt['rng_state'])
 
     def save(self):
         if self.s.master:
-            save_checkpoint({'model': self.raw.state_dict(), 'optimizer': self.optimizer.state_dict(),
-                             'ema': self.ema.state_dict() if self.ema is not None else None, 'step': self.step,
-                             'rng_state': torch.get_rng_state(), 'config': {k: globals()[k] for k in config_keys},
-                             **self.extra_state}, self.ckpt_path)
+            save_run(self.ckpt_path, self.step, self.optimizer, self.extra_state, model=self.raw.state_dict(),
+                     ema=self.ema.state_dict() if self.ema is not None else None)
 
     def train(self, loss_fn):
         s, t0 = self.s, time.time()
@@ -341,8 +319,7 @@ class Trainer:
         self.evaluate(loss_fn)
 
     def take_step(self, loss_fn, draws):
-        """One optimizer step on the global batch of `draws`, over this rank's micro-batches; no update when the
-        gradient is not finite (see skip_step). Returns the last micro-step's loss and logs, and the grad norm."""
+        """One optimizer step on this rank's micro-batches of `draws`: the last one's loss and logs, the grad norm."""
         s, self.lr = self.s, get_lr(self.step)
         for group in self.optimizer.param_groups:
             group['lr'] = self.lr
@@ -363,8 +340,7 @@ class Trainer:
         return loss, logs, norm
 
     def skip_step(self, index, norm):
-        """A NaN or inf gradient (a bad clip, or a diverging run) changes no weight: name the step's clips, and stop
-        after MAX_BAD_STEPS such steps in a row. Raises FloatingPointError."""
+        """A NaN or inf gradient changes no weight: name the clips; MAX_BAD_STEPS in a row raise FloatingPointError."""
         self.bad_steps += 1
         names = sorted({os.path.basename(p) for p in self.dataset.paths(index.tolist())})
         if self.s.master:  # numbered like the log line after it: the step that would have been taken
@@ -375,7 +351,6 @@ class Trainer:
                                      f'Resume from {last_checkpoint or "the start"} with a lower --learning_rate')
 
     def end_epoch(self):
-        """Once per pass over the training clips: how many unreadable files were skipped (and which)."""
         report = self.dataset.end_epoch_report(merge=self.s.union_across_ranks)
         if self.s.master and not report.startswith('skipped 0 '):
             print(f'step {self.step}: epoch {self.step * self.s.global_batch // self.n_clips} {report}')
@@ -400,7 +375,6 @@ class Trainer:
             self.save()
 
     def fixed_val_draws(self, n_clips):
-        """This rank's share of the fixed validation draws: eval_batches batches of the global batch size."""
         n = self.s.global_batch * eval_batches
         draws = draw_step(0, n_clips, n, self.latent_shape, salt=1)  # salt 1: never a training step's numbers
         draws['index'] = torch.arange(n) % n_clips  # every validation clip, in order
@@ -419,7 +393,6 @@ def load_mels(dataset, mel_fn, draws, s):
 
 
 def stat_draws(n_clips, latent_shape, s):
-    """The draws of the latent_stat_batches global batches that set a model's input statistics."""
     return draw_step(0, n_clips, s.global_batch * latent_stat_batches, latent_shape, salt=2)
 
 
@@ -476,10 +449,8 @@ def train_pretrain(s):
     train_set, val_set = load_data(mel_cfg['sample_rate'])
     encoder = load_text_encoder(text_encoder)
     text = TextFeatures(encoder)
-    n_frames = num_latent_frames(clip_seconds, mel_cfg)
-    latent_shape = (vae_model.embed_dim, n_frames)
-    cfg = MODELS[model](latent_dim=vae_model.embed_dim, text_dim=encoder.dim, text_c_dim=encoder.dim,
-                        latent_seq_len=n_frames)
+    E, N = vae_model.embed_dim, num_latent_frames(clip_seconds, mel_cfg)
+    cfg = MODELS[model](latent_dim=E, text_dim=encoder.dim, text_c_dim=encoder.dim, latent_seq_len=N)
     net = Resonate(cfg)
 
     def latents(draws, dataset):
@@ -491,7 +462,7 @@ def train_pretrain(s):
         return z.transpose(1, 2), captions
 
     if not resume:  # per-channel latent statistics and the empty-string features are stored in the model
-        z = latents(stat_draws(len(train_set), latent_shape, s), train_set)[0]
+        z = latents(stat_draws(len(train_set), (E, N), s), train_set)[0]
         net.set_latent_stats(z.mean(dim=(0, 1)), z.std(dim=(0, 1)))
         net.set_empty_string(*encoder.encode(['']))
     extra = {'model_args': asdict(cfg), 'text_encoder': text_encoder, 'mel': vae_file['mel'],
@@ -507,17 +478,14 @@ def train_pretrain(s):
         # computed only on log steps (it syncs the device), over every rank's samples
         return loss, lambda: loss_by_t_bin(grpo.all_gather(per_sample.detach()), grpo.all_gather(t))
 
-    Trainer(s, net, 'ckpt.pt', extra, latent_shape, train_set, val_set).train(loss_fn)
+    Trainer(s, net, 'ckpt.pt', extra, (E, N), train_set, val_set).train(loss_fn)
 
 
 def captions(path, split):
-    """The distinct prompts of a prompts file or manifest (see data.read_prompts), in order: one group each."""
     return list(dict.fromkeys(p for _, p in data.read_prompts(path, split)))
 
 
 def grpo_prompts():
-    """Training and held-out captions. Held-out: --val_prompt_file, else the 'val' rows of --val_manifest or
-    --manifest (the first grpo_eval_prompts); they are never trained on. Raises ValueError when none is left."""
     val_src = val_prompt_file or val_manifest or manifest
     val = captions(val_src, None if val_prompt_file or val_manifest else 'val')[:grpo_eval_prompts] if val_src else []
     train = [p for p in captions(prompt_file or manifest, None if prompt_file else 'train') if p not in set(val)]
@@ -527,11 +495,7 @@ def grpo_prompts():
 
 class GRPOTrainer:
     """Flow-GRPO from --init_from (our ckpt.pt, or the published Resonate_PT.pth when empty) against --reward.
-
-    Epoch e: grpo.sample_epoch (this rank's rollouts, scored) -> grpo.gather_advantages (groups across ranks)
-    -> grpo.train_epoch (updates). Prompts and noise are drawn per (seed, epoch), so --resume=True repeats the
-    uninterrupted run exactly. Checkpoint out_dir/grpo.pt: merged weights under 'model' (sample.py reads it),
-    LoRA weights, optimizer, epoch and what sample.py needs to rebuild the pipeline."""
+    Prompts and noise are drawn per (seed, epoch); grpo.pt's 'model' holds the merged weights, 'lora' the adapters."""
 
     def __init__(self, s):
         self.s, self.cfg = s, GRPOConfig(**{f.name: globals()[f'grpo_{f.name}'] for f in fields(GRPOConfig)})
@@ -540,43 +504,34 @@ class GRPOTrainer:
         self.pipe = load_pipeline(init_from or None, weights_dir or None, device=str(s.device), weights='pt')
         self.policy = self.pipe.transformer.requires_grad_(True)
         self.policy.grad_checkpointing = grpo_checkpointing
-        self.extra = self.origin()
+        # grpo.pt also stores what sample.py rebuilds the pipeline from, and the starting weights' fingerprint
+        init = data.read_weights(init_from) if init_from else {}
+        if 'model_args' in init:  # our ckpt.pt
+            self.extra = {k: init[k] for k in ('model_args', 'text_encoder', 'mel', 'vae_args', 'vae')}
+        else:  # a published transformer file
+            self.extra = {'model_args': asdict(self.policy.cfg), 'published_base': init_from or 'Resonate_PT.pth'}
+        self.extra['init_fingerprint'] = fingerprint(self.policy.state_dict())
         self.text, self.reward_fn = TextFeatures(self.pipe.text_encoder), build_reward(reward, device=s.device)
-        self.params, self.ref = self.reference()
+        if lora_rank:  # the frozen base with adapters off is the KL penalty's reference model: no second copy
+            self.params, self.ref = grpo.apply_lora(self.policy, lora_rank, lora_alpha), self.policy
+            self.policy.to(s.device)
+        else:
+            self.params, self.ref = list(self.policy.parameters()), deepcopy(self.policy).requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, betas=self.cfg.betas, eps=self.cfg.adam_eps,
                                            weight_decay=self.cfg.weight_decay)
         self.ckpt_path, self.epoch = os.path.join(out_dir, 'grpo.pt'), 0
         if resume:
             self.restore()
-        self.start = self.epoch
         self.model = DDP(self.policy, device_ids=[s.device.index] if s.device.type == 'cuda' else None) \
             if s.ddp else self.policy
         if s.master:
             self.describe()
 
-    def origin(self):
-        """What grpo.pt stores beside the weights: what sample.py needs to rebuild the pipeline, and a fingerprint
-        of the starting weights (a LoRA run's base, a full run's reference), checked on --resume."""
-        init = data.read_weights(init_from) if init_from else {}
-        extra = ({k: init[k] for k in ('model_args', 'text_encoder', 'mel', 'vae_args', 'vae')} if 'model_args' in init
-                 else {'model_args': asdict(self.policy.cfg), 'published_base': init_from or 'Resonate_PT.pth'})
-        return {**extra, 'init_fingerprint': fingerprint(self.policy.state_dict())}
-
-    def reference(self):
-        """The trainable parameters and the frozen reference model of the KL penalty."""
-        if lora_rank:  # the frozen base with adapters off is the reference model: no second copy
-            params = grpo.apply_lora(self.policy, lora_rank, lora_alpha)
-            self.policy.to(self.s.device)
-            return params, self.policy
-        return list(self.policy.parameters()), deepcopy(self.policy).requires_grad_(False)
-
     def restore(self):
-        path = self.ckpt_path
-        ckpt = open_resumed(path, self.extra, 'lora', 'lora_rank')
+        ckpt = open_resumed(self.ckpt_path, self.extra, 'lora', 'lora_rank')
         # LoRA: the frozen base comes from --init_from, the adapters from the checkpoint
-        load_resumed(self.policy, {**self.policy.state_dict(), **ckpt['lora']} if lora_rank else ckpt['model'],
-                     ckpt, path)
-        self.optimizer.load_state_dict(ckpt['optimizer'])
+        state = {**self.policy.state_dict(), **ckpt['lora']} if lora_rank else ckpt['model']
+        load_resumed(ckpt, self.ckpt_path, self.optimizer, (self.policy, state))
         self.epoch = ckpt['step']
 
     def describe(self):
@@ -589,30 +544,29 @@ class GRPOTrainer:
               f'{c.num_steps} SDE steps trained; {sum(p.numel() for p in self.params) / 1e6:.2f}M trainable '
               f'({f"LoRA r={lora_rank}" if lora_rank else "full"}; transformer ~{mem:.2f} GiB); reward {reward}')
 
-    def evaluate(self):
+    def evaluate(self, save):
         s = self.s
-        self.policy.eval()
-        vals = [grpo.evaluate_reward(self.policy, self.pipe, self.reward_fn, self.text, self.val_prompts, seed + k,
-                                     grpo_eval_steps, self.cfg.cfg_strength, rank=s.rank, world_size=s.world_size,
-                                     autocast=s.autocast) for k in range(grpo_eval_seeds)]
-        self.policy.train()
-        if s.master:
-            print(f'epoch {self.epoch}: held-out reward {sum(vals) / len(vals):.4f} (per seed: '
-                  f'{", ".join(f"{v:.4f}" for v in vals)})')
+        if self.val_prompts:
+            self.policy.eval()
+            vals = [grpo.evaluate_reward(self.policy, self.pipe, self.reward_fn, self.text, self.val_prompts, seed + k,
+                                         grpo_eval_steps, self.cfg.cfg_strength, rank=s.rank, world_size=s.world_size,
+                                         autocast=s.autocast) for k in range(grpo_eval_seeds)]
+            self.policy.train()
+            if s.master:
+                print(f'epoch {self.epoch}: held-out reward {sum(vals) / len(vals):.4f} (per seed: '
+                      f'{", ".join(f"{v:.4f}" for v in vals)})')
+        if save:
+            self.save()
 
     def save(self):
-        if not self.s.master:
-            return
-        state = {'model': grpo.merged_state_dict(self.policy),
-                 'lora': grpo.lora_state_dict(self.policy) if lora_rank else None, 'ema': None,
-                 'optimizer': self.optimizer.state_dict(), 'step': self.epoch, 'rng_state': torch.get_rng_state(),
-                 'config': {k: globals()[k] for k in config_keys}, **self.extra}
-        save_checkpoint(state, self.ckpt_path)
-        if 'published_base' in self.extra:  # sample.py --ckpt reads this like Resonate_GRPO.pth
-            save_checkpoint(state['model'], os.path.join(out_dir, 'grpo_transformer.pth'))
+        if self.s.master:
+            model = grpo.merged_state_dict(self.policy)
+            save_run(self.ckpt_path, self.epoch, self.optimizer, self.extra, model=model, ema=None,
+                     lora=grpo.lora_state_dict(self.policy) if lora_rank else None)
+            if 'published_base' in self.extra:  # sample.py --ckpt reads this like Resonate_GRPO.pth
+                save_checkpoint(model, os.path.join(out_dir, 'grpo_transformer.pth'))
 
     def train_epoch(self):
-        """Rollouts, advantages across ranks, then the updates of one epoch (none when no group has signal)."""
         s, t0, p = self.s, time.time(), self.policy.cfg
         samples = grpo.sample_epoch(self.policy, self.pipe, self.reward_fn, self.text, self.prompts, self.cfg,
                                     self.epoch, seed, (p.latent_seq_len, p.latent_dim), s.rank, s.world_size, s.autocast)
@@ -622,24 +576,21 @@ class GRPOTrainer:
             g = data.seeded_generator(seed, 'grpo_train', self.epoch)  # mask padding and shuffles, as on resume
             steps = grpo.train_epoch(self.model, self.ref, self.optimizer, samples, self.text, self.prompts,
                                      self.cfg, g, grpo_micro_batch, s.autocast)
-            for k in steps[0]:
-                logs[k] = s.mean_across_ranks(torch.tensor([sum(x[k] for x in steps) / len(steps)],
-                                                           device=s.device)).item()
+            for k in steps[0]:  # the mean over the epoch's updates, then over ranks
+                mean = sum(x[k] for x in steps) / len(steps)
+                logs[k] = s.mean_across_ranks(torch.tensor(mean, device=s.device)).item()
         self.epoch += 1
         if s.master:
             print(f'epoch {self.epoch}: ' + ' '.join(f'{k} {v:.4g}' for k, v in logs.items()) +
                   f' {time.time() - t0:.1f} s')
 
     def train(self):
+        start = self.epoch
         while self.epoch < grpo_epochs:
-            if self.epoch % grpo_eval_interval == 0 and self.val_prompts:
-                self.evaluate()
-            if self.epoch % grpo_eval_interval == 0 and self.epoch > self.start:
-                self.save()
+            if self.epoch % grpo_eval_interval == 0:
+                self.evaluate(save=self.epoch > start)  # not the checkpoint just resumed from
             self.train_epoch()
-        if self.val_prompts:
-            self.evaluate()
-        self.save()
+        self.evaluate(save=True)
 
 
 def check_settings():
@@ -662,16 +613,14 @@ def check_settings():
             (resume and overwrite, '--resume=True continues the checkpoint and --overwrite=True replaces it: give one')])
 
 
-def check_out_dir(master):
-    """Before any work: this stage's checkpoint in out_dir is resumed, replaced on purpose (--overwrite) or absent,
-    and out_dir is a writable folder (checked by rank 0, the one that writes; it also removes the temporary file a
-    save killed midway left). Raises ValueError or FileNotFoundError."""
+def check_out_dir():
+    """Before any work: refuse a checkpoint neither resumed nor overwritten, or an out_dir rank 0 cannot write."""
     path = os.path.join(out_dir, CHECKPOINTS[stage][0])
     if resume and not os.path.isfile(path):
         raise FileNotFoundError(f'--resume=True but {path} does not exist; leave out --resume to start this stage')
     refuse([(not resume and not overwrite and os.path.exists(path), f'{path} already holds a {stage} checkpoint; '
              'continue it with --resume=True, replace it with --overwrite=True, or choose another --out_dir')])
-    if master:
+    if MASTER:
         data.check_writable(out_dir, '--out_dir')
         for f in sorted(os.listdir(out_dir)):
             if f.startswith(tuple(name + '.tmp' for name in CHECKPOINTS[stage])):  # ckpt.pt.tmp: a save killed midway
@@ -685,7 +634,7 @@ STAGES = {'vae': train_vae, 'pretrain': train_pretrain, 'grpo': lambda s: GRPOTr
 def main(argv):
     data.configure(globals(), argv)
     check_settings()
-    check_out_dir(master=int(os.environ.get('RANK', 0)) == 0)
+    check_out_dir()
     s = Setup()
     try:
         STAGES[stage](s)
@@ -696,19 +645,14 @@ def main(argv):
             destroy_process_group()
 
 
-def interrupted():
-    """The one line printed on Ctrl-C: what is on disk, and how to go on."""
-    return (f'interrupted; the last checkpoint is {last_checkpoint}: continue with the same command and '
-            '--resume=True' if last_checkpoint else
-            f'interrupted before the first checkpoint of this run; nothing was saved to {out_dir}')
-
-
 if __name__ == '__main__':
     try:
         main(sys.argv[1:])
     except KeyboardInterrupt:
-        if int(os.environ.get('RANK', 0)) == 0:
-            print(interrupted(), file=sys.stderr)
+        if MASTER:  # one line: what is on disk, and how to go on
+            print(f'interrupted; the last checkpoint is {last_checkpoint}: continue with the same command and '
+                  '--resume=True' if last_checkpoint else f'interrupted before the first checkpoint of this run; '
+                  f'nothing was saved to {out_dir}', file=sys.stderr)
         sys.exit(130)
     except (ValueError, OSError, FloatingPointError) as e:  # say what to fix, no traceback
         sys.exit(f'error: {e}')
