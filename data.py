@@ -1,6 +1,5 @@
-"""Data: caption manifests, audio loading and resampling, the training dataset, the scripts' settings, devices and
-published weights. A manifest is JSONL, one clip a line (extra keys kept, audio_path relative to the manifest's folder):
-{"audio_id": "x", "audio_path": "audio/x.flac", "caption": "a dog barking", "duration": 4.2}"""
+"""Data: caption manifests, audio loading and resampling, the training dataset, settings, devices, published weights.
+A manifest is JSONL, one {"audio_id": "x", "audio_path": "audio/x.flac", "caption": "a dog barking", ...} a line."""
 
 import ast
 import difflib
@@ -21,30 +20,27 @@ import torch
 
 
 def read_manifest(path):
-    """Rows of a JSONL manifest, audio_path resolved, audio_id defaulting to the file's stem. Raises
+    """Rows of a JSONL manifest, audio_path resolved against its folder, audio_id defaulting to the file's stem. Raises
     FileNotFoundError; ValueError naming the file and line for an empty or non-UTF-8 file or a malformed row."""
-    path = _existing_file(path, "manifest", "pass the path of a .jsonl caption manifest")
+    path, text = _read_text(path, "manifest", "pass the path of a .jsonl caption manifest")
     root = os.path.dirname(os.path.abspath(path))
-    rows = [_parse_manifest_line(line, path, n) for n, line in enumerate(_read_text(path, "manifest").split("\n"), 1)
-            if line.strip()]
+    rows = [_parse_manifest_line(line, path, n) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
     if not rows:
         raise ValueError(f"manifest {path} is empty; add one JSON object a line for each clip")
     for row in rows:
         row["audio_path"] = os.path.normpath(os.path.join(root, os.path.expanduser(row["audio_path"])))
-        row.setdefault("audio_id", os.path.splitext(os.path.basename(row["audio_path"]))[0])
+        row.setdefault("audio_id", Path(row["audio_path"]).stem)
     return rows
 
 
 def read_prompts(path, split=None, keep_unusable=False):
-    """[(id, prompt)] of a text file (one a line, id None), a TTA-Bench JSON list of {"id", "prompt_text"} or a JSONL
-    manifest (its `split`; "train": all but "val"). Empty TTA-Bench prompts warn and are dropped, or kept as None.
-    Raises FileNotFoundError; ValueError naming the file for non-UTF-8 text or JSON of another shape."""
-    path = _existing_file(path, "prompts file", "give a text file, a TTA-Bench .json or a .jsonl manifest")
-    if path.endswith(".jsonl"):
+    """[(id, prompt)] of a text file (id None), a TTA-Bench JSON (empty prompts: a warning, then dropped or None) or a
+    manifest's `split` ("train": all but "val"). Raises FileNotFoundError; ValueError naming the file and the fault."""
+    if os.fspath(path).endswith(".jsonl"):
         rows = [r for r in read_manifest(path) if split is None or r.get("split") == split or
                 (split == "train" and r.get("split") != "val")]
         return [(r["audio_id"], r["caption"].strip()) for r in rows]
-    text = _read_text(path, "prompts file")
+    path, text = _read_text(path, "prompts file", "give a text file, a TTA-Bench .json or a .jsonl manifest")
     if not path.endswith(".json"):
         return [(None, line.strip()) for line in text.splitlines() if line.strip()]
     try:
@@ -70,9 +66,10 @@ def _existing_file(path, what, fix, error=FileNotFoundError):
     return path
 
 
-def _read_text(path, what):
+def _read_text(path, what, fix):
+    path = _existing_file(path, what, fix)
     try:
-        return Path(path).read_text(encoding="utf-8-sig")  # -sig: a byte-order mark some editors write is dropped
+        return path, Path(path).read_text(encoding="utf-8-sig")  # -sig: a byte-order mark some editors write is dropped
     except UnicodeDecodeError as e:
         raise ValueError(f"{what} {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
                          "re-save it as UTF-8") from None
@@ -117,7 +114,7 @@ def resample(wave, orig_sr, new_sr):
     n_out = -(-S * new // orig)  # ceil
     x = wave.reshape(-1, S).to(torch.promote_types(wave.dtype, torch.float32))  # (B, S)
     if new * (orig + 2 * half) <= _MAX_BANK_TAPS:  # polyphase: output block q, phase j = bank[j] on its inputs
-        offsets = torch.arange(-half, orig + half, device=x.device)  # from block q's first input q * orig
+        offsets = torch.arange(-half, orig + half, device=x.device)  # block q reads inputs q * orig + offsets
         bank = _sinc_kernel(offsets, torch.arange(new, device=x.device)[:, None], orig, new, x.dtype)[:, None]
         y = torch.nn.functional.conv1d(torch.nn.functional.pad(x[:, None], (half, half + orig)), bank, stride=orig)
         y = y.transpose(1, 2).reshape(x.shape[0], -1)[:, :n_out]  # (B, new, Q) -> interleaved (B, n_out)
@@ -194,8 +191,7 @@ def crop_or_pad(wave, num_samples, start=0.0):
 
 
 class AudioCaptionDataset:
-    """Manifest rows as clips of clip_seconds at sample_rate Hz, decoded audio cached in memory; a bad file warns once
-    and is replaced by the next readable row."""
+    """Manifest rows as clips of clip_seconds, decoded audio cached; a bad file warns once, the next row stands in."""
 
     def __init__(self, rows, sample_rate, clip_seconds):
         self.rows, self.sample_rate, self.num_samples = rows, int(sample_rate), round(clip_seconds * sample_rate)
@@ -208,8 +204,8 @@ class AudioCaptionDataset:
         return len(self.rows)
 
     def get_batch(self, indices, starts=None):
-        """audio (B, num_samples) float32 and B captions of rows `indices`, cropped at fractions starts[b] (None: 0).
-        Raises ValueError if no row of the manifest is readable."""
+        """(B, num_samples) float32 audio, B captions of rows `indices` cropped at fractions starts[b]; ValueError if
+        no row is readable."""
         audio = torch.zeros(len(indices), self.num_samples)  # (B, S)
         captions = []
         for b, i in enumerate(indices):
@@ -259,8 +255,7 @@ def setting_names(namespace):
 def configure(namespace, argv):
     """Apply config/*.py presets, then --key=value overrides (also applied first, for presets to branch on), to a
     script's globals(). Raises ValueError naming an unknown or mistyped setting, FileNotFoundError for a preset."""
-    names = setting_names(namespace)
-    overrides = dict(_parse_setting(arg, namespace, names) for arg in argv if arg.startswith("--"))
+    overrides = dict(_parse_setting(arg, namespace) for arg in argv if arg.startswith("--"))
     namespace.update(overrides)
     for path in (arg for arg in argv if not arg.startswith("--")):
         path = _existing_file(path, "config file", "settings are --key=value, presets config/*.py")
@@ -269,12 +264,12 @@ def configure(namespace, argv):
     namespace.update(overrides)
 
 
-def _parse_setting(arg, namespace, names):
+def _parse_setting(arg, namespace):
     key, eq, text = arg[2:].partition("=")
     if not eq:
         raise ValueError(f"settings are --key=value, got {arg!r}")
-    if key not in names:
-        close = difflib.get_close_matches(key, names, n=3)
+    if key not in setting_names(namespace):
+        close = difflib.get_close_matches(key, setting_names(namespace), n=3)
         hint = f"did you mean {', '.join('--' + c for c in close)}?" if close else "see the globals of the script"
         raise ValueError(f"unknown setting --{key}; {hint}")
     default = namespace[key]
@@ -319,8 +314,7 @@ def warn_if_slow_bf16(device, dtype):
     if dtype != "bf16" or pick_device(device).type != "cpu" or not os.path.exists(CPUINFO):
         return
     if not set(Path(CPUINFO).read_text().split()) & {"avx512_bf16", "amx_bf16", "bf16"}:  # x86 AVX-512/AMX, Arm
-        warnings.warn("this CPU has no native bf16: --dtype=bf16 will be far slower than --dtype=fp32 here",
-                      stacklevel=2)
+        warnings.warn("this CPU has no native bf16: --dtype=bf16 runs far slower than --dtype=fp32 here", stacklevel=2)
 
 
 def write_atomic(path, write):
@@ -361,7 +355,7 @@ class WeightsMissing(FileNotFoundError):
 
 def hub_files(repo_id, filenames, weights_dir=None):
     """{filename: Path} of files of Hugging Face repository `repo_id`: weights_dir/filename, else the cache, else a
-    download (tried until one fails offline). Raises WeightsMissing listing every missing file."""
+    download (until one fails offline). Raises WeightsMissing naming every missing file."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
     if weights_dir and not os.path.isdir(os.path.expanduser(weights_dir)):
@@ -390,8 +384,7 @@ def hub_files(repo_id, filenames, weights_dir=None):
 
 
 def read_weights(path):
-    """The dict in a .safetensors file or a torch file (read with weights_only=True: no code runs from it). Raises
-    FileNotFoundError or ValueError naming the path."""
+    """The dict in a .safetensors or torch file (weights_only: no code runs). Raises FileNotFoundError, ValueError."""
     path = _existing_file(path, "weights file", "give the path of a .pt/.pth or .safetensors file")
     try:
         if path.endswith(".safetensors"):
