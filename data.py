@@ -1,7 +1,5 @@
-"""Data: caption manifests, audio loading and resampling, the training dataset, the scripts' settings (`configure`),
-devices, and the loading path for published weights. A manifest is JSONL, one clip a line, as the released Resonate
-training manifests: {"audio_id": "...", "audio_path": "audio/x.flac", "caption": "a dog barking", "duration": 4.2}
-(extra keys kept); relative audio_paths are resolved against the manifest's own folder."""
+"""Data: caption manifests, audio loading and resampling, the training dataset, settings, devices, published weights.
+A manifest is JSONL, one {"audio_id": "x", "audio_path": "audio/x.flac", "caption": "a dog barking", ...} a line."""
 
 import ast
 import difflib
@@ -9,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -21,40 +20,45 @@ import torch
 
 
 def read_manifest(path):
-    """Rows of a JSONL manifest (blank lines skipped): audio_id (default: the file's stem), resolved audio_path, caption
-    and any other keys. Raises FileNotFoundError; ValueError naming the file (and line) for an empty or non-UTF-8
-    file, a line that is not a JSON object, or one without a non-empty string `audio_path` and `caption`."""
-    path = _existing_file(path, "manifest", "pass the path of a .jsonl caption manifest")
+    """Rows of a JSONL manifest, audio_path resolved against its folder, audio_id defaulting to the file's stem. Raises
+    FileNotFoundError; ValueError naming the file and line for an empty or non-UTF-8 file or a malformed row."""
+    path, text = _read_text(path, "manifest", "pass the path of a .jsonl caption manifest")
     root = os.path.dirname(os.path.abspath(path))
-    rows = [_parse_manifest_line(line, path, n) for n, line in enumerate(_read_text(path, "manifest").split("\n"), 1)
-            if line.strip()]
+    rows = [_parse_manifest_line(line, path, n) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
     if not rows:
         raise ValueError(f"manifest {path} is empty; add one JSON object a line for each clip")
     for row in rows:
         row["audio_path"] = os.path.normpath(os.path.join(root, os.path.expanduser(row["audio_path"])))
-        row.setdefault("audio_id", os.path.splitext(os.path.basename(row["audio_path"]))[0])
+        row.setdefault("audio_id", Path(row["audio_path"]).stem)
     return rows
 
 
 def read_prompts(path, split=None, keep_unusable=False):
-    """[(id, prompt)] from a text file (one a line, id None), a TTA-Bench JSON list of {"id", "prompt_text", ...}
-    (entries whose prompt_text is empty, null or not a string skipped with one warning, or kept in file order as
-    (id, None) with keep_unusable) or a JSONL manifest (id =
-    audio_id; `split` keeps that split, "train" every row not marked "val"). Raises FileNotFoundError; ValueError
-    naming the file for non-UTF-8 text, broken JSON or JSON of another shape."""
-    path = _existing_file(path, "prompts file", "give a text file, a TTA-Bench .json or a .jsonl manifest")
-    if path.endswith(".jsonl"):
+    """[(id, prompt)] of a text file (id None), a TTA-Bench JSON (empty prompts: a warning, then dropped or None) or a
+    manifest's `split` ("train": all but "val"). Raises FileNotFoundError; ValueError naming the file and the fault."""
+    if os.fspath(path).endswith(".jsonl"):
         rows = [r for r in read_manifest(path) if split is None or r.get("split") == split or
                 (split == "train" and r.get("split") != "val")]
         return [(r["audio_id"], r["caption"].strip()) for r in rows]
-    text = _read_text(path, "prompts file")
-    if path.endswith(".json"):
-        return _tta_bench_prompts(text, path, keep_unusable)
-    return [(None, line.strip()) for line in text.splitlines() if line.strip()]
+    path, text = _read_text(path, "prompts file", "give a text file, a TTA-Bench .json or a .jsonl manifest")
+    if not path.endswith(".json"):
+        return [(None, line.strip()) for line in text.splitlines() if line.strip()]
+    try:
+        entries = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"prompts file {path} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
+    if not isinstance(entries, list) or not all(isinstance(x, dict) and "prompt_text" in x for x in entries):
+        raise ValueError(f'{path}: expected a JSON list of {{"id": ..., "prompt_text": ...}} as in TTA-Bench')
+    entries = [(str(x.get("id", i)), x["prompt_text"].strip() if isinstance(x["prompt_text"], str) else "")
+               for i, x in enumerate(entries)]
+    skipped = sorted(pid for pid, p in entries if not p)
+    if skipped:  # TTA-Bench's fairness set has an empty prompt (id 2325)
+        warnings.warn(f"{path}: skipped {len(skipped)} entries whose prompt_text is empty, null or not text: "
+                      f"{', '.join(skipped[:20])}{' ...' if len(skipped) > 20 else ''}", stacklevel=2)
+    return [(pid, p or None) for pid, p in entries if p or keep_unusable]
 
 
 def _existing_file(path, what, fix, error=FileNotFoundError):
-    """`path` as a str (~ expanded); raises `error` naming `what`, the path and `fix` unless it is a file."""
     path = os.path.expanduser(os.fspath(path))
     if not os.path.isfile(path):
         kind = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
@@ -62,31 +66,13 @@ def _existing_file(path, what, fix, error=FileNotFoundError):
     return path
 
 
-def _read_text(path, what):
+def _read_text(path, what, fix):
+    path = _existing_file(path, what, fix)
     try:
-        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark some editors write is dropped
-            return f.read()
+        return path, Path(path).read_text(encoding="utf-8-sig")  # -sig: a byte-order mark some editors write is dropped
     except UnicodeDecodeError as e:
         raise ValueError(f"{what} {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
                          "re-save it as UTF-8") from None
-
-
-def _tta_bench_prompts(text, path, keep_unusable):
-    try:
-        entries = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"prompts file {path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
-                         ) from None
-    if not isinstance(entries, list) or not all(isinstance(x, dict) and "prompt_text" in x for x in entries):
-        raise ValueError(f'{path}: expected a JSON list of {{"id": ..., "prompt_text": ...}} as in TTA-Bench')
-    entries = [(str(x.get("id", i)), x["prompt_text"].strip() if isinstance(x["prompt_text"], str) else None)
-               for i, x in enumerate(entries)]
-    entries = [(pid, p or None) for pid, p in entries]
-    skipped = sorted(pid for pid, p in entries if p is None)
-    if skipped:  # TTA-Bench's fairness set has an empty prompt (id 2325)
-        warnings.warn(f"{path}: skipped {len(skipped)} entries whose prompt_text is empty, null or not text: "
-                      f"{', '.join(skipped[:20])}{' ...' if len(skipped) > 20 else ''}", stacklevel=3)
-    return entries if keep_unusable else [(pid, p) for pid, p in entries if p is not None]
 
 
 def _parse_manifest_line(line, path, lineno):
@@ -114,13 +100,9 @@ _MAX_BANK_TAPS = 1 << 20  # a larger polyphase bank (near-coprime rates, 44101 -
 
 
 def resample(wave, orig_sr, new_sr):
-    """`wave` (..., S) float at orig_sr -> (..., ceil(S * new_sr / orig_sr)) at new_sr, same dtype and device (`wave`
-    itself at equal rates), as torchaudio.functional.resample with its defaults, which the released metrics use.
-    With the rates reduced by their gcd, output n sits at input time n * orig / new (J. O. Smith, "Digital Audio
-    Resampling"):  y[n] = sum_i x[i] (fc / orig) sinc(u) cos(pi u / (2 Z))^2,  u = fc (i / orig - n / new) in [-Z, Z],
-    fc = RESAMPLE_ROLLOFF * min(orig, new), Z = RESAMPLE_ZEROS. A small polyphase bank runs as one strided conv1d,
-    a large one gathers the taps per output in chunks (bounded memory). Raises ValueError for non-positive or
-    non-integer rates."""
+    """`wave` (..., S) float at orig_sr -> (..., ceil(S * new_sr / orig_sr)) at new_sr, same dtype (`wave` itself at
+    equal rates), as torchaudio.functional.resample with its defaults, the released metrics' resampler (windowed
+    sinc: J. O. Smith, "Digital Audio Resampling"). Raises ValueError for non-positive or non-integer rates."""
     if not all(int(sr) == sr > 0 for sr in (orig_sr, new_sr)):
         raise ValueError(f"orig_sr, new_sr must be positive integer numbers of Hz, got {orig_sr!r}, {new_sr!r}")
     g = math.gcd(int(orig_sr), int(new_sr))
@@ -131,40 +113,29 @@ def resample(wave, orig_sr, new_sr):
     half = math.ceil(RESAMPLE_ZEROS * orig / (RESAMPLE_ROLLOFF * min(orig, new)))  # kernel half-width, input samples
     n_out = -(-S * new // orig)  # ceil
     x = wave.reshape(-1, S).to(torch.promote_types(wave.dtype, torch.float32))  # (B, S)
-    direct = new * (orig + 2 * half) > _MAX_BANK_TAPS
-    y = (_resample_direct if direct else _resample_polyphase)(x, orig, new, half, n_out)  # (B, n_out)
+    if new * (orig + 2 * half) <= _MAX_BANK_TAPS:  # polyphase: output block q, phase j = bank[j] on its inputs
+        offsets = torch.arange(-half, orig + half, device=x.device)  # block q reads inputs q * orig + offsets
+        bank = _sinc_kernel(offsets, torch.arange(new, device=x.device)[:, None], orig, new, x.dtype)[:, None]
+        y = torch.nn.functional.conv1d(torch.nn.functional.pad(x[:, None], (half, half + orig)), bank, stride=orig)
+        y = y.transpose(1, 2).reshape(x.shape[0], -1)[:, :n_out]  # (B, new, Q) -> interleaved (B, n_out)
+    else:  # output n from the 2 half + 2 inputs around n * orig / new, in chunks of outputs
+        taps = torch.arange(-half, half + 2, device=x.device)
+        chunk = max(1, (1 << 22) // (x.shape[0] * taps.numel()))  # bounds the (B, N, taps) gather
+        padded = torch.nn.functional.pad(x, (half, half + 1))
+        out = []
+        for n in torch.arange(n_out, device=x.device)[:, None].split(chunk):  # (N, 1)
+            i = n * orig // new + taps  # (N, taps) input indices, -half ... S + half
+            weights = _sinc_kernel(i - n // new * orig, n % new, orig, new, x.dtype)
+            out.append((padded[:, i + half] * weights).sum(-1))  # (B, N)
+        y = torch.cat(out, dim=-1)
     return y.to(wave.dtype).reshape(*lead, n_out)
 
 
 def _sinc_kernel(offset, phase, orig, new, dtype):
-    """Weight of input block_start + `offset` for the output of phase `phase` of a block (orig inputs, new outputs):
-    the same for every block and on both paths, rounded as torchaudio's float32 kernel."""
+    # weight of input block_start + offset for the output `phase` of a block of orig inputs and new outputs
     fc = RESAMPLE_ROLLOFF * min(orig, new)
     u = ((offset.to(dtype) / orig - phase.to(dtype) / new) * fc).clamp(-RESAMPLE_ZEROS, RESAMPLE_ZEROS)
     return torch.sinc(u) * torch.cos(u * (math.pi / (2 * RESAMPLE_ZEROS))) ** 2 * (fc / orig)
-
-
-def _resample_polyphase(x, orig, new, half, n_out):
-    """Output block q, phase j = conv of the inputs q * orig - half ... q * orig + orig + half - 1 with bank[j]."""
-    offsets = torch.arange(-half, orig + half, device=x.device)
-    phases = torch.arange(new, device=x.device)[:, None]
-    bank = _sinc_kernel(offsets, phases, orig, new, x.dtype)[:, None]  # (new, 1, orig + 2 half)
-    y = torch.nn.functional.conv1d(torch.nn.functional.pad(x[:, None], (half, half + orig)), bank, stride=orig)
-    return y.transpose(1, 2).reshape(x.shape[0], -1)[:, :n_out]  # (B, new, Q) -> interleaved (B, n_out)
-
-
-def _resample_direct(x, orig, new, half, n_out):
-    """Each output n from the 2 half + 2 inputs around n * orig / new (all the kernel reaches), in chunks."""
-    taps = torch.arange(-half, half + 2, device=x.device)
-    chunk = max(1, (1 << 22) // (x.shape[0] * taps.numel()))  # outputs per step: bounds the (B, N, taps) gather
-    padded = torch.nn.functional.pad(x, (half, half + 1))
-    out = []
-    for first in range(0, n_out, chunk):
-        n = torch.arange(first, min(first + chunk, n_out), device=x.device)[:, None]  # (N, 1)
-        i = n * orig // new + taps  # (N, taps) input indices, -half ... S + half
-        weights = _sinc_kernel(i - n // new * orig, n % new, orig, new, x.dtype)
-        out.append((padded[:, i + half] * weights).sum(-1))  # (B, N)
-    return torch.cat(out, dim=-1)
 
 
 # -----------------------------------------------------------------------------
@@ -179,10 +150,8 @@ class AudioError(ValueError):
 
 
 def load_audio(path, sample_rate):
-    """Decode a file (any format libsndfile reads) to a (S,) float32 CPU mono waveform at `sample_rate` Hz (resample).
-    Mono is the channels' mean unless they largely cancel (its peak under a tenth of the loudest channel's: an inverted
-    channel); then the loudest channel. Raises AudioError naming the file if it is missing, undecodable, not
-    resamplable, empty, not finite, silent (< SILENCE_PEAK) or far too loud (> LOUD_PEAK): one odd file is skipped."""
+    """A file libsndfile reads -> (S,) float32 mono at `sample_rate` Hz: the channels' mean, or the loudest channel
+    where they cancel. Raises AudioError naming the file (missing, undecodable, empty, non-finite, silent, too loud)."""
     path = _existing_file(path, "audio file", "fix its audio_path in the manifest or restore the file", AudioError)
     try:
         data, sr = soundfile.read(path, dtype="float32", always_2d=True)  # (S, C)
@@ -191,7 +160,7 @@ def load_audio(path, sample_rate):
     finite = np.isfinite(data)
     if data.size and finite.all():
         mono = data.mean(axis=1)  # (S,)
-        peak, channel_peaks = float(np.abs(mono).max()), np.abs(data).max(axis=0)  # (C,); numpy: cheaper here
+        peak, channel_peaks = float(np.abs(mono).max()), np.abs(data).max(axis=0)  # (C,)
         if peak < 0.1 * channel_peaks.max():  # channels in antiphase cancel out (-20 dB or more): keep the loudest
             mono, peak = data[:, channel_peaks.argmax()], float(channel_peaks.max())
     problem = ("holds no samples" if not data.size else
@@ -208,8 +177,7 @@ def load_audio(path, sample_rate):
 
 
 def crop_or_pad(wave, num_samples, start=0.0):
-    """(S,) -> (num_samples,): the window at fraction `start` in [0, 1) of a longer clip's valid start range (one number
-    per clip whatever its length, so a random stream stays aligned), or the clip zero-padded at the end."""
+    """(S,) -> (num_samples,): the window at fraction `start` in [0, 1) of the valid start range, or zero-padded."""
     assert wave.dim() == 1 and num_samples >= 1, (tuple(wave.shape), num_samples)
     S = wave.shape[0]
     if S >= num_samples:
@@ -223,9 +191,7 @@ def crop_or_pad(wave, num_samples, start=0.0):
 
 
 class AudioCaptionDataset:
-    """Manifest rows as fixed-length mono clips of clip_seconds at sample_rate Hz, decoded audio cached in memory.
-    A bad file warns once, naming it, is replaced in batches by the next readable row and is counted until
-    end_epoch_report()."""
+    """Manifest rows as clips of clip_seconds, decoded audio cached; a bad file warns once, the next row stands in."""
 
     def __init__(self, rows, sample_rate, clip_seconds):
         self.rows, self.sample_rate, self.num_samples = rows, int(sample_rate), round(clip_seconds * sample_rate)
@@ -237,19 +203,9 @@ class AudioCaptionDataset:
     def __len__(self):
         return len(self.rows)
 
-    def _load(self, path):
-        if path not in self._audio and path not in self._bad:
-            try:
-                self._audio[path] = load_audio(path, self.sample_rate)
-            except AudioError as e:
-                self._bad[path] = str(e)
-                warnings.warn(f"skipping bad audio file: {e}", stacklevel=3)
-        return self._audio.get(path)
-
     def get_batch(self, indices, starts=None):
-        """audio (B, num_samples) float32 and B captions of rows `indices`, cropped at fractions starts[b] (None: 0). A
-        bad row is replaced by the next readable one (wrapping), so a batch depends only on `indices` and `starts`, on
-        every rank and in a resume. Raises ValueError if no row of the manifest is readable."""
+        """(B, num_samples) float32 audio, B captions of rows `indices` cropped at fractions starts[b]; ValueError if
+        no row is readable."""
         audio = torch.zeros(len(indices), self.num_samples)  # (B, S)
         captions = []
         for b, i in enumerate(indices):
@@ -259,23 +215,28 @@ class AudioCaptionDataset:
         return audio, captions
 
     def paths(self, indices):
-        """The audio files that `get_batch(indices)` reads: each row's own, or the readable row replacing it."""
+        """The audio files that `get_batch(indices)` reads."""
         return [self.rows[self._next_readable(int(i))[0]]["audio_path"] for i in indices]
 
     def _next_readable(self, i):
-        for j in range(i, i + len(self.rows)):
+        for j in range(i, i + len(self.rows)):  # wrapping, so a batch depends on `indices` alone, on every rank
             j %= len(self.rows)
-            wave = self._load(self.rows[j]["audio_path"])
-            if wave is not None:
-                return j, wave
+            path = self.rows[j]["audio_path"]
+            if path not in self._audio and path not in self._bad:
+                try:
+                    self._audio[path] = load_audio(path, self.sample_rate)
+                except AudioError as e:
+                    self._bad[path] = str(e)
+                    warnings.warn(f"skipping bad audio file: {e}", stacklevel=3)
+            if path in self._audio:
+                return j, self._audio[path]
             self._skipped.add(j)
         raise ValueError(f"no readable audio file among the {len(self.rows)} rows of the manifest (e.g. "
                          f"{next(iter(self._bad.values()))}); check the audio_path entries (relative paths are "
                          "resolved against the manifest's folder)")
 
     def end_epoch_report(self, merge=None):
-        """"skipped K of N files: names" for the epoch now ending; counting starts afresh. merge: a function from
-        this copy's set of bad row indices to the set over all copies (the union over DDP ranks)."""
+        """"skipped K of N files: names" for the epoch now ending, bad rows merged over DDP ranks by `merge`."""
         skipped, self._skipped = merge(self._skipped) if merge else self._skipped, set()
         names = ", ".join(sorted(os.path.basename(self.rows[i]["audio_path"]) for i in skipped))
         return f"skipped {len(skipped)} of {len(self)} files" + (f": {names}" if names else "")
@@ -292,36 +253,32 @@ def setting_names(namespace):
 
 
 def configure(namespace, argv):
-    """Apply `config/*.py` presets, then `--key=value` overrides, to a script's globals(). Values are Python literals,
-    else strings, of the default's type (an int passes for a float); the overrides also apply before the presets,
-    so a preset can branch on them. Raises ValueError naming an unknown or mistyped setting, FileNotFoundError for
-    a missing preset."""
-    names = setting_names(namespace)
-    overrides = dict(_parse_setting(arg, namespace, names) for arg in argv if arg.startswith("--"))
+    """Apply config/*.py presets, then --key=value overrides (also applied first, for presets to branch on), to a
+    script's globals(). Raises ValueError naming an unknown or mistyped setting, FileNotFoundError for a preset."""
+    overrides = dict(_parse_setting(arg, namespace) for arg in argv if arg.startswith("--"))
     namespace.update(overrides)
     for path in (arg for arg in argv if not arg.startswith("--")):
         path = _existing_file(path, "config file", "settings are --key=value, presets config/*.py")
         print(f"config: {path}")
-        with open(path) as f:
-            exec(f.read(), namespace)
+        exec(Path(path).read_text(), namespace)
     namespace.update(overrides)
 
 
-def _parse_setting(arg, namespace, names):
+def _parse_setting(arg, namespace):
     key, eq, text = arg[2:].partition("=")
     if not eq:
         raise ValueError(f"settings are --key=value, got {arg!r}")
-    if key not in names:
-        close = difflib.get_close_matches(key, names, n=3)
+    if key not in setting_names(namespace):
+        close = difflib.get_close_matches(key, setting_names(namespace), n=3)
         hint = f"did you mean {', '.join('--' + c for c in close)}?" if close else "see the globals of the script"
         raise ValueError(f"unknown setting --{key}; {hint}")
     default = namespace[key]
+    if isinstance(default, str):
+        return key, text  # --out_dir=2024 is the folder '2024'
     try:
         value = ast.literal_eval(text)
     except (SyntaxError, ValueError):
-        value = text  # a bare string such as --out_dir=runs/a
-    if isinstance(default, str):
-        return key, text  # --out_dir=2024 is the folder '2024'
+        value = text  # not a literal: refused below
     if isinstance(default, float) and type(value) is int:
         value = float(value)
     if type(value) is not type(default):
@@ -336,8 +293,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16} 
 
 
 def pick_device(name='auto'):
-    """'auto' -> cuda if available, else mps, else cpu; otherwise that device, which must be available.
-    Raises ValueError naming --device when it is not."""
+    """'auto' -> cuda if available, else mps, else cpu. Raises ValueError naming --device if it is not available."""
     available = {'cuda': torch.cuda.is_available(), 'mps': torch.backends.mps.is_available(), 'cpu': True}
     if name == 'auto':
         return torch.device(next(d for d, ok in available.items() if ok))
@@ -354,20 +310,15 @@ CPUINFO = "/proc/cpuinfo"  # Linux: the CPU's feature flags
 
 
 def warn_if_slow_bf16(device, dtype):
-    """Say once, before the work, that bf16 on a CPU without native bf16 (e.g. AVX2 only) runs ~15-50x slower
-    than fp32 (a 2 s clip: 61 s per CFG step against 4 s, measured on such a machine)."""
+    """Warn that bf16 on a CPU without native bf16 (e.g. AVX2 only) runs ~15-50x slower than fp32."""
     if dtype != "bf16" or pick_device(device).type != "cpu" or not os.path.exists(CPUINFO):
         return
-    with open(CPUINFO) as f:
-        flags = set(f.read().split())
-    if not flags & {"avx512_bf16", "amx_bf16", "bf16"}:  # x86 AVX-512 BF16 / AMX, or Arm's bf16 feature
-        warnings.warn("this CPU has no native bf16: --dtype=bf16 will be far slower than --dtype=fp32 here",
-                      stacklevel=2)
+    if not set(Path(CPUINFO).read_text().split()) & {"avx512_bf16", "amx_bf16", "bf16"}:  # x86 AVX-512/AMX, Arm
+        warnings.warn("this CPU has no native bf16: --dtype=bf16 runs far slower than --dtype=fp32 here", stacklevel=2)
 
 
 def write_atomic(path, write):
-    """Call write(tmp) on a temporary file beside `path` (same extension), then rename it over `path`: the file is
-    complete or absent, and no temporary file outlives a failed write."""
+    """Call write(tmp) on a temporary file beside `path`, then rename it over `path`: complete or absent."""
     root, ext = os.path.splitext(path)
     tmp = f"{root}.tmp{os.getpid()}{ext}"
     try:
@@ -379,21 +330,17 @@ def write_atomic(path, write):
 
 
 def check_writable(folder, flag):
-    """Create `folder` if needed and check that files can be written there, before any work is done. Raises
-    ValueError naming the setting `flag` and the folder."""
+    """Create `folder` if needed and check it is writable. Raises ValueError naming the setting `flag`."""
     try:
         os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write_test_{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
+        tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
         why = "it is a file" if os.path.isfile(folder) else e.strerror or str(e)
         raise ValueError(f"{flag} {folder!r} is not a writable folder ({why}); choose another {flag}") from None
 
 
 def seeded_generator(*keys) -> torch.Generator:
-    """CPU torch.Generator seeded by a stable hash of `keys` (ints, strings): the same stream on every machine, run and
-    process split. Every derived random draw starts here, so no two derivations collide by arithmetic accident."""
+    """CPU torch.Generator seeded by a stable hash of `keys` (ints, strings): the same stream on every machine."""
     digest = hashlib.sha256(repr(keys).encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
@@ -407,12 +354,10 @@ class WeightsMissing(FileNotFoundError):
 
 
 def hub_files(repo_id, filenames, weights_dir=None):
-    """{filename: Path} of files of Hugging Face repository `repo_id`: `weights_dir`/filename when it exists, else the
-    Hugging Face cache, downloading with huggingface_hub (HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE, HF_HOME apply).
-    After one failed download the rest are only looked up in the cache, so an offline machine fails once.
-    Raises WeightsMissing listing every missing file."""
+    """{filename: Path} of files of Hugging Face repository `repo_id`: weights_dir/filename, else the cache, else a
+    download (until one fails offline). Raises WeightsMissing naming every missing file."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError
     if weights_dir and not os.path.isdir(os.path.expanduser(weights_dir)):
         raise ValueError(f"--weights_dir {weights_dir} is not a folder; give the folder holding the published files")
     paths, missing, offline = {}, [], False
@@ -421,35 +366,31 @@ def hub_files(repo_id, filenames, weights_dir=None):
         if local is not None and local.is_file():
             paths[name] = local
             continue
-        for cache_only in (True, False)[:1 if offline else 2]:  # the cache first: a cached file needs no network
+        for cache_only in (True,) if offline else (True, False):  # the cache first: a cached file needs no network
             try:
                 paths[name] = Path(hf_hub_download(repo_id, name, local_files_only=cache_only))
                 break
-            except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+            except OSError as e:  # HfHubHTTPError and LocalEntryNotFoundError are OSErrors
                 offline = offline or (not cache_only and isinstance(e, LocalEntryNotFoundError))
         else:
             missing.append(name)
     if missing:
-        files = "\n".join(f"    {name}" for name in missing)
         where = f"the folder {weights_dir}" if weights_dir else "a folder given as --weights_dir"
-        raise WeightsMissing(f"these files of https://huggingface.co/{repo_id} are not on this machine and could not be "
-                             f"downloaded:\n{files}\nfetch them where you have access (`hf download {repo_id} "
-                             f"{' '.join(missing)}`) and put them in {where} (keeping sub-folders), or into the Hugging "
-                             f"Face cache by running that command here (HF_TOKEN for gated copies, HF_ENDPOINT for a mirror)")
+        raise WeightsMissing(f"files of https://huggingface.co/{repo_id} are not on this machine and could not be "
+                             f"downloaded; fetch them where you have access:\n    hf download {repo_id} "
+                             f"{' '.join(missing)}\nand put them in {where} (keeping sub-folders), or run it here "
+                             "to fill the Hugging Face cache (HF_TOKEN for gated copies, HF_ENDPOINT for a mirror)")
     return paths
 
 
-def read_weights(path, allow=()):
-    """The dict stored at `path`: a .safetensors file, or a torch file read with weights_only=True, so no code
-    runs from the file. `allow`: the classes beyond tensors and containers that a published file holds
-    (passed to torch.serialization.safe_globals). Raises FileNotFoundError or ValueError naming the path."""
+def read_weights(path):
+    """The dict in a .safetensors or torch file (weights_only: no code runs). Raises FileNotFoundError, ValueError."""
     path = _existing_file(path, "weights file", "give the path of a .pt/.pth or .safetensors file")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
             return load_file(path)
-        with torch.serialization.safe_globals(list(allow)):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and safetensors errors alike: not a weights file
         detail = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line),
                       "not a PyTorch (.pt/.pth) or safetensors checkpoint")  # never torch's weights_only=False advice

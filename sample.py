@@ -1,14 +1,7 @@
-"""
-Generate audio from text with Resonate.
-
-$ python sample.py "rain on a tin roof"                        # the published GRPO weights: 10 s at 44.1 kHz
-$ python sample.py "rain on a tin roof" --weights_dir=weights  # offline, from a folder holding the published files
-$ python sample.py "footsteps on gravel" --ckpt=out/ckpt.pt --duration=2 --out=steps.wav   # our own checkpoint
-$ python sample.py --prompts_file=acc_prompt.json --batch_size=8 --out_dir=samples         # TTA-Bench, by id
-
-Python: `generate(["rain on a tin roof"])` returns (B, samples) float audio in [-1, 1] and its sample rate.
-"""
+"""Generate audio from text with Resonate: python sample.py "rain on a tin roof" (published weights, 10 s, 44.1 kHz).
+In Python, generate(["rain on a tin roof"]) returns (B, S) float32 audio in [-1, 1] and its sample rate."""
 import argparse
+import itertools
 import json
 import math
 import os
@@ -41,11 +34,10 @@ TEXT_ENCODER = 'flan-t5-large'  # google/flan-t5-large (~3 GB, transformers' cac
 
 @dataclass
 class Pipeline:
-    """Caption -> waveform: text encoder, transformer, VAE, vocoder (mel (B, n_mels, T) -> (B, 1, T * hop)) and
-    the mel settings; text_encoder may be None for callers that bring text features."""
+    """Caption -> waveform; text_encoder may be None for callers that bring text features."""
     transformer: Resonate
     vae: MelVAE
-    vocoder: torch.nn.Module
+    vocoder: torch.nn.Module  # mel (B, n_mels, T) -> (B, 1, T * hop)
     text_encoder: object
     mel_cfg: dict
 
@@ -54,22 +46,20 @@ class Pipeline:
         return self.mel_cfg['sample_rate']
 
     def max_duration(self):
-        """Longest clip in seconds: the transformer's RoPE range (2048 frames, 47.5 s for the released model)."""
+        """Longest clip in seconds: the RoPE range (2048 latent frames, 47.5 s for the released model)."""
         return self.transformer.cfg.max_latent_len * 2 * self.mel_cfg['hop_length'] / self.sample_rate
 
     @torch.no_grad()
     def synthesize(self, text_f, text_f_c, noise, num_steps=25, cfg_strength=4.5, negative_text_f=None,
                    negative_text_f_c=None, progress=False):
-        """The released chain: Euler + CFG from noise (B, N, C) at t = 1, then `decode`. text_f (B, 77, Dt),
-        text_f_c (B, Dc); negative_*: the unconditional branch's features (default: the stored empty caption's)."""
-        x = euler_sample(self.transformer, noise, text_f, text_f_c, num_steps=num_steps, cfg_strength=cfg_strength,
-                         negative_text_f=negative_text_f, negative_text_f_c=negative_text_f_c, progress=progress)
-        return self.decode(x)
+        """Euler + CFG from noise (B, N, C) at t = 1 on text_f (B, 77, Dt), text_f_c (B, Dc), then `decode`; negative_*:
+        the unconditional branch's features (default: the stored empty caption's)."""
+        return self.decode(euler_sample(self.transformer, noise, text_f, text_f_c, num_steps, cfg_strength,
+                                        negative_text_f, negative_text_f_c, progress))
 
     @torch.no_grad()
     def decode(self, x):
-        """Normalised latents (B, N, C) -> un-normalised latents (B, N, C), mel (B, n_mels, 2N) and waveform
-        (B, 1, 2N * hop_length) float32 in [-1, 1]."""
+        """Latents (B, N, C) -> (un-normalised latents, mel (B, n_mels, 2N), waveform (B, 1, 2N * hop) in [-1, 1])."""
         latents = self.transformer.unnormalize(x.to(self.transformer.latent_mean.dtype))  # (B, N, C)
         mel = self.vae.decode(latents.transpose(1, 2).to(_dtype_of(self.vae)))  # (B, n_mels, 2N)
         wave = self.vocoder(mel.to(_dtype_of(self.vocoder, mel.dtype)))  # (B, 1, S)
@@ -85,12 +75,9 @@ def _dtype_of(module, default=torch.float32):
 
 def load_pipeline(ckpt=None, weights_dir=None, device='auto', dtype='fp32', weights='grpo', text_encoder=None,
                   vocoder='auto'):
-    """The pipeline of a train.py checkpoint (ckpt.pt / grpo.pt: self-describing), of a published transformer file
-    (.pth / .safetensors), or, with ckpt=None, of the published `weights` ('grpo' or 'pt'). Published files come
-    from `weights_dir`, else the Hugging Face cache, else a download. text_encoder: a name or folder (default: the
-    checkpoint's; FLAN-T5-large, from weights_dir/flan-t5-large if there). vocoder: auto (BigVGAN at 44.1 kHz,
-    else Griffin-Lim), bigvgan, griffin-lim. Raises FileNotFoundError / ValueError for a bad checkpoint or
-    option, data.WeightsMissing naming the missing files, OSError when the text encoder cannot load."""
+    """The pipeline of a train.py checkpoint, a published transformer file (.pth / .safetensors) or, with ckpt=None,
+    the published `weights` ('grpo' or 'pt') from weights_dir, the Hugging Face cache or a download. Raises
+    FileNotFoundError / ValueError for a bad checkpoint or option, WeightsMissing, OSError for the text encoder."""
     if dtype not in DTYPES or vocoder not in ('auto', 'bigvgan', 'griffin-lim') or weights not in ('grpo', 'pt'):
         raise ValueError(f'dtype must be one of {sorted(DTYPES)}, vocoder auto|bigvgan|griffin-lim, weights '
                          f'grpo|pt; got {dtype!r}, {vocoder!r}, {weights!r}')
@@ -101,12 +88,12 @@ def load_pipeline(ckpt=None, weights_dir=None, device='auto', dtype='fp32', weig
         raise ValueError(f'{ckpt} is {kind}; give the ckpt.pt (or grpo.pt) beside it, or a Resonate_*.pth')
     ours = state is not None and 'model_args' in state
     # 'auto': the published files come with their BigVGAN; our models use it at 128 mel bins (44.1 kHz)
-    bigvgan = vocoder == 'bigvgan' or (vocoder == 'auto' and (not ours or get_mel_config(state['mel'])['n_mels'] == 128))
-    names = [] if ours else ([] if state is not None else [PUBLISHED[weights]]) + [PUBLISHED['vae']]
+    bigvgan = vocoder == 'bigvgan' or vocoder == 'auto' and (not ours or get_mel_config(state['mel'])['n_mels'] == 128)
+    names = ([PUBLISHED[weights]] if state is None else []) + ([] if ours else [PUBLISHED['vae']])
     names += [PUBLISHED['vocoder_config'], PUBLISHED['vocoder']] if bigvgan else []
-    local_t5 = Path(weights_dir or '', TEXT_ENCODER) if weights_dir else None
-    encoder = text_encoder or (state['text_encoder'] if ours else str(local_t5) if local_t5 and local_t5.is_dir()
-                               else TEXT_ENCODER)
+    local_t5 = Path(weights_dir or '', TEXT_ENCODER)
+    default_t5 = str(local_t5) if weights_dir and local_t5.is_dir() else TEXT_ENCODER
+    encoder = text_encoder or (state['text_encoder'] if ours else default_t5)
     try:  # one call: offline, one message lists every file
         paths = hub_files(PUBLISHED_REPO, names, weights_dir)
     except WeightsMissing as e:
@@ -115,35 +102,29 @@ def load_pipeline(ckpt=None, weights_dir=None, device='auto', dtype='fp32', weig
     if ours:  # EMA weights when the checkpoint has them
         net = Resonate(ResonateConfig(**state['model_args']))
         net.load_state_dict(state['ema'] or state['model'])
-        vae_net = MelVAE(**state['vae_args'])
-        vae_net.load_state_dict(state['vae'])
-        vae_net.fold_weight_norm()
     else:
         net = Resonate.from_pretrained(state if state is not None else read_weights(paths[PUBLISHED[weights]]))
-        vae_net = MelVAE.from_pretrained(read_weights(paths[PUBLISHED['vae']]))
+    vae_net = MelVAE.from_pretrained(state['vae'] if ours else read_weights(paths[PUBLISHED['vae']]))
     mel_cfg = get_mel_config(state['mel']) if ours else vae_net.mel_config
     voc = GriffinLim(mel_cfg) if not bigvgan else BigVGAN.from_pretrained(
         json.loads(paths[PUBLISHED['vocoder_config']].read_text()), read_weights(paths[PUBLISHED['vocoder']]))
-    pipe = check_pipeline(Pipeline(net, vae_net, voc, load_text_encoder(encoder), mel_cfg))
-    for module in (pipe.transformer, pipe.vae, pipe.vocoder):
+    for module in (net, vae_net, voc):
         module.to(device, dtype).eval()
-    # T5 overflows in fp16, so it stays fp32 there
-    pipe.text_encoder.to(device, torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
-    return pipe
+    text_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32  # T5 overflows in fp16
+    return check_pipeline(Pipeline(net, vae_net, voc, load_text_encoder(encoder).to(device, text_dtype), mel_cfg))
 
 
 def check_pipeline(pipe):
     """Raise ValueError when the parts do not fit together (latent channels, mel bins, hop length, rate)."""
     net, vae_net, voc, mel = pipe.transformer, pipe.vae, pipe.vocoder, pipe.mel_cfg
     if net.cfg.latent_dim != vae_net.embed_dim or vae_net.data_dim != mel['n_mels']:
-        raise ValueError(f'the transformer makes {net.cfg.latent_dim} latent channels and the VAE takes '
-                         f'{vae_net.embed_dim} and makes {vae_net.data_dim} mel bins for a {mel["n_mels"]}-bin '
-                         f'mel config: the files do not belong together')
+        raise ValueError(f'the transformer makes {net.cfg.latent_dim} latent channels, the VAE takes '
+                         f'{vae_net.embed_dim} and makes {vae_net.data_dim} mel bins for a {mel["n_mels"]}-bin mel '
+                         'config: the files do not belong together')
     rate = getattr(voc, 'sampling_rate', None) or mel['sample_rate']
     if (voc.num_mels, voc.upsample_factor, rate) != (mel['n_mels'], mel['hop_length'], mel['sample_rate']):
-        raise ValueError(f'the vocoder ({voc.num_mels} mels, hop {voc.upsample_factor}, {rate} Hz) does not fit '
-                         f'the VAE\'s mel config ({mel["n_mels"]} mels, hop {mel["hop_length"]}, '
-                         f'{mel["sample_rate"]} Hz)')
+        raise ValueError(f'the vocoder ({voc.num_mels} mels, hop {voc.upsample_factor}, {rate} Hz) does not fit the '
+                         f'mel config ({mel["n_mels"]} mels, hop {mel["hop_length"]}, {mel["sample_rate"]} Hz)')
     return pipe
 
 
@@ -151,8 +132,7 @@ def check_pipeline(pipe):
 # generation
 
 def make_noise(seeds, frames, channels):
-    """Initial noise (B, N, C), item i drawn on the CPU from its own seed or its own torch.Generator (which
-    advances): the same seed gives the same audio on every device and whatever else shares the batch."""
+    """Noise (B, N, C), item i drawn on the CPU from its own seed or torch.Generator: the same on every device."""
     return torch.stack([torch.randn(frames, channels, generator=_stream(s)) for s in seeds])
 
 
@@ -162,8 +142,7 @@ def _stream(seed):
 
 def check_settings(prompts, duration=10.0, steps=25, cfg_strength=4.5, seed=42, num_samples=1, batch_size=8,
                    longest=math.inf, extra=()):
-    """Raise ValueError naming the setting and its range for anything `generate` cannot honour; the command
-    line checks the same before loading a model (the longest duration is the model's, checked once loaded)."""
+    """Raise ValueError naming the setting and its range for anything `generate` cannot honour."""
     if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError(f'prompts must be a non-empty list of non-empty captions, got {prompts!r:.80}')
     for name, value in (('steps', steps), ('num_samples', num_samples), ('batch_size', batch_size), *extra):
@@ -181,14 +160,10 @@ def check_settings(prompts, duration=10.0, steps=25, cfg_strength=4.5, seed=42, 
 
 def generate(prompts, pipeline=None, duration=10.0, steps=25, cfg_strength=4.5, negative=None, seed=42,
              num_samples=1, batch_size=8, progress=True, **load_kwargs):
-    """Text -> (audio (P * num_samples, S) float32 CPU in [-1, 1], S = round(duration * rate), rate in Hz); prompt
-    i's samples are rows i * num_samples ... Without `pipeline`, load_pipeline(**load_kwargs) builds one.
-
-    duration in s (1 to the model's longest: 47.5 for the released one); steps = NFE (both CFG branches in one
-    forward); negative: a caption replacing the empty caption in the unconditional branch. Sample k of a prompt
-    starts from noise seeded seed + k, so its audio depends on the seed alone, not on batching; `seed` may also be
-    one seed or torch.Generator per prompt (sample k = its k-th draw). Raises ValueError for a setting out of range
-    (check_settings) and for non-finite audio (non-finite weights)."""
+    """Text -> (audio (P * num_samples, S) float32 CPU in [-1, 1], S = round(duration * rate), rate in Hz), prompt
+    i's samples at rows i * num_samples ...; without `pipeline`, load_pipeline(**load_kwargs). Sample k of a prompt
+    starts from seed + k, or from the k-th draw of its own seed or Generator when `seed` is a list of one per prompt.
+    Raises ValueError for a setting out of range and for non-finite audio."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if pipeline is None:  # fail before the slow load
         check_settings(prompts, duration, steps, cfg_strength, seed, num_samples, batch_size)
@@ -196,21 +171,17 @@ def generate(prompts, pipeline=None, duration=10.0, steps=25, cfg_strength=4.5, 
     check_settings(prompts, duration, steps, cfg_strength, seed, num_samples, batch_size, pipe.max_duration())
     assert pipe.text_encoder is not None, 'a pipeline without text encoder: call Pipeline.synthesize'
     jobs = [p for p in prompts for _ in range(num_samples)]
-    if isinstance(seed, (list, tuple)):  # one stream per prompt, drawn in turn by its samples
-        streams = [_stream(s) for s in seed]
-        seeds = [streams[j // num_samples] for j in range(len(jobs))]
-    else:
-        seeds = [seed + j % num_samples for j in range(len(jobs))]  # sample k of a prompt: seed + k
+    streams = [_stream(s) for s in seed] if isinstance(seed, (list, tuple)) else None  # drawn in turn by the samples
+    seeds = [streams[j // num_samples] if streams else seed + j % num_samples for j in range(len(jobs))]
     frames = num_latent_frames(duration, pipe.mel_cfg, cover=True)
-    model = pipe.transformer
-    device, dtype = model.latent_mean.device, model.latent_mean.dtype
+    device, dtype = pipe.transformer.latent_mean.device, pipe.transformer.latent_mean.dtype
     neg = [x.to(device, dtype) for x in pipe.text_encoder.encode([negative])] if negative else (None, None)
     out = []
     batches = range(0, len(jobs), batch_size)
     for start in tqdm(batches, desc='batches', disable=not progress or len(batches) == 1):
         batch = jobs[start:start + batch_size]
         text_f, text_f_c = (x.to(device, dtype) for x in pipe.text_encoder.encode(batch))  # (B, 77, Dt), (B, Dc)
-        noise = make_noise(seeds[start:start + batch_size], frames, model.cfg.latent_dim).to(device, dtype)
+        noise = make_noise(seeds[start:start + batch_size], frames, pipe.transformer.cfg.latent_dim).to(device, dtype)
         _, _, wave = pipe.synthesize(text_f, text_f_c, noise, steps, cfg_strength, *neg, progress=progress)
         out.append(wave[:, 0, :round(duration * pipe.sample_rate)].cpu())  # (B, S) exactly `duration` long
     audio = torch.cat(out)
@@ -228,24 +199,22 @@ def safe_name(text, limit=80):
 
 
 def unused_path(path, overwrite, taken=()):
-    """`path`, or path with -1, -2, ... before the extension if it exists or is in `taken` (unless overwrite)."""
-    if overwrite or not (os.path.exists(path) or path in taken):
-        return path
+    """`path`, or path-1, path-2, ... if it exists or is in `taken` (unless overwrite)."""
     root, ext = os.path.splitext(path)
-    i = 1
-    while os.path.exists(f'{root}-{i}{ext}') or f'{root}-{i}{ext}' in taken:
-        i += 1
-    print(f'{path} exists; writing {root}-{i}{ext} instead (--overwrite replaces it)')
-    return f'{root}-{i}{ext}'
+    candidates = itertools.chain([path], (f'{root}-{i}{ext}' for i in itertools.count(1)))
+    free = path if overwrite else next(p for p in candidates if not (os.path.exists(p) or p in taken))
+    if free != path:
+        print(f'{path} exists; writing {free} instead (--overwrite replaces it)')
+    return free
 
 
 def write_wav(path, audio, sample_rate):
-    """Write (S,) float audio in [-1, 1] as a 16-bit PCM WAV, atomically (data.write_atomic)."""
+    """Write (S,) float audio in [-1, 1] as a 16-bit PCM WAV, atomically."""
     write_atomic(path, lambda tmp: sf.write(tmp, audio.clamp(-1, 1).numpy(), sample_rate, subtype='PCM_16'))
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('prompt', nargs='*', help='caption(s) to generate')
     p.add_argument('--prompts_file', help='one prompt a line, or a TTA-Bench JSON (files named by prompt id)')
     p.add_argument('--ckpt', help='train.py ckpt.pt or a published transformer .pth (default: published weights)')
@@ -258,33 +227,27 @@ def parse_args(argv=None):
     p.add_argument('--duration', type=float, default=10.0, help='seconds, 1 to 47.5 for the released model')
     p.add_argument('--steps', type=int, default=25, help='Euler steps')
     p.add_argument('--cfg_strength', type=float, default=4.5, help='classifier-free guidance scale')
-    p.add_argument('--negative', help='negative prompt for the unconditional branch (default: the stored '
-                                      'empty-string features)')
+    p.add_argument('--negative', help='caption for the unconditional branch (default: the empty caption)')
     p.add_argument('--seed', type=int, default=42)
     p.add_argument('--num_samples', type=int, default=1, help='samples per prompt')
     p.add_argument('--batch_size', type=int, default=8)
     p.add_argument('--device', default='auto', help='auto (cuda, then mps, then cpu), cuda, mps or cpu')
     p.add_argument('--dtype', default='fp32', choices=sorted(DTYPES))
     p.add_argument('--overwrite', action='store_true', help='replace existing files')
-    p.add_argument('--best_of', type=int, default=1, help='generate N candidates per sample, keep the one --reward '
-                                                         'scores highest')
-    p.add_argument('--reward', default='clap', help='reward.build_reward spec for --best_of, e.g. clap, '
-                                                   'qwen_omni, loudness:1.0')
-    return p, p.parse_args(argv)
+    p.add_argument('--best_of', type=int, default=1, help='N candidates per sample; keeps the best by --reward')
+    p.add_argument('--reward', default='clap', help='ranker for --best_of, e.g. clap, qwen_omni, loudness:1.0')
+    return p.parse_args(argv)
 
 
 def best_of(audio, sample_rate, prompts, n, reward):
-    """The highest-scoring of each run of n candidates: audio (P * n, S) ordered as `generate` orders samples,
-    P prompts, a reward.py scorer -> (audio (P, S), scores (P, n))."""
+    """Audio (P * n, S) as `generate` orders it, P prompts, a scorer -> (best of each n (P, S), scores (P, n))."""
     assert audio.shape[0] == len(prompts) * n, 'best_of: rows must be prompts x candidates'
     scores = reward.score(audio, sample_rate, [p for p in prompts for _ in range(n)]).float().cpu().view(-1, n)
-    best = scores.argmax(1)  # (P,)
-    return audio.view(len(prompts), n, -1)[torch.arange(len(prompts)), best], scores
+    return audio.view(len(prompts), n, -1)[torch.arange(len(prompts)), scores.argmax(1)], scores
 
 
 def output_paths(args, items):
-    """The WAV path of every output, checked before any work: --out must name a .wav file (not a folder) and the
-    folders must be writable. Existing files get -1, -2, ... unless --overwrite."""
+    """The WAV path of every output, checked before any work: --out must be one .wav file, the folder writable."""
     if args.out and os.path.isdir(args.out):
         raise ValueError(f'--out {args.out} is a folder; name a .wav file, or use --out_dir={args.out}')
     if args.out and (len(items) * args.num_samples != 1 or not args.out.lower().endswith('.wav')):
@@ -292,16 +255,15 @@ def output_paths(args, items):
     check_writable(os.path.dirname(os.path.abspath(args.out)) if args.out else args.out_dir,
                    '--out' if args.out else '--out_dir')
     paths = []
-    for i in range(len(items) * args.num_samples):
-        pid, prompt = items[i // args.num_samples]
-        name = safe_name(pid) if pid else safe_name(prompt)
-        name += f'_{i % args.num_samples}' if args.num_samples > 1 else ''
-        paths.append(unused_path(args.out or os.path.join(args.out_dir, name + '.wav'), args.overwrite, paths))
+    for pid, prompt in items:
+        for k in range(args.num_samples):
+            name = safe_name(pid or prompt) + (f'_{k}' if args.num_samples > 1 else '')
+            paths.append(unused_path(args.out or os.path.join(args.out_dir, name + '.wav'), args.overwrite, paths))
     return paths
 
 
 def main(argv=None):
-    p, args = parse_args(argv)
+    args = parse_args(argv)
     try:
         items = [(None, x) for x in args.prompt] + (read_prompts(args.prompts_file) if args.prompts_file else [])
         if not items:
