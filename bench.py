@@ -268,39 +268,18 @@ def generation_settings(dev):
 
 def bench_eval(items, skipped):
     """Generate the missing clips, score every clip, write the results; returns the summary on rank 0, else None."""
-    rank, world, dev = init_distributed()
+    rank, world, dev = data.init_distributed(device)
     if rank == 0:
         print(f'eval: {len(items) + len(skipped)} prompts of {prompts} ({len(skipped)} skipped), {world} '
               f'process(es) on {dev}, metrics {metrics}')
     if not audio_dir:
         generate_missing(items, rank, world, dev)
     rows, unreadable = score_clips(items, audio_dir or out_dir, rank, world, dev)
-    rows = [row for part in gathered(rows, world) for row in part]
+    rows = [row for part in data.all_gather_objects(rows) for row in part]
     summary = write_results(items, rows, {**skipped, **unreadable}, dev) if rank == 0 else None
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
     return summary
-
-
-def init_distributed():
-    """(rank, world size, device): torchrun's process group (nccl on CUDA, gloo on CPU), else (0, 1, device)."""
-    dev = data.pick_device(device)
-    if 'RANK' not in os.environ:
-        return 0, 1, dev
-    if dev.type == 'cuda':
-        dev = torch.device('cuda', int(os.environ['LOCAL_RANK']))
-        torch.cuda.set_device(dev)
-    dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
-    return dist.get_rank(), dist.get_world_size(), dev
-
-
-def gathered(obj, world):
-    """Every rank's obj, in rank order."""
-    if world == 1:
-        return [obj]
-    parts = [None] * world
-    dist.all_gather_object(parts, obj)
-    return parts
 
 
 def wav_path(folder, pid):
@@ -310,7 +289,7 @@ def wav_path(folder, pid):
 def generate_missing(items, rank, world, dev):
     """Write out_dir/<id>.wav for each (id, caption) without a complete clip; this rank takes every world-th."""
     todo = [(pid, text) for pid, text in items if not complete_wav(wav_path(out_dir, pid))]
-    gathered(None, world)  # every rank lists the same clips before any is written
+    data.all_gather_objects(None)  # a barrier: every rank lists the same clips before any is written
     if rank == 0:
         write_text(os.path.join(out_dir, 'generation.json'), json.dumps(generation_settings(dev), indent=1))
         print(f'{len(items) - len(todo)} of {len(items)} clips are in {out_dir}; generating {len(todo)}')
@@ -327,7 +306,7 @@ def generate_missing(items, rank, world, dev):
                 bar.update(len(batch))
         del pipe
         release()
-    gathered(None, world)  # every clip is written before any rank scores
+    data.all_gather_objects(None)  # a barrier: every clip is written before any rank scores
 
 
 def wav_info(path):

@@ -306,6 +306,40 @@ def pick_device(name='auto'):
     return device
 
 
+def init_distributed(device='auto'):
+    """(rank, world_size, device): under torchrun the process group (NCCL on CUDA, one GPU a process, else gloo)."""
+    dev = pick_device(device)
+    if int(os.environ.get('RANK', -1)) == -1:
+        return 0, 1, dev
+    if dev.type == 'cuda':
+        dev = torch.device('cuda', int(os.environ['LOCAL_RANK']))
+        torch.cuda.set_device(dev)
+    torch.distributed.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), dev
+
+
+def _distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """`x` (same shape on every process) concatenated over processes in rank order; x itself in one process."""
+    if not _distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def all_gather_objects(obj) -> list:
+    """Every process's picklable `obj`, in rank order ([obj] in one process)."""
+    if not _distributed():
+        return [obj]
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, obj)
+    return parts
+
+
 CPUINFO = "/proc/cpuinfo"  # Linux: the CPU's feature flags
 
 
@@ -318,11 +352,14 @@ def warn_if_slow_bf16(device, dtype):
 
 
 def write_atomic(path, write):
-    """Call write(tmp) on a temporary file beside `path`, then rename it over `path`: complete or absent."""
+    """Call write(tmp) on a temporary file beside `path`, flush it to disk, then rename it over `path`: the file is
+    complete or absent, even after a crash. tmp keeps the extension (soundfile reads the format from it)."""
     root, ext = os.path.splitext(path)
     tmp = f"{root}.tmp{os.getpid()}{ext}"
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

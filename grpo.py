@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from data import seeded_generator
+from data import all_gather, seeded_generator
 from flow import euler_sample, guided_velocity, sde_step_with_logprob
 
 
@@ -314,15 +314,6 @@ def sample_epoch(policy, pipe, reward_fn, text, prompts, cfg: GRPOConfig, epoch,
         rewards = torch.as_tensor(reward_fn(audio, pipe.sample_rate, captions)).float().to(device)
         batches.append({**out, "prompt_ids": ids.to(device), "rewards": rewards})
     return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
-
-
-def all_gather(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` (same shape on every process) over processes, in rank order; x itself without DDP."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return x
-    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
 
 
 def gather_advantages(rewards, prompt_ids, cfg: GRPOConfig, rank=0):

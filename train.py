@@ -6,6 +6,7 @@ $ python train.py config/tiny_sfx.py --stage=pretrain --manifest=PATH --out_dir=
 $ torchrun --standalone --nproc_per_node=8 train.py --stage=pretrain --manifest=PATH  # DDP: NCCL on CUDA, gloo on CPU
 Settings are the globals below, overridden by config/*.py files, then by --key=value.
 """
+import glob
 import hashlib
 import math
 import os
@@ -16,7 +17,6 @@ from copy import deepcopy
 from dataclasses import asdict, fields
 
 import torch
-from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
@@ -89,7 +89,7 @@ config_keys = data.setting_names(globals())  # what --key=value may set, and wha
 CHECKPOINTS = {'vae': ('vae.pt',), 'pretrain': ('ckpt.pt',), 'grpo': ('grpo.pt', 'grpo_transformer.pth')}
 MAX_BAD_STEPS = 10  # consecutive steps with a non-finite gradient that end a run: it diverged, not one bad batch
 MASTER = int(os.environ.get('RANK', 0)) == 0  # rank 0, or the only process: it logs and writes
-last_checkpoint = ''  # the newest checkpoint this run wrote or resumed from, for the message on Ctrl-C
+_last_checkpoint = ''  # the newest checkpoint this run wrote or resumed from, for the message on Ctrl-C
 
 
 def get_lr(it):
@@ -111,18 +111,10 @@ def save_checkpoint(obj, path):
     if bad := nonfinite(obj):
         raise FloatingPointError(f'not saving {path}: NaN or inf in {len(bad)} tensors ({", ".join(bad[:3])}'
                                  f'{", ..." * (len(bad) > 3)}); the previous checkpoint is kept')
-    tmp = f'{path}.tmp'
     try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        data.write_atomic(path, lambda tmp: torch.save(obj, tmp))
     except OSError as e:  # a full disk, a folder removed under the run
         raise OSError(f'could not write {path} ({e}); the previous checkpoint there, if any, is kept') from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def nonfinite(obj, name=''):
@@ -133,10 +125,10 @@ def nonfinite(obj, name=''):
 
 
 def save_run(path, step, optimizer, extra, **weights):
-    global last_checkpoint
+    global _last_checkpoint
     save_checkpoint({**weights, 'optimizer': optimizer.state_dict(), 'step': step, 'rng_state': torch.get_rng_state(),
                      'config': {k: globals()[k] for k in config_keys}, **extra}, path)
-    last_checkpoint = f'{path} (step {step})'
+    _last_checkpoint = f'{path} (step {step})'
 
 
 def load_checkpoint(path, what, keys):
@@ -162,7 +154,7 @@ def fingerprint(state):
 def open_resumed(path, extra, key, setting):
     """The checkpoint --resume continues; raises ValueError naming `path` and the fix when it was trained from other
     weights, VAE or text encoder than this run (`extra`), or its `key` ('ema', 'lora') disagrees with --`setting`."""
-    global last_checkpoint
+    global _last_checkpoint
     ckpt = load_checkpoint(path, '--resume checkpoint', ('model', 'optimizer', 'step', 'config', key))
     old, new = ckpt.get('init_fingerprint'), extra.get('init_fingerprint')
     vae_old, vae_new = (fingerprint(c['vae']) if 'vae' in ckpt and 'vae' in extra else '' for c in (ckpt, extra))
@@ -176,9 +168,9 @@ def open_resumed(path, extra, key, setting):
              'that, or start a new --out_dir'),
             (bool(globals()[setting]) != (ckpt[key] is not None), f'was written with --{setting}='
              f'{ckpt["config"][setting]!r}; resume with that (or use a new --out_dir)')], prefix=f'--resume: {path} ')
-    last_checkpoint = f'{path} (step {ckpt["step"]})'
+    _last_checkpoint = f'{path} (step {ckpt["step"]})'
     if MASTER:
-        print(f'resumed from {last_checkpoint}')
+        print(f'resumed from {_last_checkpoint}')
     return ckpt
 
 
@@ -206,15 +198,8 @@ class Setup:
     """The process layout (DDP or not), device, autocast context and seeds, derived once from the globals."""
 
     def __init__(self):
-        self.ddp = int(os.environ.get('RANK', -1)) != -1
-        self.rank, self.world_size = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if self.ddp else (0, 1)
-        dev = str(data.pick_device(device))
-        if self.ddp:
-            init_process_group(backend='nccl' if dev.startswith('cuda') else 'gloo')
-            if dev.startswith('cuda'):
-                dev = f'cuda:{int(os.environ["LOCAL_RANK"])}'
-                torch.cuda.set_device(dev)
-        self.device, self.master = torch.device(dev), self.rank == 0
+        self.rank, self.world_size, self.device = data.init_distributed(device)
+        self.ddp, self.master = torch.distributed.is_initialized(), self.rank == 0
         self.autocast = torch.autocast(self.device.type, dtype=data.DTYPES[dtype]) if dtype != 'fp32' else nullcontext()
         data.warn_if_slow_bf16(str(self.device), dtype)
         self.global_batch = batch_size * gradient_accumulation_steps * self.world_size
@@ -229,14 +214,10 @@ class Setup:
         return slice(start, start + batch_size)
 
     def mean_across_ranks(self, x):
-        return grpo.all_gather(x[None]).mean(0)  # x itself in one process
+        return data.all_gather(x[None]).mean(0)  # x itself in one process
 
     def union_across_ranks(self, items: set) -> set:
-        """The union of every rank's `items` (small sets of picklable values, e.g. bad row indices)."""
-        parts = [items] * self.world_size
-        if self.ddp:
-            torch.distributed.all_gather_object(parts, items)
-        return set().union(*parts)
+        return set().union(*data.all_gather_objects(items))
 
 
 def draw_step(step, n_clips, n, latent_shape, salt=0):
@@ -348,7 +329,7 @@ class Trainer:
                   f'read: {", ".join(names[:10])}{" ..." * (len(names) > 10)}')
         if self.bad_steps >= MAX_BAD_STEPS:
             raise FloatingPointError(f'{self.bad_steps} steps in a row had a NaN or inf gradient: the run diverged. '
-                                     f'Resume from {last_checkpoint or "the start"} with a lower --learning_rate')
+                                     f'Resume from {_last_checkpoint or "the start"} with a lower --learning_rate')
 
     def end_epoch(self):
         report = self.dataset.end_epoch_report(merge=self.s.union_across_ranks)
@@ -476,7 +457,7 @@ def train_pretrain(s):
             noise=draws['noise'].transpose(1, 2).to(s.device), drop_text=draws['drop_text'].to(s.device),
             empty=net.empty_conditions(len(captions)))
         # computed only on log steps (it syncs the device), over every rank's samples
-        return loss, lambda: loss_by_t_bin(grpo.all_gather(per_sample.detach()), grpo.all_gather(t))
+        return loss, lambda: loss_by_t_bin(data.all_gather(per_sample.detach()), data.all_gather(t))
 
     Trainer(s, net, 'ckpt.pt', extra, (E, N), train_set, val_set).train(loss_fn)
 
@@ -622,10 +603,10 @@ def check_out_dir():
              'continue it with --resume=True, replace it with --overwrite=True, or choose another --out_dir')])
     if MASTER:
         data.check_writable(out_dir, '--out_dir')
-        for f in sorted(os.listdir(out_dir)):
-            if f.startswith(tuple(name + '.tmp' for name in CHECKPOINTS[stage])):  # ckpt.pt.tmp: a save killed midway
-                os.remove(os.path.join(out_dir, f))
-                print(f'removed what an interrupted save left: {f}')
+        for root, ext in map(os.path.splitext, CHECKPOINTS[stage]):  # data.write_atomic's name, from a killed save
+            for f in sorted(glob.glob(os.path.join(glob.escape(out_dir), f'{root}.tmp*{ext}'))):
+                os.remove(f)
+                print(f'removed what an interrupted save left: {os.path.basename(f)}')
 
 
 STAGES = {'vae': train_vae, 'pretrain': train_pretrain, 'grpo': lambda s: GRPOTrainer(s).train()}
@@ -642,7 +623,7 @@ def main(argv):
             torch.distributed.barrier()  # no rank tears down while rank 0 still writes the checkpoint
     finally:
         if s.ddp:
-            destroy_process_group()
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == '__main__':
@@ -650,8 +631,8 @@ if __name__ == '__main__':
         main(sys.argv[1:])
     except KeyboardInterrupt:
         if MASTER:  # one line: what is on disk, and how to go on
-            print(f'interrupted; the last checkpoint is {last_checkpoint}: continue with the same command and '
-                  '--resume=True' if last_checkpoint else f'interrupted before the first checkpoint of this run; '
+            print(f'interrupted; the last checkpoint is {_last_checkpoint}: continue with the same command and '
+                  '--resume=True' if _last_checkpoint else f'interrupted before the first checkpoint of this run; '
                   f'nothing was saved to {out_dir}', file=sys.stderr)
         sys.exit(130)
     except (ValueError, OSError, FloatingPointError) as e:  # say what to fix, no traceback

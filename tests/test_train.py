@@ -144,7 +144,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     train.save_checkpoint({'step': 1, 'w': torch.ones(3)}, path)
 
     def broken_save(obj, f):
-        f.write(b'partial bytes')
+        open(f, 'wb').write(b'partial bytes')
         raise OSError('disk full')
     monkeypatch.setattr(torch, 'save', broken_save)
     with pytest.raises(OSError, match=r'could not write .*ckpt.pt \(disk full\); the previous checkpoint'):
@@ -371,11 +371,11 @@ def test_a_manifest_without_training_rows_names_the_file_and_the_fix(tmp_path, r
 
 
 def test_start_up_removes_what_a_killed_save_left(tmp_path, capsys):
-    (tmp_path / 'vae.pt.tmp4242').write_bytes(b'half a checkpoint')
-    (tmp_path / 'ckpt.pt.tmp').write_bytes(b'another stage, another run')
+    (tmp_path / 'vae.tmp4242.pt').write_bytes(b'half a checkpoint')  # data.write_atomic's temporary name
+    (tmp_path / 'ckpt.tmp77.pt').write_bytes(b'another stage, another run')
     run_in_process([*VAE_RUN, '--max_iters=1', f'--out_dir={tmp_path}'])
-    assert 'removed what an interrupted save left: vae.pt.tmp4242' in capsys.readouterr().out
-    assert sorted(os.listdir(tmp_path)) == ['ckpt.pt.tmp', 'vae.pt']
+    assert 'removed what an interrupted save left: vae.tmp4242.pt' in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.tmp77.pt', 'vae.pt']
 
 
 def test_ctrl_c_prints_one_line_naming_the_last_checkpoint(tmp_path):
