@@ -493,10 +493,6 @@ class AMPBlock(nn.Module):
         return x
 
 
-def _norm(w: torch.Tensor) -> torch.Tensor:  # over all dims but the first, as torch's weight_norm (dim=0)
-    return torch.linalg.vector_norm(w, dim=list(range(1, w.ndim)), keepdim=True)
-
-
 # (g, v) as torch.nn.utils.weight_norm saves them (bigvgan_generator.pt), and as parametrizations.weight_norm does
 _WEIGHT_NORM_NAMES = (("weight_g", "weight_v"),
                       ("parametrizations.weight.original0", "parametrizations.weight.original1"))
@@ -507,7 +503,8 @@ def _merge_weight_norm_on_load(module, state_dict, prefix, *args):
     for g_name, v_name in _WEIGHT_NORM_NAMES:
         if prefix + g_name in state_dict and prefix + v_name in state_dict:
             g, v = state_dict.pop(prefix + g_name), state_dict.pop(prefix + v_name)
-            state_dict[prefix + "weight"] = v * (g / _norm(v))
+            norm = torch.linalg.vector_norm(v, dim=list(range(1, v.ndim)), keepdim=True)  # weight_norm's dim=0
+            state_dict[prefix + "weight"] = v * (g / norm)
 
 
 class BigVGAN(nn.Module):
@@ -566,17 +563,6 @@ class BigVGAN(nn.Module):
             x = sum(block(x) for block in blocks) / self.num_kernels
         x = self.conv_post(self.activation_post(x))  # (B, 1, S)
         return torch.tanh(x) if self.use_tanh_at_final else x.clamp(-1.0, 1.0)
-
-    def published_state_dict(self) -> dict:
-        """The state dict as published, in its key order: each conv's bias, weight_g = ||w||, weight_v = w."""
-        out = {}
-        for name, m in self.named_modules():
-            tensors = dict(m.named_parameters(recurse=False)) | dict(m.named_buffers(recurse=False))
-            if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d)):
-                w = tensors.pop("weight")
-                tensors.update(weight_g=_norm(w), weight_v=w)
-            out.update({f"{name}.{k}": t.detach() for k, t in tensors.items()})
-        return out
 
 
 # Architecture keys of BigVGAN configs, BigVGAN.from_config(BIGVGAN_CONFIGS[name]); the rest are BigVGAN's defaults.

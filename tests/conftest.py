@@ -35,6 +35,19 @@ def put_in_hf_cache(cache, repo_id, folder, revision="0" * 40):
     return repo
 
 
+def published_bigvgan_state(model):
+    """A BigVGAN's state dict as bigvgan_generator.pt holds it, in its key order: each conv's bias, then weight_g =
+    ||w|| (over all dims but the first) and weight_v = w (torch.nn.utils.weight_norm's names)."""
+    out = {}
+    for name, m in model.named_modules():
+        tensors = dict(m.named_parameters(recurse=False)) | dict(m.named_buffers(recurse=False))
+        if isinstance(m, (torch.nn.Conv1d, torch.nn.ConvTranspose1d)):
+            w = tensors.pop("weight")
+            tensors.update(weight_g=torch.linalg.vector_norm(w, dim=list(range(1, w.ndim)), keepdim=True), weight_v=w)
+        out.update({f"{name}.{k}": t.detach() for k, t in tensors.items()})
+    return out
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """Tests run many small ops: on a busy 2-core CPU a second intra-op thread mostly waits for a core, which made

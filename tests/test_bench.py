@@ -20,7 +20,7 @@ import bench
 import reward
 import test_msclap  # the tiny metric builders of the metric tests
 import test_reward
-from conftest import FIXTURES
+from conftest import FIXTURES, published_bigvgan_state
 
 SETTINGS = {k: v for k, v in vars(bench).items() if not k.startswith("_") and isinstance(v, (int, float, str, dict))}
 TINY = ["--size=tiny", "--vae=tiny", "--vocoder=griffin-lim", "--mel=16k", "--text_encoder=t5-tiny-random",
@@ -125,7 +125,7 @@ def weights_dir(tmp_path_factory):
     torch.save(vae_net.state_dict(), folder / PUBLISHED["vae"])
     (folder / VOCODER_DIR).mkdir()
     (folder / PUBLISHED["vocoder_config"]).write_text(json.dumps(TINY_VOCODER))
-    torch.save({"generator": BigVGAN.from_config(TINY_VOCODER).published_state_dict()}, folder / PUBLISHED["vocoder"])
+    torch.save({"generator": published_bigvgan_state(BigVGAN.from_config(TINY_VOCODER))}, folder / PUBLISHED["vocoder"])
     return folder
 
 

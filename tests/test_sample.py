@@ -13,7 +13,7 @@ import torch
 
 import data
 import sample
-from conftest import put_in_hf_cache
+from conftest import published_bigvgan_state, put_in_hf_cache
 from transformer import MODELS, Resonate, ResonateConfig, config_from_state_dict, load_released_state_dict
 from vae import MEL_CONFIGS, BigVGAN, MelVAE, num_latent_frames
 
@@ -110,7 +110,7 @@ def published_dir(tmp_path_factory):
     voc = BigVGAN.from_config(TINY_VOCODER)
     (folder / sample.VOCODER_DIR).mkdir()
     (folder / sample.PUBLISHED["vocoder_config"]).write_text(json.dumps(TINY_VOCODER))
-    torch.save({"generator": voc.published_state_dict()}, folder / sample.PUBLISHED["vocoder"])
+    torch.save({"generator": published_bigvgan_state(voc)}, folder / sample.PUBLISHED["vocoder"])
     return folder
 
 
