@@ -421,7 +421,8 @@ def memory_estimate(model_cfg, cfg: GRPOConfig = GRPOConfig(), latent_frames=Non
     resident models. Excludes fragmentation and the rollout, decoding and reward transients (freed before training)."""
     from transformer import Resonate
     N = latent_frames or model_cfg.latent_seq_len
-    model = Resonate.from_config(model_cfg, device="meta")
+    with torch.device("meta"):
+        model = Resonate(model_cfg)
     P = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in apply_lora(model, lora_rank)) if lora_rank else P
     n_joint, n_single = model_cfg.depth - model_cfg.fused_depth, model_cfg.fused_depth

@@ -267,14 +267,10 @@ class Resonate(nn.Module):
         self.initialize_weights()
 
     @classmethod
-    def from_config(cls, cfg: ResonateConfig, device=None) -> "Resonate":
-        with torch.device(device or "cpu"):
-            return cls(cfg)
-
-    @classmethod
     def from_pretrained(cls, state: dict) -> "Resonate":
         """From a released state dict (Resonate_GRPO.pth, Resonate_PT.pth), sized by its shapes."""
-        net = cls.from_config(config_from_state_dict(state), device="meta")
+        with torch.device("meta"):  # nothing allocated until the file's tensors are assigned
+            net = cls(config_from_state_dict(state))
         load_released_state_dict(net, state)
         return net
 
