@@ -9,7 +9,6 @@ $ python bench.py --mode=speed                                    # full size, 2
 $ python bench.py --mode=speed --duration=10 --dtype=bf16 --threads=2
 """
 import gc
-import itertools
 import json
 import math
 import os
@@ -29,7 +28,7 @@ import data
 import reward
 from flow import guided_velocity
 from sample import check_settings, generate, load_pipeline, write_wav
-from transformer import MODELS, Resonate, load_text_encoder
+from transformer import MODELS, Resonate, load_text_encoder, text_encoder_dtype
 from vae import BIGVGAN_CONFIGS, MEL_CONFIGS, VAES, BigVGAN, GriffinLim, num_latent_frames
 
 # -----------------------------------------------------------------------------
@@ -142,7 +141,7 @@ RANDOM_TEXT_ENCODERS = {  # speed's random stand-ins (T5Config fields); under ev
 def build_text_encoder(dev, dt):
     """(encode(B captions) -> (text_f (B, 77, D), text_f_c (B, D)), D) on dev: the named encoder, or a T5 of
     RANDOM_TEXT_ENCODERS' shape with random weights, fed random token ids (77 per caption, as released)."""
-    dt = torch.float32 if dt == torch.float16 else dt  # T5 overflows in fp16
+    dt = text_encoder_dtype(dt)
     if text_encoder not in RANDOM_TEXT_ENCODERS:
         enc = load_text_encoder(text_encoder).to(dev, dt)
         return enc.encode, enc.dim
@@ -169,12 +168,13 @@ def speed_calls(dev, dt):
     net, vae_net, voc = (m.eval().to(dev, dt) for m in (net, vae_net, voc))
     N, B, C = num_latent_frames(duration, mel_cfg, cover=True), batch_size, net.cfg.latent_dim
     captions = ['rain on a tin roof'] * B
-    conditions = [c.to(dev, dt) for c in (*encode(captions), *net.empty_conditions(B))]  # cond, then uncond features
+    text_f, text_f_c = (c.to(dev, dt) for c in encode(captions))
+    neg_f, neg_f_c = (c.to(dev, dt) for c in net.empty_conditions(B))
     x, z = torch.randn(B, N, C, device=dev, dtype=dt), torch.randn(B, C, N, device=dev, dtype=dt)  # noisy, VAE latents
     t = torch.full((B,), 0.5, device=dev, dtype=dt)
     mel_in = torch.randn(B, mel_cfg['n_mels'], 2 * N, device=dev, dtype=dt)
     calls = {'text': (lambda: encode(captions), 1),
-             'transformer': (lambda: guided_velocity(net, x, t, *conditions, cfg_strength), steps),
+             'transformer': (lambda: guided_velocity(net, x, t, text_f, text_f_c, neg_f, neg_f_c, cfg_strength), steps),
              'vae': (lambda: vae_net.decode(z), 1), 'vocoder': (lambda: voc(mel_in), 1)}
     return {name: calls[name] for name in SPEED_PARTS if name in parts.split(',')}, N
 
@@ -277,7 +277,7 @@ def bench_eval(items, skipped):
     rows, unreadable = score_clips(items, audio_dir or out_dir, rank, world, dev)
     rows = [row for part in data.all_gather_objects(rows) for row in part]
     summary = write_results(items, rows, {**skipped, **unreadable}, dev) if rank == 0 else None
-    if dist.is_initialized():
+    if data.is_distributed():
         dist.destroy_process_group()
     return summary
 
@@ -317,7 +317,8 @@ def wav_info(path):
 
 
 def complete_wav(path):
-    return (info := wav_info(path)) is not None and info.frames == round(duration * info.samplerate)
+    info = wav_info(path)
+    return info is not None and info.frames == round(duration * info.samplerate)
 
 
 def load_eval_pipeline(dev):
@@ -365,20 +366,30 @@ def build_metric(name, dev):
     try:
         return reward.build_reward({name: dict(metric_kwargs.get(name, {}))}, dev).terms[name][0]
     except (ValueError, TypeError, OSError) as e:  # a model not on this machine, kwargs that do not fit
-        hint = (f"\n(bench.py's --weights_dir is the generator's: give a metric's folder in a config/*.py preset as "
-                f"metric_kwargs = {{{name!r}: {{'weights_dir': FOLDER}}}})")
-        sys.exit(f'error: metric {name!r} could not be built: {e}{hint if isinstance(e, data.WeightsMissing) else ""}')
+        hint = ''
+        if isinstance(e, data.WeightsMissing):
+            hint = (f"\n(bench.py's --weights_dir is the generator's: give a metric's folder in a config/*.py preset "
+                    f"as metric_kwargs = {{{name!r}: {{'weights_dir': FOLDER}}}})")
+        sys.exit(f'error: metric {name!r} could not be built: {e}{hint}')
 
 
 def clip_batches(items, folder):
     """(ids, captions, audio (B, S) float32 mono, sr) of runs of up to score_batch_size clips of one rate and length."""
-    def read(item):  # (id, caption) -> (id, caption, wave (S,), sr)
-        samples, sr = soundfile.read(wav_path(folder, item[0]), dtype='float32', always_2d=True)  # (S, channels)
-        return *item, torch.from_numpy(samples.mean(1)), sr
-    for (sr, _), group in itertools.groupby(map(read, items), key=lambda clip: (clip[3], len(clip[2]))):
-        while batch := list(itertools.islice(group, score_batch_size)):
-            ids, captions, waves, _ = zip(*batch)
-            yield list(ids), list(captions), torch.stack(waves), sr
+    def stacked(batch):
+        ids, captions, waves = zip(*batch)
+        return list(ids), list(captions), torch.stack(waves), key[0]
+
+    batch, key = [], None
+    for pid, text in items:
+        samples, sr = soundfile.read(wav_path(folder, pid), dtype='float32', always_2d=True)  # (S, channels)
+        wave = torch.from_numpy(samples.mean(1))  # (S,)
+        if batch and (len(batch) == score_batch_size or (sr, len(wave)) != key):
+            yield stacked(batch)
+            batch = []
+        batch.append((pid, text, wave))
+        key = (sr, len(wave))
+    if batch:
+        yield stacked(batch)
 
 
 def write_results(items, rows, skipped, dev):

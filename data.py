@@ -34,13 +34,15 @@ def read_manifest(path):
 
 
 def read_prompts(path, split=None, keep_unusable=False):
-    """[(id, prompt)] of a text file (id None), a TTA-Bench JSON (empty prompts: a warning, then dropped or None) or a
-    manifest's `split` ("train": all but "val"). Raises FileNotFoundError; ValueError naming the file and the fault."""
+    """[(id, prompt)] of a text file (id None), a TTA-Bench JSON (an empty or non-text prompt_text warns, then is
+    dropped, or kept as (id, None) with keep_unusable) or a manifest's `split` ("train": all but "val"). Raises
+    FileNotFoundError; ValueError naming the file and the fault."""
+    fix = "give a text file, a TTA-Bench .json or a .jsonl manifest"
     if os.fspath(path).endswith(".jsonl"):
-        rows = [r for r in read_manifest(path) if split is None or r.get("split") == split or
-                (split == "train" and r.get("split") != "val")]
+        rows = [r for r in read_manifest(_existing_file(path, "prompts file", fix)) if split is None or
+                r.get("split") == split or (split == "train" and r.get("split") != "val")]
         return [(r["audio_id"], r["caption"].strip()) for r in rows]
-    path, text = _read_text(path, "prompts file", "give a text file, a TTA-Bench .json or a .jsonl manifest")
+    path, text = _read_text(path, "prompts file", fix)
     if not path.endswith(".json"):
         return [(None, line.strip()) for line in text.splitlines() if line.strip()]
     try:
@@ -318,13 +320,14 @@ def init_distributed(device='auto'):
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), dev
 
 
-def _distributed():
+def is_distributed() -> bool:
+    """True inside a torch.distributed process group (torchrun)."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def all_gather(x: torch.Tensor) -> torch.Tensor:
     """`x` (same shape on every process) concatenated over processes in rank order; x itself in one process."""
-    if not _distributed():
+    if not is_distributed():
         return x
     parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(parts, x.contiguous())
@@ -333,7 +336,7 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
 
 def all_gather_objects(obj) -> list:
     """Every process's picklable `obj`, in rank order ([obj] in one process)."""
-    if not _distributed():
+    if not is_distributed():
         return [obj]
     parts = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(parts, obj)

@@ -1,4 +1,5 @@
-"""Rectified flow as released (arXiv 2603.11661): x_t = (1 - t) x_data + t noise (t = 1: noise), v = noise - x_data."""
+"""Flow matching as released (arXiv 2603.11661; rectified flow, arXiv 2209.03003): x_t = (1 - t) x_data + t noise
+(t = 1: noise), v = noise - x_data, on normalised latents: the loss, the Euler/CFG sampler, Flow-GRPO's SDE step."""
 
 import math
 
@@ -8,8 +9,9 @@ from tqdm import tqdm
 
 def flow_matching_loss(model, x_data, text_f, text_f_c, t=None, noise=None, drop_text=None, cfg_dropout=0.1,
                        generator=None, empty=None):
-    """Velocity MSE for x_data (B, N, C), text_f (B, 77, Dt), text_f_c (B, Dc); unless given, t ~ sigmoid(N(0, 1))
-    (Esser et al. 2024), noise and drop_text ~ Bernoulli(cfg_dropout) (text -> `empty`). Returns loss, (B,) fp32, t."""
+    """Velocity MSE for x_data (B, N, C), text_f (B, 77, Dt), text_f_c (B, Dc). Unless given, from `generator`:
+    t ~ sigmoid(N(0, 1)) (Esser et al. 2024), noise ~ N(0, I), drop_text ~ Bernoulli(cfg_dropout) (text -> `empty`).
+    Returns loss, loss_per_sample (B,) fp32, t (B,)."""
     B, device = x_data.shape[0], x_data.device
     if t is None:
         t = torch.sigmoid(torch.randn(B, device=device, generator=generator))
@@ -52,7 +54,8 @@ def guided_velocity(model, x, t, text_f, text_f_c, neg_f, neg_f_c, cfg_strength:
 @torch.no_grad()
 def euler_sample(model, noise, text_f, text_f_c, num_steps: int = 25, cfg_strength: float = 4.5,
                  negative_text_f=None, negative_text_f_c=None, progress: bool = False):
-    """Guided Euler steps on linspace(1, 0, num_steps + 1): noise (B, N, C) -> latents; negatives default to empty."""
+    """Guided Euler steps on linspace(1, 0, num_steps + 1): noise (B, N, C) -> normalised latents; the negative
+    features default to the model's empty caption."""
     B = noise.shape[0]
     assert (negative_text_f is None) == (negative_text_f_c is None), "give both negative features or neither"
     if negative_text_f is None:
@@ -72,10 +75,11 @@ def euler_sample(model, noise, text_f, text_f_c, num_steps: int = 25, cfg_streng
 # ---------------------------------------------------------------- the SDE sampler of Flow-GRPO
 
 def sde_step_with_logprob(x, velocity, t, t_next, noise_level=0.7, noise=None, prev_sample=None, generator=None):
-    """Flow-GRPO's SDE step t -> t_next < t (arXiv 2505.05470, eq. 9), float32 (bf16 overflows), x, velocity (B, ...):
-    sigma_t = a * sqrt(t / (1 - t)), mean = x + [v + sigma_t^2 / (2 t) * (x + (1 - t) v)] * dt (a = noise_level),
-    x_next = mean + sigma_t * sqrt(-dt) * eps (eps = `noise` or drawn; `prev_sample` scores a stored x_next).
-    Returns x_next, log_prob (B,) (a mean over elements, as released), mean, sigma_t (B, 1, ..., 1)."""
+    """Flow-GRPO's SDE step 1 >= t > t_next (arXiv 2505.05470, eq. 9), dt = t_next - t < 0, in float32 (bf16
+    overflows), x and velocity (B, ...): sigma_t = a * sqrt(t / (1 - t)) (a = noise_level; 0 is Euler, NaN log-prob),
+    mean = x + [v + sigma_t^2 / (2 t) * (x + (1 - t) v)] * dt, x_next = mean + sigma_t * sqrt(-dt) * eps (eps =
+    `noise` or drawn; `prev_sample` scores a stored x_next). Returns x_next, log_prob (B,) (a mean over elements, as
+    released), mean, sigma_t (B, 1, ..., 1)."""
     assert velocity.shape == x.shape, (velocity.shape, x.shape)
     assert noise is None or prev_sample is None, "pass noise (to sample) or prev_sample (to score), not both"
     x, velocity = x.float(), velocity.float()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from data import all_gather, seeded_generator
+from data import all_gather, is_distributed, seeded_generator
 from flow import euler_sample, guided_velocity, sde_step_with_logprob
 
 
@@ -98,7 +98,8 @@ def informative_mask(advantages, multiple_of=1, generator=None):
 def grpo_loss(log_prob, old_log_prob, advantages, prev_sample_mean=None, prev_sample_mean_ref=None,
               std_dev_t=None, clip_range=1e-4, beta=0.04):
     """Flow-GRPO loss of one step: PPO's clipped surrogate of exp(log_prob - old_log_prob), all (B,), plus beta x
-    mean_b[mean((mu - mu_ref)^2) / (2 sigma_t^2)] (as released: no dt); means (B, ...), std_dev_t (B,) or (B, 1, ..)."""
+    mean_b[mean((mu - mu_ref)^2) / (2 sigma_t^2)] (divided by sigma_t^2, not sigma_t^2 * -dt, as released); means
+    (B, ...), std_dev_t (B,) or (B, 1, ...). Returns loss, {policy_loss, kl_loss, approx_kl, clipfrac} detached."""
     B = log_prob.shape[0]
     assert log_prob.shape == old_log_prob.shape == advantages.shape == (B,), (old_log_prob.shape, advantages.shape)
     advantages = advantages.to(log_prob.dtype)
@@ -133,6 +134,7 @@ def rollout(model, noise, text_f, text_f_c, num_steps=10, cfg_strength=4.5, nois
     """SDE sampling from noise (B, N, C), eps from step_noise (B, num_steps, N, C) or `generator`. Keeps T = keep_steps
     (default all) steps, latents (B, T + 1, N, C), log_probs (B, T) fp32, timesteps (B, T + 1), and sample (B, N, C)."""
     B, T = noise.shape[0], num_steps if keep_steps is None else keep_steps
+    assert 0 <= T <= num_steps, (keep_steps, num_steps)
     assert step_noise is None or step_noise.shape == (B, num_steps, *noise.shape[1:]), step_noise.shape
     neg_f, neg_f_c = _unconditional(model, B, text_f, text_f_c)
     grid = torch.linspace(1, 0, num_steps + 1, device=noise.device)  # fp32, as released
@@ -298,7 +300,8 @@ def rollout_noise(seed, epoch, batch, prompt_ids, cfg: GRPOConfig, latent_shape,
 
 def sample_epoch(policy, pipe, reward_fn, text, prompts, cfg: GRPOConfig, epoch, seed, latent_shape, rank=0,
                  world_size=1, autocast=None):
-    """This rank's rollouts of an epoch (less sample), prompt_ids and rewards (B,) of reward_fn(audio, rate, text)."""
+    """This rank's rollouts of an epoch, B = num_batches_per_epoch * sample_batch_size: latents (B, T + 1, N, C),
+    log_probs (B, T), timesteps (B, T + 1), prompt_ids (B,) and rewards (B,) of reward_fn(audio, rate, captions)."""
     device, dtype = policy.latent_mean.device, policy.latent_mean.dtype
     per = cfg.sample_batch_size
     batches = []
@@ -369,7 +372,7 @@ def evaluate_reward(policy, pipe, reward_fn, text, prompts, seed, num_steps=25, 
             x = euler_sample(policy, noise, text_f, text_f_c, num_steps=num_steps, cfg_strength=cfg_strength)
         rewards = torch.as_tensor(reward_fn(pipe.decode(x)[2][:, 0], pipe.sample_rate, captions))
         total += torch.tensor([rewards.double().sum().item(), len(idx)], dtype=torch.float64, device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if is_distributed():
         torch.distributed.all_reduce(total)
     return (total[0] / total[1]).item()
 

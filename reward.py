@@ -28,7 +28,8 @@ def prepare_audio(audio, sample_rate, target_rate, prompts) -> torch.Tensor:
         raise ValueError(f"sample_rate must be a positive integer in Hz, got {sample_rate!r}")
     if isinstance(prompts, str) or len(prompts) != audio.shape[0]:
         raise ValueError(f"need one prompt per clip: {audio.shape[0]} clips, prompts={prompts!r:.80}")
-    return resample(audio.detach().float(), int(sample_rate), int(target_rate or sample_rate))  # as is at one rate
+    audio = audio.detach().float()
+    return audio if target_rate is None else resample(audio, int(sample_rate), int(target_rate))
 
 
 class Reward:
@@ -36,6 +37,8 @@ class Reward:
     sample_rate = None
 
     def score(self, audio, sample_rate, prompts) -> torch.Tensor:
+        if type(self).score_all is Reward.score_all:
+            raise NotImplementedError(f"{type(self).__name__} implements neither score nor score_all")
         return self.score_all(audio, sample_rate, prompts)["score"]
 
     def score_all(self, audio, sample_rate, prompts, ids=None) -> dict:
@@ -495,14 +498,14 @@ class ClapReward(Reward):
 
 @dataclasses.dataclass(frozen=True)
 class JudgeSettings:
-    """How QwenOmniJudge asks; whole_clip: log-mel of the whole clip (Qwen3-Omni), else of Whisper's 30 s window."""
-    repo: str
-    system_prompt: str | None
-    yes: str
+    """How QwenOmniJudge asks its model and reads the answer."""
+    repo: str  # the Omni repository; only its thinker is built
+    system_prompt: str | None  # None: no system turn
+    yes: str  # the answer words, one token each
     no: str
-    audio_tokens: tuple[str, str, str]
-    whole_clip: bool
-    rule: str
+    audio_tokens: tuple[str, str, str]  # (start, placeholder, end)
+    whole_clip: bool  # log-mel of the whole clip (Qwen3-Omni), else of Whisper's 30 s window (Qwen2.5-Omni)
+    rule: str  # "first_token" or "last_yes_no": see QwenOmniJudge
     max_new_tokens: int = 1024  # the cap the Omni generate() gives the thinker in the released runs
 
 
@@ -597,7 +600,8 @@ class QwenOmniJudge(Reward):
         num_tokens = audio_token_count(features["attention_mask"].sum(-1), self.chunk)  # (B,)
         texts = [self.prompt(p, int(n)) for p, n in zip(prompts, num_tokens)]
         text = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
-        inputs = {**text, "input_features": features["input_features"].to(self.model.dtype),
+        inputs = {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"],
+                  "input_features": features["input_features"].to(self.model.dtype),
                   "feature_attention_mask": features["attention_mask"]}
         return {k: v.to(self.device) for k, v in inputs.items()}
 

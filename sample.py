@@ -1,7 +1,6 @@
 """Generate audio from text with Resonate: python sample.py "rain on a tin roof" (published weights, 10 s, 44.1 kHz).
 In Python, generate(["rain on a tin roof"]) returns (B, S) float32 audio in [-1, 1] and its sample rate."""
 import argparse
-import itertools
 import json
 import math
 import os
@@ -18,7 +17,7 @@ from data import (DTYPES, WeightsMissing, check_writable, hub_files, pick_device
                   warn_if_slow_bf16, write_atomic)
 from flow import euler_sample
 from reward import build_reward
-from transformer import Resonate, ResonateConfig, load_text_encoder
+from transformer import Resonate, ResonateConfig, load_text_encoder, text_encoder_dtype
 from vae import BigVGAN, GriffinLim, MelVAE, get_mel_config, num_latent_frames
 
 PUBLISHED_REPO = 'AndreasXi/Resonate'  # the Hugging Face repository of the released weights
@@ -54,8 +53,9 @@ class Pipeline:
                    negative_text_f_c=None, progress=False):
         """Euler + CFG from noise (B, N, C) at t = 1 on text_f (B, 77, Dt), text_f_c (B, Dc), then `decode`; negative_*:
         the unconditional branch's features (default: the stored empty caption's)."""
-        return self.decode(euler_sample(self.transformer, noise, text_f, text_f_c, num_steps, cfg_strength,
-                                        negative_text_f, negative_text_f_c, progress))
+        x = euler_sample(self.transformer, noise, text_f, text_f_c, num_steps=num_steps, cfg_strength=cfg_strength,
+                         negative_text_f=negative_text_f, negative_text_f_c=negative_text_f_c, progress=progress)
+        return self.decode(x)
 
     @torch.no_grad()
     def decode(self, x):
@@ -88,7 +88,8 @@ def load_pipeline(ckpt=None, weights_dir=None, device='auto', dtype='fp32', weig
         raise ValueError(f'{ckpt} is {kind}; give the ckpt.pt (or grpo.pt) beside it, or a Resonate_*.pth')
     ours = state is not None and 'model_args' in state
     # 'auto': the published files come with their BigVGAN; our models use it at 128 mel bins (44.1 kHz)
-    bigvgan = vocoder == 'bigvgan' or vocoder == 'auto' and (not ours or get_mel_config(state['mel'])['n_mels'] == 128)
+    at_128 = not ours or get_mel_config(state['mel'])['n_mels'] == 128
+    bigvgan = vocoder == 'bigvgan' or (vocoder == 'auto' and at_128)
     names = ([PUBLISHED[weights]] if state is None else []) + ([] if ours else [PUBLISHED['vae']])
     names += [PUBLISHED['vocoder_config'], PUBLISHED['vocoder']] if bigvgan else []
     local_t5 = Path(weights_dir or '', TEXT_ENCODER)
@@ -110,8 +111,8 @@ def load_pipeline(ckpt=None, weights_dir=None, device='auto', dtype='fp32', weig
         json.loads(paths[PUBLISHED['vocoder_config']].read_text()), read_weights(paths[PUBLISHED['vocoder']]))
     for module in (net, vae_net, voc):
         module.to(device, dtype).eval()
-    text_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32  # T5 overflows in fp16
-    return check_pipeline(Pipeline(net, vae_net, voc, load_text_encoder(encoder).to(device, text_dtype), mel_cfg))
+    text = load_text_encoder(encoder).to(device, text_encoder_dtype(dtype))
+    return check_pipeline(Pipeline(net, vae_net, voc, text, mel_cfg))
 
 
 def check_pipeline(pipe):
@@ -171,8 +172,11 @@ def generate(prompts, pipeline=None, duration=10.0, steps=25, cfg_strength=4.5, 
     check_settings(prompts, duration, steps, cfg_strength, seed, num_samples, batch_size, pipe.max_duration())
     assert pipe.text_encoder is not None, 'a pipeline without text encoder: call Pipeline.synthesize'
     jobs = [p for p in prompts for _ in range(num_samples)]
-    streams = [_stream(s) for s in seed] if isinstance(seed, (list, tuple)) else None  # drawn in turn by the samples
-    seeds = [streams[j // num_samples] if streams else seed + j % num_samples for j in range(len(jobs))]
+    if isinstance(seed, (list, tuple)):  # one stream per prompt, drawn in turn by its samples
+        streams = [_stream(s) for s in seed]
+        seeds = [streams[j // num_samples] for j in range(len(jobs))]
+    else:
+        seeds = [seed + j % num_samples for j in range(len(jobs))]
     frames = num_latent_frames(duration, pipe.mel_cfg, cover=True)
     device, dtype = pipe.transformer.latent_mean.device, pipe.transformer.latent_mean.dtype
     neg = [x.to(device, dtype) for x in pipe.text_encoder.encode([negative])] if negative else (None, None)
@@ -200,12 +204,14 @@ def safe_name(text, limit=80):
 
 def unused_path(path, overwrite, taken=()):
     """`path`, or path-1, path-2, ... if it exists or is in `taken` (unless overwrite)."""
+    if overwrite or not (os.path.exists(path) or path in taken):
+        return path
     root, ext = os.path.splitext(path)
-    candidates = itertools.chain([path], (f'{root}-{i}{ext}' for i in itertools.count(1)))
-    free = path if overwrite else next(p for p in candidates if not (os.path.exists(p) or p in taken))
-    if free != path:
-        print(f'{path} exists; writing {free} instead (--overwrite replaces it)')
-    return free
+    i = 1
+    while os.path.exists(f'{root}-{i}{ext}') or f'{root}-{i}{ext}' in taken:
+        i += 1
+    print(f'{path} exists; writing {root}-{i}{ext} instead (--overwrite replaces it)')
+    return f'{root}-{i}{ext}'
 
 
 def write_wav(path, audio, sample_rate):

@@ -26,7 +26,7 @@ from grpo import GRPOConfig
 from reward import build_reward
 from sample import load_pipeline
 from transformer import MODELS, Resonate, load_text_encoder
-from vae import MEL_CONFIGS, VAES, MelSpectrogram, MelVAE, num_latent_frames, vae_loss
+from vae import MEL_CONFIGS, VAES, MelSpectrogram, MelVAE, num_latent_frames
 
 # -----------------------------------------------------------------------------
 # defaults: the released recipe where it applies (arXiv 2603.11661 and its repository)
@@ -199,7 +199,7 @@ class Setup:
 
     def __init__(self):
         self.rank, self.world_size, self.device = data.init_distributed(device)
-        self.ddp, self.master = torch.distributed.is_initialized(), self.rank == 0
+        self.ddp, self.master = data.is_distributed(), MASTER
         self.autocast = torch.autocast(self.device.type, dtype=data.DTYPES[dtype]) if dtype != 'fp32' else nullcontext()
         data.warn_if_slow_bf16(str(self.device), dtype)
         self.global_batch = batch_size * gradient_accumulation_steps * self.world_size
@@ -246,7 +246,8 @@ def load_data(sample_rate):
 class Trainer:
     """What the stages share: optimizer, LR schedule, EMA, DDP, gradient accumulation, evaluation, checkpoints.
     `loss_fn(model, draws, dataset) -> (loss, logs)` takes this rank's slice of a step's draws; logs: a dict, or a
-    function returning one (called on log steps only), whose tensors are averaged over ranks, floats already are."""
+    function returning one (called on log steps only), whose tensors are averaged over ranks; its float values must
+    already be means over the ranks."""
 
     def __init__(self, s, model, ckpt_name, extra_state, latent_shape, train_set, val_set):
         self.s, self.ckpt_path, self.extra_state = s, os.path.join(out_dir, ckpt_name), extra_state
@@ -391,7 +392,7 @@ def train_vae(s):
 
     def loss_fn(model, draws, dataset):
         mels = load_mels(dataset, mel_fn, draws, s)[0]
-        return vae_loss(model, mels, eps=draws['posterior_eps'].to(s.device), kl_weight=kl_weight)
+        return model(mels, kl_weight=kl_weight, eps=draws['posterior_eps'].to(s.device))  # MelVAE.forward: the loss
 
     Trainer(s, model, 'vae.pt', {'vae_args': model.args, 'mel': mel}, latent_shape, train_set, val_set).train(loss_fn)
 
@@ -525,19 +526,16 @@ class GRPOTrainer:
               f'{c.num_steps} SDE steps trained; {sum(p.numel() for p in self.params) / 1e6:.2f}M trainable '
               f'({f"LoRA r={lora_rank}" if lora_rank else "full"}; transformer ~{mem:.2f} GiB); reward {reward}')
 
-    def evaluate(self, save):
+    def evaluate(self):
         s = self.s
-        if self.val_prompts:
-            self.policy.eval()
-            vals = [grpo.evaluate_reward(self.policy, self.pipe, self.reward_fn, self.text, self.val_prompts, seed + k,
-                                         grpo_eval_steps, self.cfg.cfg_strength, rank=s.rank, world_size=s.world_size,
-                                         autocast=s.autocast) for k in range(grpo_eval_seeds)]
-            self.policy.train()
-            if s.master:
-                print(f'epoch {self.epoch}: held-out reward {sum(vals) / len(vals):.4f} (per seed: '
-                      f'{", ".join(f"{v:.4f}" for v in vals)})')
-        if save:
-            self.save()
+        self.policy.eval()
+        vals = [grpo.evaluate_reward(self.policy, self.pipe, self.reward_fn, self.text, self.val_prompts, seed + k,
+                                     grpo_eval_steps, self.cfg.cfg_strength, rank=s.rank, world_size=s.world_size,
+                                     autocast=s.autocast) for k in range(grpo_eval_seeds)]
+        self.policy.train()
+        if s.master:
+            print(f'epoch {self.epoch}: held-out reward {sum(vals) / len(vals):.4f} (per seed: '
+                  f'{", ".join(f"{v:.4f}" for v in vals)})')
 
     def save(self):
         if self.s.master:
@@ -568,10 +566,14 @@ class GRPOTrainer:
     def train(self):
         start = self.epoch
         while self.epoch < grpo_epochs:
-            if self.epoch % grpo_eval_interval == 0:
-                self.evaluate(save=self.epoch > start)  # not the checkpoint just resumed from
+            if self.epoch % grpo_eval_interval == 0 and self.val_prompts:
+                self.evaluate()
+            if self.epoch % grpo_eval_interval == 0 and self.epoch > start:  # not the checkpoint just resumed from
+                self.save()
             self.train_epoch()
-        self.evaluate(save=True)
+        if self.val_prompts:
+            self.evaluate()
+        self.save()
 
 
 def check_settings():
@@ -630,10 +632,12 @@ if __name__ == '__main__':
     try:
         main(sys.argv[1:])
     except KeyboardInterrupt:
-        if MASTER:  # one line: what is on disk, and how to go on
+        if MASTER and _last_checkpoint:  # one line: what is on disk, and how to go on
             print(f'interrupted; the last checkpoint is {_last_checkpoint}: continue with the same command and '
-                  '--resume=True' if _last_checkpoint else f'interrupted before the first checkpoint of this run; '
-                  f'nothing was saved to {out_dir}', file=sys.stderr)
+                  '--resume=True', file=sys.stderr)
+        elif MASTER:
+            print(f'interrupted before the first checkpoint of this run; nothing was saved to {out_dir}',
+                  file=sys.stderr)
         sys.exit(130)
     except (ValueError, OSError, FloatingPointError) as e:  # say what to fix, no traceback
         sys.exit(f'error: {e}')

