@@ -94,7 +94,8 @@ def speed_problems():
     fits = [v for v, c in BIGVGAN_CONFIGS.items()
             if (c['num_mels'], math.prod(c['upsample_rates'])) == (m['n_mels'], m['hop_length'])] + ['griffin-lim']
     longest = MODELS[size]().max_latent_len * 2 * m['hop_length'] / m['sample_rate']  # RoPE's range, in seconds
-    return [(duration > longest, f'--duration must be at most {longest:.1f} s for --size={size}, got {duration}'),
+    return [(duration > longest, f'--duration must be at most {math.floor(longest * 10) / 10} s for --size={size}, '
+                                 f'got {duration}'),
             (set(parts.split(',')) - set(SPEED_PARTS), f'--parts takes {",".join(SPEED_PARTS)}, got {parts!r}'),
             (vocoder not in fits, f'--vocoder={vocoder} does not take the {m["n_mels"]} mel bins at hop '
                                   f'{m["hop_length"]} of --mel={mel}; use --vocoder={" or ".join(fits)}')]
@@ -247,7 +248,8 @@ def eval_inputs():
                          f'{bad[:3] or "some ids repeat"}')
     data.check_writable(out_dir, '--out_dir')
     record = os.path.join(out_dir, 'generation.json')
-    if not audio_dir and os.path.isfile(record):  # resuming must not mix clips of other settings
+    clips = any(os.path.isfile(wav_path(out_dir, i)) for i in ids)  # a failed first run leaves only the record
+    if not audio_dir and clips and os.path.isfile(record):  # resuming must not mix clips of other settings
         old = json.loads(Path(record).read_text())
         now = generation_settings(data.pick_device(device))
         changed = [f'{k}={old.get(k)!r} (now {v!r})' for k, v in now.items() if old.get(k) != v]
@@ -316,6 +318,15 @@ def wav_info(path):
         return None
 
 
+def clip_problem(path):
+    """Why a clip cannot be scored (missing or unreadable, empty, NaN or inf samples), or None."""
+    try:
+        samples = torch.from_numpy(soundfile.read(path, dtype='float32')[0])
+    except (soundfile.SoundFileError, RuntimeError, OSError):
+        return 'missing or unreadable'
+    return 'empty' if not samples.numel() else None if samples.isfinite().all() else 'NaN or inf samples'
+
+
 def complete_wav(path):
     info = wav_info(path)
     return info is not None and info.frames == round(duration * info.samplerate)
@@ -345,7 +356,8 @@ def release():
 @torch.no_grad()
 def score_clips(items, folder, rank, world, dev):
     """This rank's rows {'id', 'prompt', column: value}, one scorer at a time, and {id: reason} of unreadable clips."""
-    unreadable = {pid: f'no readable {pid}.wav in {folder}' for pid, _ in items if not wav_info(wav_path(folder, pid))}
+    problems = {pid: clip_problem(wav_path(folder, pid)) for pid, _ in items}
+    unreadable = {pid: f'{pid}.wav in {folder}: {problem}' for pid, problem in problems.items() if problem}
     mine = [(pid, text) for pid, text in items if pid not in unreadable][rank::world]
     columns = {'id': [pid for pid, _ in mine], 'prompt': [text for _, text in mine]}
     for name in metric_names() if mine else []:
@@ -429,7 +441,11 @@ def main(argv=None):
         sys.exit(f'error: {e}')
     if threads:
         torch.set_num_threads(threads)
-    return MODES[mode](*inputs)
+    try:
+        return MODES[mode](*inputs)
+    except KeyboardInterrupt:
+        sys.exit('interrupted; the clips written so far are kept: the same command goes on from them' if mode == 'eval'
+                 else 'interrupted')
 
 
 if __name__ == '__main__':

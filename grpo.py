@@ -40,7 +40,17 @@ class GRPOConfig:
         return int(self.num_steps * self.timestep_fraction)
 
     def check(self, world_size: int = 1):
-        """Raise ValueError, naming the setting, for a layout that does not divide evenly or an unknown name."""
+        """Raise ValueError, naming the setting, for a value out of range, a layout that does not divide evenly or an
+        unknown name."""
+        counts = ("num_steps", "group_size", "sample_batch_size", "num_batches_per_epoch", "grad_accum_steps",
+                  "num_inner_epochs")
+        bad = [f"{k}={getattr(self, k)}" for k in counts if not getattr(self, k) >= 1]
+        bad += [f"{k}={getattr(self, k)}" for k in ("noise_level", "clip_range", "lr", "grad_clip", "adv_clip_max")
+                if not getattr(self, k) > 0]
+        bad += [] if self.beta >= 0 else [f"beta={self.beta}"]
+        if bad:
+            raise ValueError(f"GRPO settings (train.py: --grpo_<name>) out of range: {', '.join(bad)}; counts must "
+                             "be at least 1, beta at least 0, the others above 0")
         if (world_size * self.sample_batch_size) % self.group_size:
             raise ValueError(f"world_size x sample_batch_size = {world_size} x {self.sample_batch_size} must be a "
                              f"multiple of group_size={self.group_size}: every rollout batch holds whole groups")
@@ -188,7 +198,8 @@ def train_step(model, ref_model, optimizer, batches, cfg: GRPOConfig, micro_batc
         for k, v in {**stats, "loss": loss.detach()}.items():
             totals[k] = totals.get(k, 0.0) + v.item() * weight
     grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-    optimizer.step()
+    if torch.isfinite(grad_norm):  # a NaN or inf gradient changes no weight (it shows as grad_norm in the log)
+        optimizer.step()
     return {**totals, "grad_norm": grad_norm.item()}
 
 

@@ -87,8 +87,14 @@ def load_pipeline(ckpt=None, weights_dir=None, device='auto', dtype='fp32', weig
         kind = 'a train.py VAE checkpoint (vae.pt)' if 'vae_args' in state else 'not a Resonate transformer checkpoint'
         raise ValueError(f'{ckpt} is {kind}; give the ckpt.pt (or grpo.pt) beside it, or a Resonate_*.pth')
     ours = state is not None and 'model_args' in state
+    lacks = [k for k in ('model', 'ema', 'mel', 'vae', 'text_encoder') if ours and k not in state]
+    if lacks:
+        raise ValueError(f'{ckpt} is not a complete train.py checkpoint: it has no {", ".join(lacks)}')
     # 'auto': the published files come with their BigVGAN; our models use it at 128 mel bins (44.1 kHz)
     at_128 = not ours or get_mel_config(state['mel'])['n_mels'] == 128
+    if vocoder == 'bigvgan' and not at_128:
+        raise ValueError(f'--vocoder=bigvgan takes 128-bin 44.1 kHz mels; {ckpt} makes {state["mel"]} mels: use '
+                         '--vocoder=griffin-lim or auto')
     bigvgan = vocoder == 'bigvgan' or (vocoder == 'auto' and at_128)
     names = ([PUBLISHED[weights]] if state is None else []) + ([] if ours else [PUBLISHED['vae']])
     names += [PUBLISHED['vocoder_config'], PUBLISHED['vocoder']] if bigvgan else []
@@ -102,7 +108,10 @@ def load_pipeline(ckpt=None, weights_dir=None, device='auto', dtype='fp32', weig
         raise WeightsMissing(str(e) + (t5 if encoder == TEXT_ENCODER else '')) from None
     if ours:  # EMA weights when the checkpoint has them
         net = Resonate(ResonateConfig(**state['model_args']))
-        net.load_state_dict(state['ema'] or state['model'])
+        try:
+            net.load_state_dict(state['ema'] or state['model'])
+        except RuntimeError:
+            raise ValueError(f"{ckpt}: its weights do not fit its own model_args (a damaged checkpoint)") from None
     else:
         net = Resonate.from_pretrained(state if state is not None else read_weights(paths[PUBLISHED[weights]]))
     vae_net = MelVAE.from_pretrained(state['vae'] if ours else read_weights(paths[PUBLISHED['vae']]))
@@ -155,7 +164,8 @@ def check_settings(prompts, duration=10.0, steps=25, cfg_strength=4.5, seed=42, 
     if not math.isfinite(cfg_strength):
         raise ValueError(f'--cfg_strength must be a finite number (4.5 as released), got {cfg_strength}')
     if not 1.0 <= duration <= longest:
-        limit = f'between 1 and {longest:.1f} seconds for this model' if longest < math.inf else 'at least 1 second'
+        limit = 'at least 1 second' if longest == math.inf else \
+            f'between 1 and {math.floor(longest * 10) / 10} seconds for this model'
         raise ValueError(f'--duration must be {limit}, got {duration}')
 
 
@@ -203,20 +213,26 @@ def safe_name(text, limit=80):
 
 
 def unused_path(path, overwrite, taken=()):
-    """`path`, or path-1, path-2, ... if it exists or is in `taken` (unless overwrite)."""
-    if overwrite or not (os.path.exists(path) or path in taken):
+    """`path`, or path-1, path-2, ... if it is in `taken` or (unless overwrite) exists."""
+    def used(p):  # --overwrite replaces files on disk, never another output of this run
+        return p in taken or (os.path.exists(p) and not overwrite)
+    if not used(path):
         return path
     root, ext = os.path.splitext(path)
     i = 1
-    while os.path.exists(f'{root}-{i}{ext}') or f'{root}-{i}{ext}' in taken:
+    while used(f'{root}-{i}{ext}'):
         i += 1
-    print(f'{path} exists; writing {root}-{i}{ext} instead (--overwrite replaces it)')
+    why = 'is another output of this run' if path in taken else 'exists'
+    print(f'{path} {why}; writing {root}-{i}{ext} instead' + ('' if path in taken else ' (--overwrite replaces it)'))
     return f'{root}-{i}{ext}'
 
 
 def write_wav(path, audio, sample_rate):
-    """Write (S,) float audio in [-1, 1] as a 16-bit PCM WAV, atomically."""
-    write_atomic(path, lambda tmp: sf.write(tmp, audio.clamp(-1, 1).numpy(), sample_rate, subtype='PCM_16'))
+    """Write (S,) float audio in [-1, 1] as a 16-bit PCM WAV, atomically. Raises OSError naming `path`."""
+    try:
+        write_atomic(path, lambda tmp: sf.write(tmp, audio.clamp(-1, 1).numpy(), sample_rate, subtype='PCM_16'))
+    except (sf.SoundFileError, OSError) as e:  # a full disk, a folder removed during the run
+        raise OSError(f'could not write {path} ({e})') from None
 
 
 def parse_args(argv=None):
@@ -269,7 +285,7 @@ def output_paths(args, items):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args, written = parse_args(argv), 0
     try:
         items = [(None, x) for x in args.prompt] + (read_prompts(args.prompts_file) if args.prompts_file else [])
         if not items:
@@ -283,19 +299,24 @@ def main(argv=None):
         warn_if_slow_bf16(args.device, args.dtype)
         pipe = load_pipeline(args.ckpt, args.weights_dir, args.device, args.dtype, args.weights, args.text_encoder,
                              args.vocoder)
-        audio, sr = generate(prompts, pipe, args.duration, args.steps, args.cfg_strength, args.negative, args.seed,
-                             args.num_samples * args.best_of, args.batch_size)
+        chunk = max(1, args.batch_size // (args.num_samples * args.best_of))  # prompts a call; each written at once
+        for start in range(0, len(prompts), chunk):
+            part = prompts[start:start + chunk]
+            audio, sr = generate(part, pipe, args.duration, args.steps, args.cfg_strength, args.negative, args.seed,
+                                 args.num_samples * args.best_of, args.batch_size)
+            if reward is not None:
+                audio, scores = best_of(audio, sr, [x for x in part for _ in range(args.num_samples)], args.best_of,
+                                        reward)
+                print(f'best of {args.best_of} by {args.reward}: mean score {scores.max(1).values.mean():.4f} '
+                      f'(all candidates {scores.mean():.4f})')
+            for path, wave in zip(paths[start * args.num_samples:], audio):
+                write_wav(path, wave, sr)
+                written += 1
+                print(f'wrote {path} ({wave.numel() / sr:.2f} s at {sr} Hz)')
     except (ValueError, OSError) as e:  # WeightsMissing is an OSError
         sys.exit(f'error: {e}')
     except KeyboardInterrupt:
-        sys.exit('interrupted: nothing was written')
-    if reward is not None:
-        audio, scores = best_of(audio, sr, [x for x in prompts for _ in range(args.num_samples)], args.best_of, reward)
-        print(f'best of {args.best_of} by {args.reward}: mean score {scores.max(1).values.mean():.4f} '
-              f'(all candidates {scores.mean():.4f})')
-    for path, wave in zip(paths, audio):
-        write_wav(path, wave, sr)
-        print(f'wrote {path} ({wave.numel() / sr:.2f} s at {sr} Hz)')
+        sys.exit(f'interrupted: {written} of {len(paths)} files written')
 
 
 if __name__ == '__main__':

@@ -113,7 +113,7 @@ def save_checkpoint(obj, path):
                                  f'{", ..." * (len(bad) > 3)}); the previous checkpoint is kept')
     try:
         data.write_atomic(path, lambda tmp: torch.save(obj, tmp))
-    except OSError as e:  # a full disk, a folder removed under the run
+    except (OSError, RuntimeError) as e:  # a full disk (torch.save raises RuntimeError), a folder removed
         raise OSError(f'could not write {path} ({e}); the previous checkpoint there, if any, is kept') from None
 
 
@@ -129,6 +129,7 @@ def save_run(path, step, optimizer, extra, **weights):
     save_checkpoint({**weights, 'optimizer': optimizer.state_dict(), 'step': step, 'rng_state': torch.get_rng_state(),
                      'config': {k: globals()[k] for k in config_keys}, **extra}, path)
     _last_checkpoint = f'{path} (step {step})'
+    print(f'saved {_last_checkpoint}')
 
 
 def load_checkpoint(path, what, keys):
@@ -521,7 +522,7 @@ class GRPOTrainer:
         mem = grpo.memory_estimate(self.policy.cfg, c, lora_rank=lora_rank, checkpointing=grpo_checkpointing,
                                    micro_batch=grpo_micro_batch, frozen={})['total']
         print(f'grpo: {len(self.prompts)} training / {len(self.val_prompts)} held-out captions; rollout batches of '
-              f'{G // c.group_size} captions x {c.group_size} clips, {c.num_batches_per_epoch} and '
+              f'{G // c.group_size} captions x {c.group_size} clips, {c.num_batches_per_epoch} minibatches and '
               f'{c.num_batches_per_epoch // c.grad_accum_steps} updates an epoch; {c.num_train_steps} of '
               f'{c.num_steps} SDE steps trained; {sum(p.numel() for p in self.params) / 1e6:.2f}M trainable '
               f'({f"LoRA r={lora_rank}" if lora_rank else "full"}; transformer ~{mem:.2f} GiB); reward {reward}')

@@ -440,7 +440,7 @@ def load_text_encoder(name: str) -> TextEncoder:
                       f"(config, tokenizer, weights) or a Hugging Face id such as google/flan-t5-large")
     try:
         return TextEncoder(path)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a folder that holds no model transformers recognises
         raise OSError(f"could not load the text encoder {path!r}: {str(e).splitlines()[0]}\n"
                       f"Connect to the Hugging Face Hub once to cache it, or pass a local folder holding it "
                       f"(config, tokenizer and weights) as the text encoder.") from e

@@ -12,6 +12,7 @@ import weakref
 from pathlib import Path
 
 import pytest
+import numpy as np
 import soundfile as sf
 import torch
 from transformers import WhisperFeatureExtractor
@@ -231,6 +232,21 @@ def test_eval_regenerates_a_lost_clip_alone_and_refuses_other_settings(weights_d
     # resuming with settings that change the audio is refused
     with pytest.raises(SystemExit, match=r"steps=2 \(now 3\)"):
         run_eval(weights_dir, out, "--steps=3")
+    # a first run that failed before any clip left only its record: the corrected command is not refused
+    for clip in out.glob("*.wav"):
+        clip.unlink()
+    assert run_eval(weights_dir, out, "--steps=3")["scored"] == 3
+
+
+def test_empty_or_nonfinite_clips_are_skipped_with_their_reason(weights_dir, tmp_path):
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    sf.write(clips / "prompt_0001.wav", np.zeros(0, dtype="float32"), 16000)
+    sf.write(clips / "prompt_0002.wav", np.full(16000, np.nan, dtype="float32"), 16000, subtype="FLOAT")
+    sf.write(clips / "prompt_0003.wav", np.full(16000, 0.1, dtype="float32"), 16000)
+    summary = run_eval(weights_dir, tmp_path / "out", f"--audio_dir={clips}")
+    assert summary["scored"] == 1 and summary["skipped"] == {"prompt_0001": f"prompt_0001.wav in {clips}: empty",
+                                                             "prompt_0002": f"prompt_0002.wav in {clips}: NaN or inf samples"}
 
 
 def test_unusable_prompts_are_skipped_and_recorded(weights_dir, tmp_path):

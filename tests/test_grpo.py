@@ -1,6 +1,7 @@
 """Flow-GRPO pieces against the released implementation's numbers (tests/fixtures) and on a toy policy."""
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -180,6 +181,24 @@ def test_train_step_updates_the_policy_and_reports_diagnostics():
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     stats = train_step(model, ref, optimizer, [batch], cfg)
     assert stats["kl_loss"] > 0 and stats["approx_kl"] > 0  # the policy has moved away from the rollout weights
+
+
+def test_a_nonfinite_gradient_changes_no_weight():
+    torch.manual_seed(0)
+    model = ToyVelocity()
+    batch = {**toy_rollout(model), "advantages": torch.tensor([1.0, -1.0, 0.5, -0.5]) * float("nan")}
+    cfg = GRPOConfig(num_steps=4, lr=1e-2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    before = copy.deepcopy(model.state_dict())
+    stats = train_step(model, copy.deepcopy(model).requires_grad_(False), optimizer, [batch], cfg)
+    assert math.isnan(stats["grad_norm"]) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("field, value", [("group_size", 0), ("num_steps", 0), ("noise_level", -1.0),
+                                          ("clip_range", 0.0), ("beta", -0.1), ("num_inner_epochs", 0)])
+def test_grpo_settings_out_of_range_are_named(field, value):
+    with pytest.raises(ValueError, match=f"out of range: {field}={value}"):
+        GRPOConfig(**{field: value}).check()
 
 
 def test_rollout_stores_only_the_trained_steps_and_replays_given_noise():

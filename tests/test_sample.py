@@ -348,3 +348,39 @@ def test_wrong_inputs_are_refused_by_name(tmp_path, published_dir, text_encoder_
     for bad in (['""'.strip('"')], ["a", "--out=x.mp3"]):
         with pytest.raises(SystemExit):
             cli(tmp_path, published_dir, text_encoder_dir, *bad)
+
+
+def test_damaged_checkpoints_and_misfits_are_named_before_any_download(tmp_path, text_encoder_dir):
+    net, vae_net = tiny_transformer(seed=3), tiny_vae()
+    ckpt = dict(model_args=asdict(net.cfg), model=net.state_dict(), ema=None, vae_args=vae_net.args,
+                vae=vae_net.state_dict(), mel="16k", text_encoder=text_encoder_dir, step=10)
+    path = str(tmp_path / "ckpt.pt")
+    torch.save({k: v for k, v in ckpt.items() if k != "mel"}, path)
+    with pytest.raises(ValueError, match="not a complete train.py checkpoint: it has no mel"):
+        sample.load_pipeline(path, device="cpu")
+    torch.save({**ckpt, "model_args": {**ckpt["model_args"], "depth": 6}}, path)
+    with pytest.raises(ValueError, match="do not fit its own model_args"):
+        sample.load_pipeline(path, device="cpu")
+    torch.save(ckpt, path)  # a 16 kHz model cannot take the 44.1 kHz BigVGAN: refused, nothing fetched
+    with pytest.raises(ValueError, match="--vocoder=bigvgan takes 128-bin"):
+        sample.load_pipeline(path, device="cpu", vocoder="bigvgan")
+
+
+def test_overwrite_never_replaces_another_output_of_the_run(tmp_path, published_dir, text_encoder_dir, capsys):
+    cli(tmp_path, published_dir, text_encoder_dir, "dog!", "dog?", "--overwrite")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["dog-1.wav", "dog.wav"]
+    assert "dog.wav is another output of this run; writing" in capsys.readouterr().out
+
+
+def test_a_failed_write_is_one_line_and_keeps_the_files_written(tmp_path, published_dir, text_encoder_dir,
+                                                                monkeypatch):
+    real = sf.write
+
+    def full_disk(path, *args, **kwargs):
+        if "thunder" in path:
+            raise sf.LibsndfileError(0, "System error.")
+        real(path, *args, **kwargs)
+    monkeypatch.setattr(sf, "write", full_disk)
+    with pytest.raises(SystemExit, match=r"error: could not write .*thunder\.wav"):
+        cli(tmp_path, published_dir, text_encoder_dir, "rain", "thunder", "--batch_size=1")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["rain.wav"]  # written before the failure, complete

@@ -154,6 +154,14 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert ckpt['step'] == 1 and torch.equal(ckpt['w'], torch.ones(3))
     assert os.listdir(tmp_path) == ['ckpt.pt']  # no temporary file left behind
 
+    def full_disk(obj, f):  # what torch.save raises when the disk fills midway
+        raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 512 vs 448')
+    monkeypatch.setattr(torch, 'save', full_disk)
+    with pytest.raises(OSError, match=r'could not write .*ckpt.pt \(\[enforce fail.*the previous checkpoint'):
+        train.save_checkpoint({'step': 3, 'w': torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)['step'] == 1 and os.listdir(tmp_path) == ['ckpt.pt']
+
 
 def test_lr_schedule_is_warmup_then_released_steps():
     import train

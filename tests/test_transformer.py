@@ -153,3 +153,10 @@ def test_t5_pooled_mean_includes_padding(tmp_path, minilm):
     assert f[0, n_real:].abs().amax() > 0  # T5 outputs at padded positions are not zero ...
     assert torch.allclose(f_c, f.mean(1), atol=1e-6)  # ... and the released pooled vector averages them in
     assert not torch.allclose(f_c, f[:, :n_real].mean(1), atol=1e-3)
+
+
+def test_a_text_encoder_folder_without_a_model_is_named(tmp_path):
+    from transformer import load_text_encoder
+    (tmp_path / "notes.txt").write_text("no model here")
+    with pytest.raises(OSError, match=f"could not load the text encoder '{tmp_path}'"):
+        load_text_encoder(str(tmp_path))
