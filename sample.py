@@ -73,6 +73,18 @@ def _dtype_of(module, default=torch.float32):
 # -----------------------------------------------------------------------------
 # loading: our train.py checkpoints and the published files
 
+def _read_checkpoint(ckpt):
+    """A train.py checkpoint or a published-format transformer state dict; ValueError naming `ckpt` otherwise."""
+    state = read_weights(ckpt)
+    if 'model_args' not in state and 'latent_mean' not in state:
+        kind = 'a train.py VAE checkpoint (vae.pt)' if 'vae_args' in state else 'not a Resonate transformer checkpoint'
+        raise ValueError(f'{ckpt} is {kind}; give the ckpt.pt (or grpo.pt) beside it, or a Resonate_*.pth')
+    lacks = [k for k in ('model', 'ema', 'mel', 'vae', 'text_encoder') if 'model_args' in state and k not in state]
+    if lacks:
+        raise ValueError(f'{ckpt} is not a complete train.py checkpoint: it has no {", ".join(lacks)}')
+    return state
+
+
 def load_pipeline(ckpt=None, weights_dir=None, device='auto', dtype='fp32', weights='grpo', text_encoder=None,
                   vocoder='auto'):
     """The pipeline of a train.py checkpoint, a published transformer file (.pth / .safetensors) or, with ckpt=None,
@@ -82,14 +94,8 @@ def load_pipeline(ckpt=None, weights_dir=None, device='auto', dtype='fp32', weig
         raise ValueError(f'dtype must be one of {sorted(DTYPES)}, vocoder auto|bigvgan|griffin-lim, weights '
                          f'grpo|pt; got {dtype!r}, {vocoder!r}, {weights!r}')
     device, dtype = pick_device(device), DTYPES[dtype]
-    state = read_weights(ckpt) if ckpt is not None else None
-    if state is not None and 'model_args' not in state and 'latent_mean' not in state:
-        kind = 'a train.py VAE checkpoint (vae.pt)' if 'vae_args' in state else 'not a Resonate transformer checkpoint'
-        raise ValueError(f'{ckpt} is {kind}; give the ckpt.pt (or grpo.pt) beside it, or a Resonate_*.pth')
+    state = _read_checkpoint(ckpt) if ckpt is not None else None
     ours = state is not None and 'model_args' in state
-    lacks = [k for k in ('model', 'ema', 'mel', 'vae', 'text_encoder') if ours and k not in state]
-    if lacks:
-        raise ValueError(f'{ckpt} is not a complete train.py checkpoint: it has no {", ".join(lacks)}')
     # 'auto': the published files come with their BigVGAN; our models use it at 128 mel bins (44.1 kHz)
     at_128 = not ours or get_mel_config(state['mel'])['n_mels'] == 128
     if vocoder == 'bigvgan' and not at_128:
