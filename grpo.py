@@ -45,6 +45,7 @@ class GRPOConfig:
         counts = ("num_steps", "group_size", "sample_batch_size", "num_batches_per_epoch", "grad_accum_steps",
                   "num_inner_epochs")
         bad = [f"{k}={getattr(self, k)}" for k in counts if not getattr(self, k) >= 1]
+        bad += [] if self.group_size != 1 else ["group_size=1 (a group of one has no advantage)"]
         bad += [f"{k}={getattr(self, k)}" for k in ("noise_level", "clip_range", "lr", "grad_clip", "adv_clip_max")
                 if not getattr(self, k) > 0]
         bad += [] if self.beta >= 0 else [f"beta={self.beta}"]

@@ -113,11 +113,13 @@ def load_pipeline(ckpt=None, weights_dir=None, device='auto', dtype='fp32', weig
         t5 = f'\nand the text encoder: hf download google/{TEXT_ENCODER} --local-dir WEIGHTS_DIR/{TEXT_ENCODER}'
         raise WeightsMissing(str(e) + (t5 if encoder == TEXT_ENCODER else '')) from None
     if ours:  # EMA weights when the checkpoint has them
-        net = Resonate(ResonateConfig(**state['model_args']))
         try:
+            net = Resonate(ResonateConfig(**state['model_args']))
             net.load_state_dict(state['ema'] or state['model'])
-        except RuntimeError:
-            raise ValueError(f"{ckpt}: its weights do not fit its own model_args (a damaged checkpoint)") from None
+        except (TypeError, ValueError, RuntimeError) as e:
+            first = next((line.strip() for line in str(e).splitlines() if line.strip()), '')[:160]
+            raise ValueError(f'{ckpt}: its weights do not fit its own model_args ({first}): a damaged checkpoint, or '
+                             'one written by another version of train.py') from None
     else:
         net = Resonate.from_pretrained(state if state is not None else read_weights(paths[PUBLISHED[weights]]))
     vae_net = MelVAE.from_pretrained(state['vae'] if ours else read_weights(paths[PUBLISHED['vae']]))

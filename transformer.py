@@ -441,6 +441,7 @@ def load_text_encoder(name: str) -> TextEncoder:
     try:
         return TextEncoder(path)
     except (OSError, ValueError) as e:  # ValueError: a folder that holds no model transformers recognises
-        raise OSError(f"could not load the text encoder {path!r}: {str(e).splitlines()[0]}\n"
-                      f"Connect to the Hugging Face Hub once to cache it, or pass a local folder holding it "
-                      f"(config, tokenizer and weights) as the text encoder.") from e
+        hint = ("Give a folder holding a saved encoder (config, tokenizer and weights), or a Hugging Face id." if
+                os.path.isdir(path) else "Connect to the Hugging Face Hub once to cache it, or pass a local folder "
+                "holding it (config, tokenizer and weights) as the text encoder.")
+        raise OSError(f"could not load the text encoder {path!r}: {str(e).splitlines()[0]}\n{hint}") from e

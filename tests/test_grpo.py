@@ -194,7 +194,8 @@ def test_a_nonfinite_gradient_changes_no_weight():
     assert math.isnan(stats["grad_norm"]) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("field, value", [("group_size", 0), ("num_steps", 0), ("noise_level", -1.0),
+@pytest.mark.parametrize("field, value", [("group_size", 0), ("group_size", 1), ("num_steps", 0),
+                                          ("noise_level", -1.0),
                                           ("clip_range", 0.0), ("beta", -0.1), ("num_inner_epochs", 0)])
 def test_grpo_settings_out_of_range_are_named(field, value):
     with pytest.raises(ValueError, match=f"out of range: {field}={value}"):

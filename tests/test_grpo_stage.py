@@ -109,7 +109,7 @@ def _gather_worker(rank, world_size, port, rewards, ids, queue):
         B = len(rewards) // world_size
         mine = slice(rank * B, (rank + 1) * B)
         adv, stats = grpo.gather_advantages(rewards[mine], ids[mine], grpo.GRPOConfig(), rank)
-        queue.put((rank, adv, stats))
+        queue.put((rank, adv.tolist(), stats))  # a tensor's shared memory would die with this process
     finally:
         dist.destroy_process_group()
 
@@ -129,7 +129,7 @@ def test_groups_spanning_two_processes_get_the_single_process_advantages():
     results = dict((r, (adv, stats)) for r, adv, stats in (queue.get(timeout=120) for _ in procs))
     for p in procs:
         p.join(timeout=60)
-    got = torch.cat([results[0][0], results[1][0]])
+    got = torch.tensor(results[0][0] + results[1][0], dtype=expected.dtype)
     assert torch.allclose(got, expected, atol=1e-6)
     assert results[1][1] == pytest.approx(expected_stats)
 

@@ -358,9 +358,10 @@ def test_damaged_checkpoints_and_misfits_are_named_before_any_download(tmp_path,
     torch.save({k: v for k, v in ckpt.items() if k != "mel"}, path)
     with pytest.raises(ValueError, match="not a complete train.py checkpoint: it has no mel"):
         sample.load_pipeline(path, device="cpu")
-    torch.save({**ckpt, "model_args": {**ckpt["model_args"], "depth": 6}}, path)
-    with pytest.raises(ValueError, match="do not fit its own model_args"):
-        sample.load_pipeline(path, device="cpu")
+    for args in ({"depth": 6}, {"bogus": 1}, {"fused_depth": 9}):  # other weights, another version, a broken config
+        torch.save({**ckpt, "model_args": {**ckpt["model_args"], **args}}, path)
+        with pytest.raises(ValueError, match="do not fit its own model_args"):
+            sample.load_pipeline(path, device="cpu")
     torch.save(ckpt, path)  # a 16 kHz model cannot take the 44.1 kHz BigVGAN: refused, nothing fetched
     with pytest.raises(ValueError, match="--vocoder=bigvgan takes 128-bin"):
         sample.load_pipeline(path, device="cpu", vocoder="bigvgan")
