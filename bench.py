@@ -311,13 +311,6 @@ def generate_missing(items, rank, world, dev):
     data.all_gather_objects(None)  # a barrier: every clip is written before any rank scores
 
 
-def wav_info(path):
-    try:
-        return soundfile.info(path)
-    except (soundfile.SoundFileError, RuntimeError, OSError):  # missing or unreadable
-        return None
-
-
 def clip_problem(path):
     """Why a clip cannot be scored (missing or unreadable, empty, NaN or inf samples), or None."""
     try:
@@ -328,8 +321,11 @@ def clip_problem(path):
 
 
 def complete_wav(path):
-    info = wav_info(path)
-    return info is not None and info.frames == round(duration * info.samplerate)
+    try:
+        info = soundfile.info(path)
+    except (soundfile.SoundFileError, RuntimeError, OSError):  # missing or unreadable
+        return False
+    return info.frames == round(duration * info.samplerate)
 
 
 def load_eval_pipeline(dev):

@@ -149,15 +149,6 @@ def check_pipeline(pipe):
 # -----------------------------------------------------------------------------
 # generation
 
-def make_noise(seeds, frames, channels):
-    """Noise (B, N, C), item i drawn on the CPU from its own seed or torch.Generator: the same on every device."""
-    return torch.stack([torch.randn(frames, channels, generator=_stream(s)) for s in seeds])
-
-
-def _stream(seed):
-    return seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
-
-
 def check_settings(prompts, duration=10.0, steps=25, cfg_strength=4.5, seed=42, num_samples=1, batch_size=8,
                    longest=math.inf, extra=()):
     """Raise ValueError naming the setting and its range for anything `generate` cannot honour."""
@@ -191,11 +182,11 @@ def generate(prompts, pipeline=None, duration=10.0, steps=25, cfg_strength=4.5, 
     assert pipe.text_encoder is not None, 'a pipeline without text encoder: call Pipeline.synthesize'
     jobs = [p for p in prompts for _ in range(num_samples)]
     if isinstance(seed, (list, tuple)):  # one stream per prompt, drawn in turn by its samples
-        streams = [_stream(s) for s in seed]
-        seeds = [streams[j // num_samples] for j in range(len(jobs))]
-    else:
-        seeds = [seed + j % num_samples for j in range(len(jobs))]
-    frames = num_latent_frames(duration, pipe.mel_cfg, cover=True)
+        streams = [s if isinstance(s, torch.Generator) else torch.Generator().manual_seed(int(s)) for s in seed]
+        streams = [streams[j // num_samples] for j in range(len(jobs))]
+    else:  # sample k of a prompt: seed + k
+        streams = [torch.Generator().manual_seed(seed + j % num_samples) for j in range(len(jobs))]
+    N, C = num_latent_frames(duration, pipe.mel_cfg, cover=True), pipe.transformer.cfg.latent_dim
     device, dtype = pipe.transformer.latent_mean.device, pipe.transformer.latent_mean.dtype
     neg = [x.to(device, dtype) for x in pipe.text_encoder.encode([negative])] if negative else (None, None)
     out = []
@@ -203,7 +194,8 @@ def generate(prompts, pipeline=None, duration=10.0, steps=25, cfg_strength=4.5, 
     for start in tqdm(batches, desc='batches', disable=not progress or len(batches) == 1):
         batch = jobs[start:start + batch_size]
         text_f, text_f_c = (x.to(device, dtype) for x in pipe.text_encoder.encode(batch))  # (B, 77, Dt), (B, Dc)
-        noise = make_noise(seeds[start:start + batch_size], frames, pipe.transformer.cfg.latent_dim).to(device, dtype)
+        noise = torch.stack([torch.randn(N, C, generator=g) for g in streams[start:start + batch_size]])  # (B, N, C)
+        noise = noise.to(device, dtype)  # drawn on the CPU: the same on every device
         _, _, wave = pipe.synthesize(text_f, text_f_c, noise, steps, cfg_strength, *neg, progress=progress)
         out.append(wave[:, 0, :round(duration * pipe.sample_rate)].cpu())  # (B, S) exactly `duration` long
     audio = torch.cat(out)
