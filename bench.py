@@ -277,7 +277,9 @@ def bench_eval(items, skipped):
     if not audio_dir:
         generate_missing(items, rank, world, dev)
     rows, unreadable = score_clips(items, audio_dir or out_dir, rank, world, dev)
-    rows = [row for part in data.all_gather_objects(rows) for row in part]
+    parts = data.all_gather_objects((rows, unreadable))
+    rows = [row for part, _ in parts for row in part]
+    unreadable = {pid: why for _, part in parts for pid, why in part.items()}
     summary = write_results(items, rows, {**skipped, **unreadable}, dev) if rank == 0 else None
     if data.is_distributed():
         dist.destroy_process_group()
@@ -352,9 +354,9 @@ def release():
 @torch.no_grad()
 def score_clips(items, folder, rank, world, dev):
     """This rank's rows {'id', 'prompt', column: value}, one scorer at a time, and {id: reason} of unreadable clips."""
-    problems = {pid: clip_problem(wav_path(folder, pid)) for pid, _ in items}
+    problems = {pid: clip_problem(wav_path(folder, pid)) for pid, _ in items[rank::world]}  # each file read by one rank
     unreadable = {pid: f'{pid}.wav in {folder}: {problem}' for pid, problem in problems.items() if problem}
-    mine = [(pid, text) for pid, text in items if pid not in unreadable][rank::world]
+    mine = [(pid, text) for pid, text in items[rank::world] if pid not in unreadable]
     columns = {'id': [pid for pid, _ in mine], 'prompt': [text for _, text in mine]}
     for name in metric_names() if mine else []:
         torch.manual_seed(seed)  # scorers that draw random numbers repeat run to run
