@@ -44,14 +44,14 @@ class GRPOConfig:
         unknown name."""
         counts = ("num_steps", "group_size", "sample_batch_size", "num_batches_per_epoch", "grad_accum_steps",
                   "num_inner_epochs")
-        bad = [f"{k}={getattr(self, k)}" for k in counts if not getattr(self, k) >= 1]
-        bad += [] if self.group_size != 1 else ["group_size=1 (a group of one has no advantage)"]
+        least = {"group_size": 2}  # a group of one has no advantage: such a run never trains
+        bad = [f"{k}={getattr(self, k)}" for k in counts if not getattr(self, k) >= least.get(k, 1)]
         bad += [f"{k}={getattr(self, k)}" for k in ("noise_level", "clip_range", "lr", "grad_clip", "adv_clip_max")
                 if not getattr(self, k) > 0]
         bad += [] if self.beta >= 0 else [f"beta={self.beta}"]
         if bad:
             raise ValueError(f"GRPO settings (train.py: --grpo_<name>) out of range: {', '.join(bad)}; counts must "
-                             "be at least 1, beta at least 0, the others above 0")
+                             "be at least 1 (group_size 2), beta at least 0, the others above 0")
         if (world_size * self.sample_batch_size) % self.group_size:
             raise ValueError(f"world_size x sample_batch_size = {world_size} x {self.sample_batch_size} must be a "
                              f"multiple of group_size={self.group_size}: every rollout batch holds whole groups")
